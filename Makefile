@@ -1,0 +1,31 @@
+# `make test` and `make demo` do all the set-up on a fresh machine: they create .venv when it
+# is missing and install the project with the pinned versions of constraints.txt.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install test lint demo bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(PY) -m ruff check .
+
+test: lint
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/attnconv demo
+
+bench: install
+	$(PY) benchmarks/bench_layers.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

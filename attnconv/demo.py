@@ -1,0 +1,39 @@
+"""The layer comparison behind ``attnconv demo`` and ``benchmarks/bench_layers.py``: AWConv2d
+against the nn.Conv2d it was made from, on one layer shape."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attnconv.layers import AWConv2d
+from attnconv.profiling import count_macs, count_params, forward_fn, median_times, train_step_fn
+
+HEADERS = ("layer", "params", "MACs (M)", "fwd (ms)", "fwd+bwd (ms)", "fwd ratio",
+           "fwd+bwd ratio", "max abs diff at init")
+
+
+def compare_aw_with_conv(batch: int, channels: int, size: int, kernel_size: int = 3, *,
+                         repeats: int = 10, seed: int = 0,
+                         device: torch.device | str = "cpu") -> list[tuple]:
+    """Rows of :data:`HEADERS` for nn.Conv2d and the AWConv2d made from it (``from_conv``).
+
+    The AW layer's attention is then given random weights, so the timing covers real work;
+    the difference column is measured before that, where it must be zero.
+    """
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, device=device)
+    aw = AWConv2d.from_conv(conv)
+    x = torch.randn(batch, channels, size, size, device=device)
+    with torch.no_grad():
+        diff = (aw(x) - conv(x)).abs().max().item()
+        nn.init.normal_(aw.pointconv2.weight, std=0.02)
+    layers = {"nn.Conv2d": conv, "AWConv2d": aw}
+    fwd = median_times({k: forward_fn(m, x) for k, m in layers.items()}, repeats=repeats)
+    train = median_times({k: train_step_fn(m, x) for k, m in layers.items()}, repeats=repeats)
+    rows = []
+    for name, layer in layers.items():
+        rows.append((name, count_params(layer), count_macs(layer, x) / 1e6,
+                     fwd[name] * 1e3, train[name] * 1e3, fwd[name] / fwd["nn.Conv2d"],
+                     train[name] / train["nn.Conv2d"], diff if layer is aw else 0.0))
+    return rows

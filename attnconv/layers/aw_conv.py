@@ -1,0 +1,163 @@
+"""AW-convolution: an attention map with the shape of the convolution weight.
+
+Zhu, Hofstee, Lee, Al-Ars, "An Attention Module for Convolutional Neural Networks",
+ICANN 2021, arXiv:2108.08205. The authors published no code; this is the definition of
+``shared/spec/aw_conv.md``:
+
+    A0  = adaptive_avg_pool2d(x, (kh, kw))                 (N, C_in, kh, kw)
+    A   = Pointconv2(relu(Pointconv1(A0)))                 (N, C_out * C_in/g, kh, kw)
+    W_n = K * (1 + A_n)                                    F2, the residual edge
+    O_n = conv2d(x_n, W_n)
+
+which equals the activation-side form ``O[c2, p] = sum_{c1,t} I[c1, p+t] A[c2, c1, t] K[c2, c1, t]``
+of the paper with the residual edge. Pointconv2 starts at zero, so a fresh layer (or one made
+by :meth:`AWConv2d.from_conv`) computes exactly the plain convolution.
+
+Two computation paths give the same result:
+
+* ``impl='grouped'`` (default): the batch is folded into the conv groups, one conv call for
+  all per-sample kernels.
+* ``impl='unfold'``: im2col + batched matmul, with no batch size baked into any op, so ONNX
+  and ``torch.export`` graphs keep a dynamic batch. Used automatically while exporting.
+
+Neither path materialises anything of size N x C_out x C_in x H x W.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.common_types import _size_2_t
+
+from attnconv.layers.helpers import check_conv_input, check_positive
+
+Impl = Literal["grouped", "unfold"]
+IMPLS: tuple[str, ...] = ("grouped", "unfold")
+
+#: Pointconv1's width R. Pointconv2 costs (R + 1) * C_out * C_in/g parameters, so R = 4 keeps a
+#: ResNet-50 with AW in every bottleneck 3x3 conv at +24.7% parameters (spec: at most ~25%).
+DEFAULT_ATTN_CHANNELS = 4
+
+
+def _exporting() -> bool:
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
+class AWConv2d(nn.Conv2d):
+    """Conv2d whose weight is attended per sample: ``W_n = K * (1 + A(x_n))`` (AW, Eq. F1/F2).
+
+    Takes nn.Conv2d's arguments in nn.Conv2d's order and keeps its ``weight`` / ``bias``, plus
+    ``attn_channels`` (R, the width between Pointconv1 and Pointconv2) and ``impl``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_2_t,
+        stride: _size_2_t = 1,
+        padding: _size_2_t | str = 0,
+        dilation: _size_2_t = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        attn_channels: int = DEFAULT_ATTN_CHANNELS,
+        impl: Impl = "grouped",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        check_positive(type(self).__name__, in_channels=in_channels, out_channels=out_channels,
+                       kernel_size=kernel_size, stride=stride, dilation=dilation, groups=groups,
+                       attn_channels=attn_channels)
+        if impl not in IMPLS:
+            raise ValueError(f"{type(self).__name__}: impl must be one of {IMPLS}, got {impl!r}")
+        try:
+            super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                             groups, bias, padding_mode, device=device, dtype=dtype)
+        except ValueError as err:
+            raise ValueError(f"{type(self).__name__}: {err}") from None
+        self.attn_channels = attn_channels
+        self.impl: Impl = impl
+        factory = {"device": device, "dtype": dtype}
+        self.pointconv1 = nn.Conv2d(in_channels, attn_channels, 1, **factory)
+        self.pointconv2 = nn.Conv2d(attn_channels, out_channels * (in_channels // groups), 1,
+                                    **factory)
+        self.reset_attention()
+
+    def reset_attention(self) -> None:
+        """Zero Pointconv2 so that A = 0 and the layer is the plain conv with its weight.
+
+        Network constructors that re-initialise every nn.Conv2d (torchvision's and timm's ResNets
+        do) undo this; call it again after them.
+        """
+        nn.init.zeros_(self.pointconv2.weight)
+        nn.init.zeros_(self.pointconv2.bias)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, **kwargs) -> AWConv2d:
+        """An AWConv2d with ``conv``'s geometry, weight and bias; its output equals ``conv``'s."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"{cls.__name__}.from_conv expects an nn.Conv2d, got "
+                            f"{type(conv).__name__}")
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                    conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                    conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
+                    **kwargs)
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer.train(conv.training)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample attention A of shape (N, C_out, C_in/groups, kh, kw) (AW, F1)."""
+        check_conv_input(self, x, self.in_channels)
+        pooled = F.adaptive_avg_pool2d(x, self.kernel_size)
+        attn = self.pointconv2(F.relu(self.pointconv1(pooled)))
+        return attn.view(x.shape[0], *self.weight.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_conv_input(self, x, self.in_channels)
+        if x.shape[0] == 0:
+            return self._conv_forward(x, self.weight, self.bias)
+        weights = torch.addcmul(self.weight, self.weight, self.attention(x))  # K * (1 + A)
+        if self.impl == "unfold" or _exporting():
+            return self._forward_unfold(x, weights)
+        return self._forward_grouped(x, weights)
+
+    def _forward_grouped(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0, 0)
+        else:
+            padding = self.padding
+        bias = None if self.bias is None else self.bias.repeat(n)
+        out = F.conv2d(x.reshape(1, n * self.in_channels, *x.shape[2:]),
+                       weights.reshape(n * self.out_channels, *self.weight.shape[1:]),
+                       bias, self.stride, padding, self.dilation, n * self.groups)
+        return out.view(n, self.out_channels, *out.shape[2:])
+
+    def _forward_unfold(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if any(self._reversed_padding_repeated_twice):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+        n, _, height, width = x.shape
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        out_h = (height - dh * (kh - 1) - 1) // sh + 1
+        out_w = (width - dw * (kw - 1) - 1) // sw + 1
+        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)
+        # unfold orders rows channel-major, so each group's C_in/g * kh * kw rows are contiguous.
+        cols = cols.reshape(n, self.groups, -1, out_h * out_w)
+        out = torch.matmul(weights.reshape(n, self.groups, self.out_channels // self.groups, -1),
+                           cols)
+        out = out.reshape(n, self.out_channels, out_h, out_w)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, attn_channels={self.attn_channels}, impl={self.impl!r}"
