@@ -258,3 +258,12 @@ def test_create_conv_builds_the_rfa_family_with_conv_kwargs(name):
     assert type(layer).__name__.lower().startswith(name)
     assert layer.weight.shape == (16, 8, 3, 3) and layer.bias is None
     assert layer(torch.randn(2, 8, 9, 9)).shape == (2, 16, 5, 5)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_output_keeps_the_input_memory_format(cls):
+    layer = cls(4, 6, 3, 2)
+    x = torch.randn(2, 4, 7, 7)
+    assert layer(x).is_contiguous()
+    out = layer(x.to(memory_format=torch.channels_last))
+    assert out.is_contiguous(memory_format=torch.channels_last)
