@@ -49,23 +49,46 @@ __all__ = ["RFAConv2d", "RFCAConv2d", "RFCBAMConv2d"]
 # --- the fused pieces: memory-lean autograd Functions ----------------------------------------
 
 def _bn_relu(z: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None):
-    """relu(z * scale + shift) as a new tensor (z itself is kept for backward)."""
+    """relu(z * scale + shift) as a new tensor (z itself is kept for backward); no affine
+    when scale is None."""
     if scale is None:
         return z.clamp_min(0)
     return torch.addcmul(shift, z, scale).relu_()
 
 
-def _bn_relu_backward(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor | None,
-                      shift: torch.Tensor | None, needs: tuple[bool, bool, bool]):
-    """Gradients of relu(z * scale + shift) w.r.t. z, scale, shift; ``grad`` is overwritten."""
+def _affine(gamma: torch.Tensor | None, beta: torch.Tensor | None, stats):
+    """Batch-statistics BN as (scale, shift), or (None, None) when it is folded into z."""
+    if stats is None:
+        return None, None
+    mean, inv_std = stats
+    scale = gamma * inv_std
+    return scale, beta - mean * scale
+
+
+def _bn_relu_backward(grad: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor | None,
+                      beta: torch.Tensor | None, stats, needs: tuple[bool, ...]):
+    """Gradients of relu(BN(z)) w.r.t. z, gamma, beta, with BN over batch statistics
+    ``stats = (mean, inv_std)`` (or None: no BN). ``grad`` is overwritten.
+
+    The whole BN backward happens here, in place on ``grad``: three passes over the k2-sized
+    data instead of autograd's mean/var graph (which allocated two more such tensors).
+    """
+    scale, shift = _affine(gamma, beta, stats)
     u = z if scale is None else torch.addcmul(shift, z, scale)
     du = grad.masked_fill_(u <= 0, 0)  # ReLU's derivative is 0 at 0, as in torch
     del u
-    if scale is None:
+    if stats is None:
         return du, None, None
-    d_scale = (du * z).sum_to_size(scale.shape) if needs[1] else None
-    d_shift = du.sum_to_size(shift.shape) if needs[2] else None
-    return (du.mul_(scale) if needs[0] else None), d_scale, d_shift
+    mean, inv_std = stats
+    d_beta = du.sum_to_size(scale.shape)
+    d_gamma = inv_std * ((du * z).sum_to_size(scale.shape) - mean * d_beta)
+    if needs[0]:
+        # dz = scale * (du - mean(du) - xhat * mean(du * xhat)), xhat = (z - mean) * inv_std
+        count = z.numel() // scale.numel()
+        du.mul_(scale).addcmul_(z, -scale * inv_std * d_gamma / count)
+        du.add_(-scale * (d_beta - mean * inv_std * d_gamma) / count)
+    return (du if needs[0] else None), (d_gamma if needs[1] else None), \
+        (d_beta if needs[2] else None)
 
 
 def _pointwise_conv_backward(grad_out: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor,
@@ -78,28 +101,30 @@ def _pointwise_conv_backward(grad_out: torch.Tensor, inputs: torch.Tensor, weigh
 class _RFAFunction(torch.autograd.Function):
     """conv1x1(relu(z * scale + shift) * softmax_taps(a * m)), keeping z and m for backward.
 
-    z (N, C, k2, H, W) is the depthwise conv's output, scale/shift (1, C, k2, 1, 1) the BN
-    affine (None when it is folded into the conv), m (N, C, 1, H, W) the pooled input,
+    z (N, C, k2, H, W) is the depthwise conv's output; gamma, beta (1, C, k2, 1, 1) the BN
+    affine and stats its detached batch (mean, inv_std), all None when the BN is folded into
+    the conv (eval mode); m (N, C, 1, H, W) the pooled input,
     a (1, C, k2, 1, 1) the per-tap logit scales, weight (O, C * k2, 1, 1).
     """
 
     @staticmethod
-    def forward(ctx, z, scale, shift, m, a, weight, bias):
-        attended = _bn_relu(z, scale, shift).mul_(torch.softmax(m * a, dim=2))
-        ctx.save_for_backward(z, scale, shift, m, a, weight)
+    def forward(ctx, z, gamma, beta, stats, m, a, weight, bias):
+        attended = _bn_relu(z, *_affine(gamma, beta, stats)).mul_(torch.softmax(m * a, dim=2))
+        ctx.save_for_backward(z, gamma, beta, m, a, weight)
+        ctx.stats = stats
         ctx.has_bias = bias is not None
         return F.conv2d(attended.flatten(1, 2), weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        z, scale, shift, m, a, weight = ctx.saved_tensors
+        z, gamma, beta, m, a, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        f = _bn_relu(z, scale, shift)
+        f = _bn_relu(z, *_affine(gamma, beta, ctx.stats))
         p = torch.softmax(m * a, dim=2)
         attended = f * p
         g_att, g_weight, g_bias = _pointwise_conv_backward(
-            grad_out, attended.flatten(1, 2), weight, ctx.has_bias, True, needs[5])
+            grad_out, attended.flatten(1, 2), weight, ctx.has_bias, True, needs[6])
         g_att = g_att.view(z.shape)
         # softmax: dl_t = p_t * (G_t f_t - sum_s p_s G_s f_s); product: df = G * p
         total = (g_att * attended).sum(2, keepdim=True)
@@ -107,26 +132,29 @@ class _RFAFunction(torch.autograd.Function):
         g_f = g_att.mul_(p)
         g_logits = (g_f * f).sub_(p.mul_(total))
         del f, p, total
-        g_m = (g_logits * a).sum(2, keepdim=True) if needs[3] else None
-        g_a = (g_logits * m).sum_to_size(a.shape) if needs[4] else None
+        g_m = (g_logits * a).sum(2, keepdim=True) if needs[4] else None
+        g_a = (g_logits * m).sum_to_size(a.shape) if needs[5] else None
         del g_logits
-        g_z, g_scale, g_shift = _bn_relu_backward(g_f, z, scale, shift, needs[:3])
-        return g_z, g_scale, g_shift, g_m, g_a, g_weight, g_bias
+        g_z, g_gamma, g_beta = _bn_relu_backward(g_f, z, gamma, beta, ctx.stats, needs[:3])
+        return g_z, g_gamma, g_beta, None, g_m, g_a, g_weight, g_bias
 
 
 class _BNReLUFunction(torch.autograd.Function):
-    """relu(z * scale + shift), keeping z (not the output) for backward."""
+    """relu(BN(z)) over batch statistics (or relu(z)), keeping z (not the output) for
+    backward; arguments as in :class:`_RFAFunction`."""
 
     @staticmethod
-    def forward(ctx, z, scale, shift):
-        ctx.save_for_backward(z, scale, shift)
-        return _bn_relu(z, scale, shift)
+    def forward(ctx, z, gamma, beta, stats):
+        ctx.save_for_backward(z, gamma, beta)
+        ctx.stats = stats
+        return _bn_relu(z, *_affine(gamma, beta, stats))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        z, scale, shift = ctx.saved_tensors
-        return _bn_relu_backward(grad.clone(), z, scale, shift, ctx.needs_input_grad)
+        z, gamma, beta = ctx.saved_tensors
+        return (*_bn_relu_backward(grad.clone(), z, gamma, beta, ctx.stats,
+                                   ctx.needs_input_grad), None)
 
 
 class _AttendedPointwiseFunction(torch.autograd.Function):
@@ -225,8 +253,9 @@ class _ReceptiveFieldConv2d(nn.Conv2d):
     # -- the shared computation --
 
     def _features(self, x: torch.Tensor):
-        """Depthwise conv output z (N, C, k2, H', W') and BN as (scale, shift), or (None, None)
-        when the BN is folded into z (eval mode, running statistics)."""
+        """Depthwise conv output z (N, C, k2, H', W') and the BN as (gamma, beta, (mean,
+        inv_std)) shaped (1, C, k2, 1, 1), or (None, None, None) when the BN is folded into z
+        (eval mode, running statistics)."""
         bn = self.feature_bn
         n, c = x.shape[:2]
         if not self._uses_batch_stats():
@@ -235,18 +264,19 @@ class _ReceptiveFieldConv2d(nn.Conv2d):
             shift = bn.bias - bn.running_mean * scale
             z = F.conv2d(x, self.feature_conv.weight * scale.view(-1, 1, 1, 1), shift,
                          self.stride, self.padding, groups=c)
-            return z.view(n, c, self.taps, *z.shape[2:]), None, None
+            return z.view(n, c, self.taps, *z.shape[2:]), None, None, None
         z = self.feature_conv(x)
-        var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
+        with torch.no_grad():  # their gradient is part of _bn_relu_backward
+            var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
         count = z.numel() // z.shape[1]
         if count < 2 and self.training:
             raise ValueError(f"{layer_name(self)}: expected more than 1 value per channel when "
                              f"training (BatchNorm), got input {tuple(x.shape)}")
-        self._update_running_stats(mean.detach(), var.detach(), count)
-        scale = bn.weight * torch.rsqrt(var + bn.eps)
-        shift = bn.bias - mean * scale
+        self._update_running_stats(mean, var, count)
         shape = (1, c, self.taps, 1, 1)
-        return z.view(n, c, self.taps, *z.shape[2:]), scale.view(shape), shift.view(shape)
+        stats = (mean.view(shape), torch.rsqrt(var + bn.eps).view(shape))
+        return (z.view(n, c, self.taps, *z.shape[2:]), bn.weight.view(shape), bn.bias.view(shape),
+                stats)
 
     def _uses_batch_stats(self) -> bool:
         bn = self.feature_bn
@@ -365,14 +395,15 @@ class RFAConv2d(_ReceptiveFieldConv2d):
             memory_format=torch.channels_last)))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        z, scale, shift = self._features(x)
+        z, gamma, beta, stats = self._features(x)
         pooled = F.avg_pool2d(x, self.kernel_size, self.stride, self.padding,
                               count_include_pad=True).unsqueeze(2)
         logit_scale = self.attn_logit_scale.view(1, self.in_channels, self.taps, 1, 1)
         weight = self._pointwise_weight()
-        if _needs_grad(x, scale, logit_scale, weight, self.bias, self.feature_conv.weight):
-            return _RFAFunction.apply(z, scale, shift, pooled, logit_scale, weight, self.bias)
-        attended = _bn_relu(z, scale, shift) if scale is not None else z.relu_()
+        if _needs_grad(x, gamma, logit_scale, weight, self.bias, self.feature_conv.weight):
+            return _RFAFunction.apply(z, gamma, beta, stats, pooled, logit_scale, weight,
+                                      self.bias)
+        attended = _bn_relu(z, *_affine(gamma, beta, stats)) if stats else z.relu_()
         attended.mul_(torch.softmax(pooled * logit_scale, dim=2))
         return F.conv2d(attended.flatten(1, 2), weight, self.bias)
 
@@ -399,17 +430,20 @@ class _TileAttentionConv2d(_ReceptiveFieldConv2d):
             memory_format=torch.channels_last)))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        z, scale, shift = self._features(x)
+        z, gamma, beta, stats = self._features(x)
         z = self._tap_view(z)
-        if scale is not None:
-            scale, shift = self._tap_view(scale), self._tap_view(shift)
+        if stats is not None:
+            gamma, beta = self._tap_view(gamma), self._tap_view(beta)
+            stats = tuple(self._tap_view(t) for t in stats)
+        with torch.no_grad():
+            scale, shift = _affine(gamma, beta, stats)
         weight = self._pointwise_weight()
-        if _needs_grad(x, z, scale, weight, self.bias, *self.parameters()):
-            g = _BNReLUFunction.apply(z, scale, shift)
+        if _needs_grad(x, z, weight, self.bias, *self.parameters()):
+            g = _BNReLUFunction.apply(z, gamma, beta, stats)
             f1, f2 = self.attention(x, g)
             return _AttendedPointwiseFunction.apply(g, z, scale, shift, f1, f2, weight,
                                                     self.bias)
-        g = _bn_relu(z, scale, shift) if scale is not None else z.relu_()
+        g = _bn_relu(z, scale, shift) if stats is not None else z.relu_()
         f1, f2 = self.attention(x, g)
         return F.conv2d(g.mul_(f1).mul_(f2).flatten(1, -3), weight, self.bias)
 
