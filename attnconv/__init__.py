@@ -1,8 +1,43 @@
 """attnconv: convolutions whose attention has the shape of the kernel (AW-convolution) or of
 its receptive field (RFAConv), with the papers' networks, training, detection and export."""
 
-from attnconv.layers import CONV_LAYERS, AWConv2d, create_conv, get_conv
+from attnconv.layers import (
+    ATTN_LAYERS,
+    CAM,
+    CBAM,
+    CONV_LAYERS,
+    ECA,
+    SE,
+    AttnConv2d,
+    AWConv2d,
+    CoordAttention,
+    RFAConv2d,
+    RFCAConv2d,
+    RFCBAMConv2d,
+    create_attn,
+    create_conv,
+    get_attn,
+    get_conv,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["CONV_LAYERS", "AWConv2d", "__version__", "create_conv", "get_conv"]
+__all__ = [
+    "ATTN_LAYERS",
+    "CAM",
+    "CBAM",
+    "CONV_LAYERS",
+    "ECA",
+    "SE",
+    "AWConv2d",
+    "AttnConv2d",
+    "CoordAttention",
+    "RFAConv2d",
+    "RFCAConv2d",
+    "RFCBAMConv2d",
+    "__version__",
+    "create_attn",
+    "create_conv",
+    "get_attn",
+    "get_conv",
+]

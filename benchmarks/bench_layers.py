@@ -1,17 +1,36 @@
 """Layer benchmarks: attention convs against nn.Conv2d (and, where one exists, the official
 formulation), side by side in one process. Prints markdown tables for benchmarks/RESULTS.md.
 
-    python benchmarks/bench_layers.py [--only aw] [--threads 2] [--repeats 20] [--device cpu]
+    python benchmarks/bench_layers.py [--only aw|rfa] [--threads 2] [--repeats 20] [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
+from torch import nn
 
+from attnconv import RFAConv2d, RFCAConv2d, RFCBAMConv2d
 from attnconv.demo import HEADERS, compare_aw_with_conv
-from attnconv.profiling import machine_description, markdown_table
+from attnconv.profiling import (
+    forward_fn,
+    machine_description,
+    markdown_table,
+    median_times,
+    saved_tensor_bytes,
+    train_step_fn,
+)
+
+# the faithful official modules live with the tests (one copy, shared)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference_rfa import (
+    OfficialRFAConv,
+    OfficialRFCAConv,
+    OfficialRFCBAMConv,
+)
 
 AW_SHAPES = [(1, 64, 56), (32, 64, 56), (32, 256, 14)]
 
@@ -26,7 +45,41 @@ def bench_aw(args: argparse.Namespace) -> None:
         print(markdown_table(HEADERS, rows) + "\n")
 
 
-SECTIONS = {"aw": bench_aw}
+RFA_SHAPES = [(8, 64, 56, 1), (32, 128, 28, 2)]  # (batch, channels, size, stride), k = 3
+RFA_PAIRS = [(RFAConv2d, OfficialRFAConv), (RFCBAMConv2d, OfficialRFCBAMConv),
+             (RFCAConv2d, OfficialRFCAConv)]
+RFA_HEADERS = ["layer", "fwd (ms)", "fwd+bwd (ms)", "fwd: ref / layer", "fwd+bwd: ref / layer",
+               "fwd / conv", "fwd+bwd / conv", "saved for bwd / input"]
+
+
+def bench_rfa(args: argparse.Namespace) -> None:
+    print("## RFA family vs the faithful official module and nn.Conv2d (k=3, C_out = C_in; "
+          "forward in eval mode without autograd, forward+backward in train mode)\n")
+    for batch, channels, size, stride in RFA_SHAPES:
+        x = torch.randn(batch, channels, size, size, device=args.device)
+        conv = nn.Conv2d(channels, channels, 3, stride, 1, device=args.device)
+        for layer_cls, official_cls in RFA_PAIRS:
+            official = official_cls(channels, channels, 3, stride).to(args.device)
+            layer = layer_cls(channels, channels, 3, stride, device=args.device)
+            layer.load_official_state_dict(official.state_dict())
+            candidates = {"reference (official)": official, layer_cls.__name__: layer,
+                          "nn.Conv2d": conv}
+            fwd = median_times({k: forward_fn(m, x) for k, m in candidates.items()},
+                               repeats=args.repeats, warmup=1)
+            train = median_times({k: train_step_fn(m, x) for k, m in candidates.items()},
+                                 repeats=args.repeats, warmup=1)
+            ref, plain = "reference (official)", "nn.Conv2d"
+            rows = [[name, fwd[name] * 1e3, train[name] * 1e3, fwd[ref] / fwd[name],
+                     train[ref] / train[name], fwd[name] / fwd[plain],
+                     train[name] / train[plain],
+                     saved_tensor_bytes(m, x) / (x.numel() * x.element_size())]
+                    for name, m in candidates.items()]
+            print(f"{layer_cls.__name__}, input ({batch}, {channels}, {size}, {size}), "
+                  f"stride {stride}\n")
+            print(markdown_table(RFA_HEADERS, rows) + "\n", flush=True)
+
+
+SECTIONS = {"aw": bench_aw, "rfa": bench_rfa}
 
 
 def main() -> None:
