@@ -1,6 +1,7 @@
 """attnconv: convolutions whose attention has the shape of the kernel (AW-convolution) or of
 its receptive field (RFAConv), with the papers' networks, training, detection and export."""
 
+from attnconv.convert import ConversionReport, convert_model
 from attnconv.layers import (
     ATTN_LAYERS,
     CAM,
@@ -19,6 +20,7 @@ from attnconv.layers import (
     get_attn,
     get_conv,
 )
+from attnconv.models import create_model, list_models
 
 __version__ = "0.1.0"
 
@@ -31,13 +33,17 @@ __all__ = [
     "SE",
     "AWConv2d",
     "AttnConv2d",
+    "ConversionReport",
     "CoordAttention",
     "RFAConv2d",
     "RFCAConv2d",
     "RFCBAMConv2d",
     "__version__",
+    "convert_model",
     "create_attn",
     "create_conv",
+    "create_model",
     "get_attn",
     "get_conv",
+    "list_models",
 ]
