@@ -39,18 +39,21 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from attnconv.demo import DEMO_MODELS, demo_config
+    from attnconv.demo import DEMO_MODELS, demo_config, demo_models
     from attnconv.training.run import compare
 
     torch.set_num_threads(args.threads)
     cfg = demo_config(out_dir=args.out_dir, progress_bar=args.progress)
-    print(f"Training {', '.join(DEMO_MODELS)} on the embedded digits "
+    models = demo_models()
+    if missing := sorted(set(DEMO_MODELS) - set(models)):
+        print(f"(not in this installation, left out: {', '.join(missing)})")
+    print(f"Training {', '.join(models)} on the embedded digits "
           f"(scikit-learn, {cfg.data.image_size}x{cfg.data.image_size}), "
           f"{cfg.trainer.max_epochs} epochs, {args.seeds} seeds each, {args.threads} CPU "
           "thread(s)...", flush=True)
     start = time.perf_counter()
-    result = compare(DEMO_MODELS, args.seeds, cfg)
-    print(f"\n{result.table}\n\nΔ: difference in mean top-1 to {DEMO_MODELS[0]} with a Welch t "
+    result = compare(models, args.seeds, cfg)
+    print(f"\n{result.table}\n\nΔ: difference in mean top-1 to {models[0]} with a Welch t "
           f"95% interval over seeds.\nbar chart: {result.plot}\nper-run curves: "
           f"{result.plot.parent}/*/curves.png\ntook {time.perf_counter() - start:.0f} s")
 
