@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=10, help="timed runs per measurement")
     demo.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     demo.set_defaults(func=_demo)
+
+    from attnconv.detection.cli import add_detection_parsers
+    add_detection_parsers(sub)  # train-det, eval-det
     return parser
 
 
