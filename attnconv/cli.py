@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
     bench.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     bench.set_defaults(func=_bench)
+
+    from attnconv.detection.cli import add_detection_parsers
+    add_detection_parsers(sub)  # train-det, eval-det
     return parser
 
 

@@ -1,0 +1,97 @@
+"""Object detection as a LightningModule: torchvision detector losses, SGD with linear warm-up
+and step decay (Detectron's 1x schedule), COCO evaluation of every validation epoch."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from pycocotools.coco import COCO
+from torch import nn
+
+from attnconv.detection.coco_eval import COCO_METRICS, coco_box_metrics, to_coco_detections
+
+
+@dataclass
+class DetOptim:
+    """SGD as in Detectron2's COCO recipes; ``lr`` is for the whole batch as configured."""
+
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    milestones: list[int] = field(default_factory=lambda: [8, 11])  # epochs
+    gamma: float = 0.1
+    warmup_iters: int = 500
+    warmup_factor: float = 0.001
+
+
+def lr_factor(step: int, steps_per_epoch: int, optim: DetOptim) -> float:
+    """Multiplier of ``optim.lr`` at optimizer step ``step`` (0-based)."""
+    factor = optim.gamma ** sum(step >= m * steps_per_epoch for m in optim.milestones)
+    if step < optim.warmup_iters:
+        alpha = step / optim.warmup_iters
+        factor *= optim.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+class Detector(L.LightningModule):
+    """Trains a torchvision detector on (images, targets) list batches; every validation epoch
+    runs pycocotools on ``coco_gt`` and logs ``val/AP`` ... ``val/APl`` (percent)."""
+
+    def __init__(self, model: nn.Module, optim: DetOptim, coco_gt: COCO | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.optim = optim
+        self.coco_gt = coco_gt
+        self.metrics: dict[str, float] = {}
+        self._detections: list[dict] = []
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return self.model(images)
+
+    def training_step(self, batch: tuple[list, list], batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        targets = [{"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"]}
+                   for t in targets]
+        losses = self.model(images, targets)
+        loss = sum(losses.values())
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"detection loss is {loss.item()} at step "
+                                     f"{self.global_step}: {losses}")
+        batch_size = len(images)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=batch_size)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._detections = []
+
+    def validation_step(self, batch: tuple[list, list], batch_idx: int) -> None:
+        images, targets = batch
+        outputs = self.model(images)
+        self._detections += to_coco_detections((int(t["image_id"]) for t in targets), outputs)
+
+    def on_validation_epoch_end(self) -> None:
+        detections = self._detections
+        if dist.is_available() and dist.is_initialized():
+            gathered: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(gathered, detections)
+            detections = [d for part in gathered for d in part]
+        if self.coco_gt is None or self.trainer.sanity_checking:
+            return
+        self.metrics = coco_box_metrics(self.coco_gt, detections)
+        self.log_dict({f"val/{k}": self.metrics[k] for k in COCO_METRICS}, sync_dist=False)
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=self.optim.lr, momentum=self.optim.momentum,
+                                    weight_decay=self.optim.weight_decay)
+        steps_per_epoch = max(1, self.trainer.estimated_stepping_batches
+                              // max(1, self.trainer.max_epochs))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, steps_per_epoch, self.optim))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

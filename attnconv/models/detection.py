@@ -1,0 +1,218 @@
+"""Faster R-CNN with a feature pyramid over any zoo ResNet (plain, SE, CBAM, AW, SE+AW, CBAM+AW,
+RFA family), built from torchvision's detection parts.
+
+* AW-convolution: Zhu, Hofstee, Lee, Al-Ars, ICANN 2021, arXiv:2108.08205 -- the paper's COCO
+  experiment is Faster R-CNN ResNet-101-FPN, 1x schedule
+  (``recipes/fasterrcnn_r101_aw_coco_1x.yaml``).
+* RFAConv: Zhang et al., arXiv:2304.03198.
+
+:func:`resnet_fpn_backbone` is torchvision's function of the same name for networks of
+:func:`attnconv.create_model`: the same stage names, frozen BN, trainable-layer rule and
+``BackboneWithFPN``; only the ResNet comes from the zoo (timm's ResNet with torchvision's
+state-dict names), so torchvision/timm ImageNet weights and the classification engine's
+checkpoints load into it.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.layers import freeze_batch_norm_2d
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+#: Stages from the top, in torchvision's order for ``trainable_layers``.
+_STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
+
+#: State-dict keys every plain torchvision/timm ResNet has. A checkpoint must provide these;
+#: anything else a backbone has (SE/CBAM modules, AW's pointconvs, RFA's inner layers) is
+#: attention and may be missing from a plain ImageNet checkpoint.
+_PLAIN_KEY = re.compile(
+    r"^(conv1|bn1)\.[a-z_]+$|^layer\d\.\d+\.(conv\d|bn\d|downsample\.\d)\.[a-z_]+$")
+
+
+def create_backbone(name: str, **kwargs: Any) -> nn.Module:
+    """The zoo ResNet ``name`` without its classifier (``num_classes=0``)."""
+    from attnconv.models import create_model
+
+    return create_model(name, num_classes=0, **kwargs)
+
+
+@dataclass
+class BackboneLoadReport:
+    """What :func:`load_backbone_weights` did not fill: the new attention parameters (kept at
+    their initialisation, where AW and RFA compute the plain conv's job) and ignored keys."""
+
+    path: str
+    loaded: int
+    missing_attention: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        text = f"{self.path}: {self.loaded} tensors loaded"
+        if self.missing_attention:
+            shown = ", ".join(self.missing_attention[:4])
+            more = len(self.missing_attention) - 4
+            text += (f"; {len(self.missing_attention)} attention tensors not in the checkpoint "
+                     f"({shown}{f', ... {more} more' if more > 0 else ''})")
+        if self.unexpected:
+            text += (f"; {len(self.unexpected)} checkpoint tensors unused "
+                     f"({self.unexpected[0]}, ...)")
+        return text
+
+
+def _state_dict_of(checkpoint: Any) -> dict[str, torch.Tensor]:
+    # Accept a bare state dict, torchvision/timm style {'state_dict': ...} / {'model': ...}, and
+    # Lightning checkpoints of the classification engine (keys prefixed with 'model.').
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError("checkpoint holds no state dict")
+    state = {}
+    for key, value in checkpoint.items():
+        for prefix in ("module.", "model."):
+            key = key.removeprefix(prefix)
+        state[key] = value
+    return state
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> BackboneLoadReport:
+    """Load ImageNet weights for ``backbone`` from ``path`` (``torch.load(weights_only=True)``).
+
+    The classifier (``fc.*``) is dropped. Only attention parameters may be missing: a checkpoint
+    that lacks a plain conv/BN tensor belongs to another network and raises ValueError.
+    """
+    checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
+    state = {k: v for k, v in _state_dict_of(checkpoint).items() if not k.startswith("fc.")}
+    result = backbone.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    plain_missing = [k for k in missing if _PLAIN_KEY.match(k)]
+    if plain_missing:
+        raise ValueError(f"{path} does not fit this backbone: {len(plain_missing)} conv/BN tensors "
+                         f"missing ({', '.join(plain_missing[:4])}, ...)")
+    return BackboneLoadReport(str(path), len(state) - len(result.unexpected_keys),
+                              missing, list(result.unexpected_keys))
+
+
+def _check_trainable_layers(trainable_layers: int | None, pretrained: bool) -> int:
+    # torchvision's rule: without pretrained weights every layer trains.
+    if trainable_layers is None:
+        return 3 if pretrained else 5
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
+    return trainable_layers
+
+
+def resnet_fpn_backbone(
+    backbone: str | nn.Module = "resnet101_aw",
+    *,
+    pretrained_backbone: str | Path | None = None,
+    trainable_layers: int | None = None,
+    norm_layer: type[nn.Module] | None = None,
+    returned_layers: Sequence[int] = (1, 2, 3, 4),
+    fpn_channels: int = 256,
+    extra_blocks: ExtraFPNBlock | None = None,
+    backbone_args: Mapping[str, Any] | None = None,
+) -> BackboneWithFPN:
+    """A zoo ResNet (by name, or built) with torchvision's FPN on ``returned_layers``;
+    ``.load_report`` says what ``pretrained_backbone`` did not fill.
+
+    ``norm_layer`` None follows torchvision's Faster R-CNN builders: FrozenBatchNorm2d when
+    weights load (detection batches are too small for batch statistics), BatchNorm2d when the
+    backbone trains from scratch (frozen identity statistics would leave it unnormalised).
+    FrozenBatchNorm2d also freezes BNs inside attention layers (RFA's, coordinate attention's).
+    """
+    pretrained = pretrained_backbone is not None
+    report = None
+    trainable_layers = _check_trainable_layers(trainable_layers, pretrained)
+    if norm_layer is None:
+        norm_layer = FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
+    frozen = issubclass(norm_layer, FrozenBatchNorm2d)
+    if isinstance(backbone, str):
+        args = dict(backbone_args or {})
+        if not frozen and norm_layer is not nn.BatchNorm2d:
+            args["norm_layer"] = norm_layer
+        backbone = create_backbone(backbone, **args)
+    if pretrained:
+        report = load_backbone_weights(backbone, pretrained_backbone)
+        if report.missing_attention or report.unexpected:
+            warnings.warn(f"backbone weights: {report}", stacklevel=2)
+    if frozen:
+        # The checkpoint loads into ordinary BNs first, then every BN is frozen with its
+        # statistics (timm builds norm layers with device/dtype, which FrozenBatchNorm2d lacks).
+        backbone = freeze_batch_norm_2d(backbone)
+
+    layers_to_train = list(_STAGES[:trainable_layers])
+    if trainable_layers == 5:
+        layers_to_train.append("bn1")
+    for name, parameter in backbone.named_parameters():
+        if not name.startswith(tuple(layers_to_train)):
+            parameter.requires_grad_(False)
+
+    if not returned_layers or min(returned_layers) < 1 or max(returned_layers) > 4:
+        raise ValueError(f"returned_layers must be a non-empty subset of 1..4, got "
+                         f"{returned_layers}")
+    widths = {info["module"]: info["num_chs"] for info in backbone.feature_info}
+    return_layers = {f"layer{k}": str(i) for i, k in enumerate(returned_layers)}
+    in_channels_list = [widths[f"layer{k}"] for k in returned_layers]
+    fpn = BackboneWithFPN(backbone, return_layers, in_channels_list, fpn_channels,
+                          extra_blocks=extra_blocks or LastLevelMaxPool())
+    fpn.load_report = report  # what the checkpoint did not fill; None without one
+    return fpn
+
+
+def fasterrcnn(
+    backbone: str | nn.Module = "resnet101_aw",
+    num_classes: int = 91,
+    *,
+    pretrained_backbone: str | Path | None = None,
+    trainable_layers: int | None = None,
+    norm_layer: type[nn.Module] | None = None,
+    returned_layers: Sequence[int] = (1, 2, 3, 4),
+    fpn_channels: int = 256,
+    anchor_sizes: Sequence[int] | None = None,
+    backbone_args: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> FasterRCNN:
+    """torchvision's Faster R-CNN over ``resnet_fpn_backbone(backbone, ...)``.
+
+    Args:
+        backbone: zoo name (``'resnet50'``, ``'resnet101_aw'``, ``'resnet50_se_aw'``,
+            ``'resnet18_rfa'``...) or a built zoo ResNet.
+        num_classes: classes including background (91 for COCO's category ids).
+        pretrained_backbone: ImageNet checkpoint of the backbone (a weights-only file).
+        trainable_layers, norm_layer, returned_layers, fpn_channels: as torchvision's
+            ``resnet_fpn_backbone`` (see :func:`resnet_fpn_backbone` for the defaults).
+        anchor_sizes: one anchor size per pyramid level (default torchvision's 32..512),
+            each with aspect ratios 0.5, 1, 2.
+        backbone_args: keyword arguments of :func:`attnconv.create_model` (``channels``...).
+        **kwargs: FasterRCNN's arguments (``min_size``, ``max_size``,
+            ``box_detections_per_img``...).
+    """
+    body = resnet_fpn_backbone(backbone, pretrained_backbone=pretrained_backbone,
+                               trainable_layers=trainable_layers, norm_layer=norm_layer,
+                               returned_layers=returned_layers, fpn_channels=fpn_channels,
+                               backbone_args=backbone_args)
+    if anchor_sizes is not None:
+        levels = len(returned_layers) + 1  # LastLevelMaxPool adds one level
+        if len(anchor_sizes) != levels:
+            raise ValueError(f"anchor_sizes needs one size per pyramid level ({levels}), "
+                             f"got {list(anchor_sizes)}")
+        kwargs["rpn_anchor_generator"] = AnchorGenerator(
+            tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * levels)
+    return FasterRCNN(body, num_classes=num_classes, **kwargs)
+
+
+__all__ = ["BackboneLoadReport", "create_backbone", "fasterrcnn", "load_backbone_weights",
+           "resnet_fpn_backbone"]
