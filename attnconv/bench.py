@@ -1,0 +1,198 @@
+"""The complexity table: parameters, multiply-adds, speed and memory of whole networks.
+
+What ``attnconv bench`` prints. Multiply-adds are counted by ``torch.utils.flop_counter``
+(:func:`attnconv.profiling.count_macs`), which sees per-sample (batch-folded grouped) convs and
+functional convs; the "GFLOPs" of the AW and RFAConv papers (thop) are multiply-adds too.
+Times are medians with the models interleaved in one process, so the ratio columns stay
+meaningful on a shared machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnconv.models import MODEL_ARGS, create_model
+from attnconv.profiling import (
+    count_macs,
+    count_params,
+    machine_description,
+    markdown_table,
+    median_times,
+    saved_tensor_bytes,
+)
+
+FORMATS: tuple[str, ...] = ("markdown", "csv")
+
+
+@dataclass
+class ModelStats:
+    """One row of the complexity table."""
+
+    name: str
+    params: int
+    macs: int  # per image
+    images_per_second: float  # eval-mode forward
+    train_step_seconds: float  # forward, cross-entropy, backward, SGD step for one batch
+    memory_bytes: int  # CPU: saved for backward; CUDA: peak allocated in a training step
+
+
+def build(name: str, **kwargs: Any) -> nn.Module:
+    """A zoo or baseline network from :func:`attnconv.create_model`, else from timm."""
+    return create_model(name, **kwargs) if name in MODEL_ARGS else timm.create_model(name, **kwargs)
+
+
+def memory_label(device: torch.device | str) -> str:
+    if torch.device(device).type == "cuda":
+        return "peak memory (MB)"
+    return "saved for backward (MB)"
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+                optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    def run() -> None:
+        model.train()
+        F.cross_entropy(model(x), target).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return run
+
+
+def _forward(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    return run
+
+
+def _cuda_peak_bytes(step: Callable[[], None]) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def benchmark_models(
+    names: Sequence[str],
+    input_size: Sequence[int] = (3, 224, 224),
+    batch_size: int = 8,
+    *,
+    device: torch.device | str = "cpu",
+    repeats: int = 5,
+    warmup: int = 1,
+    num_classes: int = 1000,
+    progress: bool = True,
+    **model_kwargs: Any,
+) -> list[ModelStats]:
+    """Measure every network of ``names`` (built with ``num_classes`` and ``model_kwargs``).
+
+    Memory is what the device can report: on CUDA the peak allocated during a training step
+    (parameters, gradients and optimizer state included); on CPU, which has no allocator
+    statistics, the bytes autograd saves for backward in one training forward -- the
+    activation memory, the part that grows with batch and resolution.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    steps = 3 * len(names) + 2 * (warmup + repeats) * len(names)
+    bar = tqdm(total=steps, desc="bench", unit="step", disable=not progress, leave=False)
+    x = torch.randn(batch_size, *input_size, device=device)
+    target = torch.randint(0, num_classes, (batch_size,), device=device)
+    models: dict[str, nn.Module] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    forwards, train_steps = {}, {}
+    for name in names:
+        bar.set_postfix_str(f"{name}: build")
+        model = build(name, num_classes=num_classes, **model_kwargs).to(device)
+        models[name] = model
+        bar.update()
+        bar.set_postfix_str(f"{name}: count")
+        rows[name] = dict(params=count_params(model),
+                          macs=count_macs(model.eval(), x[:1]))
+        bar.update()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        train_steps[name] = _train_step(model, x, target, optimizer)
+        forwards[name] = _forward(model, x)
+        bar.set_postfix_str(f"{name}: memory")
+        if device.type == "cuda":
+            train_steps[name]()  # optimizer state exists from the first step on
+            rows[name]["memory_bytes"] = _cuda_peak_bytes(train_steps[name])
+        else:
+            rows[name]["memory_bytes"] = saved_tensor_bytes(model, x)
+        bar.update()
+
+    def ticking(fns: dict[str, Callable[[], None]], phase: str) -> dict[str, Callable[[], None]]:
+        def wrap(name: str, fn: Callable[[], None]) -> Callable[[], None]:
+            def run() -> None:
+                bar.set_postfix_str(f"{name}: {phase}")
+                fn()
+                bar.update()
+            return run
+        return {name: wrap(name, fn) for name, fn in fns.items()}
+
+    forward_s = median_times(ticking(forwards, "inference"), repeats=repeats, warmup=warmup)
+    train_s = median_times(ticking(train_steps, "training"), repeats=repeats, warmup=warmup)
+    bar.close()
+    return [ModelStats(name, images_per_second=batch_size / forward_s[name],
+                       train_step_seconds=train_s[name], **rows[name]) for name in names]
+
+
+def table_rows(stats: Sequence[ModelStats]) -> tuple[list[str], list[list[object]]]:
+    """Headers and rows, each figure followed by its ratio to the first model."""
+    base = stats[0]
+    headers = ["model", "params (M)", "x", "MACs (G)", "x", "inference (img/s)", "x",
+               "train step (ms)", "x", "memory (MB)", "x"]
+    rows = []
+    for s in stats:
+        rows.append([
+            s.name,
+            s.params / 1e6, s.params / base.params,
+            s.macs / 1e9, s.macs / base.macs,
+            s.images_per_second, s.images_per_second / base.images_per_second,
+            s.train_step_seconds * 1e3, s.train_step_seconds / base.train_step_seconds,
+            s.memory_bytes / 2**20, s.memory_bytes / base.memory_bytes,
+        ])
+    return headers, rows
+
+
+def complexity_table(stats: Sequence[ModelStats], fmt: str = "markdown",
+                     memory: str = "memory (MB)") -> str:
+    """The table as GitHub markdown or CSV; ``memory`` names the memory column."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    headers, rows = table_rows(stats)
+    headers[headers.index("memory (MB)")] = memory
+    if fmt == "markdown":
+        rows = [[f"{v:.2f}" if isinstance(v, float) and i in (1, 3) else v
+                 for i, v in enumerate(row)] for row in rows]
+        return markdown_table(headers, rows)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(headers)
+    writer.writerows([[f"{v:.6g}" if isinstance(v, float) else v for v in row] for row in rows])
+    return out.getvalue().rstrip("\n")
+
+
+def describe(input_size: Sequence[int], batch_size: int, device: torch.device | str,
+             repeats: int) -> str:
+    """The header printed above the table."""
+    return (
+        f"Input ({batch_size}, {', '.join(map(str, input_size))}) on {device} "
+        f"({machine_description(device)}), median of {repeats} runs, models interleaved.\n"
+        "MACs (G): multiply-adds of one image, torch.utils.flop_counter (the papers' \"GFLOPs\", "
+        "as counted by thop, are multiply-adds). Train step: forward, cross-entropy, backward "
+        "and SGD step of one batch. "
+        + ("Memory: peak allocated during a training step." if torch.device(device).type == "cuda"
+           else "Memory: tensors autograd saves for backward in one training forward.")
+        + " x: ratio to the first model."
+    )

@@ -1,0 +1,176 @@
+"""ResNets with attention convs: the networks of the AW and RFAConv papers, on timm's ResNet.
+
+* AW-convolution: Zhu, Hofstee, Lee, Al-Ars, "An Attention Module for Convolutional Neural
+  Networks", ICANN 2021, arXiv:2108.08205 -- AW in every bottleneck 3x3 conv of ResNet-50/101,
+  alone or on top of SE / CBAM.
+* RFAConv: Zhang et al., "RFAConv: Innovating Spatial Attention and Standard Convolutional
+  Operation", arXiv:2304.03198 -- the layer replaces the first 3x3 conv of every BasicBlock of
+  ResNet-18/34 (official ``classification/RF*resnet.py``).
+
+One generic network, :class:`AttnResNet` (timm's ResNet plus ``conv_layer``, ``conv_placement``,
+``attn_layer`` and ``cifar_stem``); every named model is an argument set over it. timm places
+``attn_layer`` after the block's last BN, before the residual add, where SE and CBAM sit in their
+papers. The replaced convs keep their module names (``layer1.0.conv1``) and their ``weight``, so
+torchvision's and timm's ImageNet ResNet weights load into every variant with only the new
+parameters missing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import timm.models.resnet as timm_resnet
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import BasicBlock, Bottleneck
+from torch import nn
+
+from attnconv.convert import conv_like
+
+ConvPlacement = Literal["first_3x3", "every_3x3"]
+PLACEMENTS: tuple[str, ...] = ("first_3x3", "every_3x3")
+
+
+class AttnResNet(timm_resnet.ResNet):
+    """timm's ResNet whose block 3x3 convs are ``create_conv(conv_layer, ...)``.
+
+    Args:
+        block, layers: as timm's ResNet (BasicBlock / Bottleneck, blocks per stage).
+        conv_layer: conv factory name (``'conv'``, ``'aw'``, ``'rfa'``, ...) for the block convs.
+        conv_placement: ``'first_3x3'`` -- the first 3x3 conv of each block (BasicBlock.conv1 as
+            in the RFAConv paper; Bottleneck.conv2, its only 3x3, as in the AW paper);
+            ``'every_3x3'`` -- both 3x3 convs of a BasicBlock as well.
+        conv_args: extra arguments for the conv layer (``attn_channels``, ``bias``...).
+        attn_layer: activation attention after each block's last BN (``'se'``, ``'cbam'``...).
+        cifar_stem: a 3x3 stride-1 stem conv and no max-pool, for 32x32 (or 28x28) inputs.
+        **kwargs: timm's ResNet arguments (``num_classes``, ``in_chans``, ``channels``,
+            ``drop_rate``, ``drop_path_rate``, ``zero_init_last``...).
+    """
+
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: tuple[int, ...],
+        conv_layer: str = "conv",
+        conv_placement: ConvPlacement = "first_3x3",
+        conv_args: dict[str, Any] | None = None,
+        attn_layer: str | type[nn.Module] | None = None,
+        cifar_stem: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if conv_placement not in PLACEMENTS:
+            raise ValueError(f"AttnResNet: conv_placement must be one of {PLACEMENTS}, "
+                             f"got {conv_placement!r}")
+        if cifar_stem and kwargs.get("stem_type", ""):
+            raise ValueError("AttnResNet: cifar_stem replaces the stem; leave stem_type unset")
+        block_args = dict(kwargs.pop("block_args", None) or {})
+        if attn_layer is not None:
+            block_args["attn_layer"] = attn_layer
+        super().__init__(block, layers, block_args=block_args, **kwargs)
+        self.conv_layer = conv_layer
+        self.conv_placement = conv_placement
+        if cifar_stem:
+            stem_out = self.conv1.out_channels
+            self.conv1 = nn.Conv2d(self.in_chans, stem_out, 3, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+            # Without the stem's stride-2 conv and max-pool every feature map is 4x larger.
+            for info in self.feature_info:
+                info["reduction"] = max(1, info["reduction"] // 4)
+        if conv_layer != "conv" or conv_args:
+            for name in self.block_conv_names():
+                parent_name, _, child = name.rpartition(".")
+                parent = self.get_submodule(parent_name)
+                setattr(parent, child, conv_like(getattr(parent, child), conv_layer,
+                                                 **(conv_args or {})))
+        # timm initialised the plain convs; initialise the new layers the same way (the official
+        # RFA ResNets kaiming-initialise every nn.Conv2d, inner ones included).
+        self.init_weights(zero_init_last=kwargs.get("zero_init_last", True))
+
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        super().init_weights(zero_init_last=zero_init_last)
+        # Kaiming init also hits AW's Pointconv2, which must start at zero (A = 0).
+        for module in self.modules():
+            if hasattr(module, "reset_attention"):
+                module.reset_attention()
+
+    def block_conv_names(self) -> list[str]:
+        """Module names of the block convs that ``conv_layer`` replaces (or would replace)."""
+        names = []
+        for stage in ("layer1", "layer2", "layer3", "layer4"):
+            for index, block in enumerate(getattr(self, stage)):
+                if isinstance(block, Bottleneck):
+                    names.append(f"{stage}.{index}.conv2")
+                else:
+                    names.append(f"{stage}.{index}.conv1")
+                    if self.conv_placement == "every_3x3":
+                        names.append(f"{stage}.{index}.conv2")
+        return names
+
+
+# --- argument sets ---------------------------------------------------------------------------
+
+_R18 = dict(block=BasicBlock, layers=(2, 2, 2, 2))
+_R34 = dict(block=BasicBlock, layers=(3, 4, 6, 3))
+_R50 = dict(block=Bottleneck, layers=(3, 4, 6, 3))
+_R101 = dict(block=Bottleneck, layers=(3, 4, 23, 3))
+
+#: Every network :func:`attnconv.create_model` builds, by name. Plain ResNets and timm's
+#: ``seresnet*`` are here so that a baseline gets the same builder options (``cifar_stem``...)
+#: as its attention variants; only the names timm lacks are registered with timm.
+MODEL_ARGS: dict[str, dict[str, Any]] = {
+    "resnet18": _R18,
+    "resnet34": _R34,
+    "resnet50": _R50,
+    "resnet101": _R101,
+    # AW paper: AW in every bottleneck 3x3 conv.
+    "resnet50_aw": dict(_R50, conv_layer="aw"),
+    "resnet101_aw": dict(_R101, conv_layer="aw"),
+    # Not in the AW paper: cheap AW experiments, AW where the RFAConv paper puts its layer.
+    "resnet18_aw": dict(_R18, conv_layer="aw"),
+    "resnet34_aw": dict(_R34, conv_layer="aw"),
+}
+
+#: Names this module registers in timm's registry (MODEL_ARGS minus timm's own names).
+ZOO_MODELS: tuple[str, ...] = (
+    "resnet18_aw", "resnet34_aw", "resnet50_aw", "resnet101_aw",
+)
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    # No weights are published for these networks (url ''): pretrained=True loads nothing.
+    return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7),
+                crop_pct=0.875, interpolation="bilinear", mean=(0.485, 0.456, 0.406),
+                std=(0.229, 0.224, 0.225), first_conv="conv1", classifier="fc",
+                license="apache-2.0", **kwargs)
+
+
+default_cfgs = generate_default_cfgs({name: _cfg() for name in ZOO_MODELS})
+
+
+def build_resnet(name: str, pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """Build the network ``name`` of :data:`MODEL_ARGS` through timm's builder, so that
+    ``features_only=True``, ``out_indices`` and ``pretrained_cfg`` work."""
+    return build_model_with_cfg(AttnResNet, name, pretrained, **{**MODEL_ARGS[name], **kwargs})
+
+
+@register_model
+def resnet18_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-18, AW in the first 3x3 conv of every block (not in the AW paper)."""
+    return build_resnet("resnet18_aw", pretrained, **kwargs)
+
+
+@register_model
+def resnet34_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-34, AW in the first 3x3 conv of every block (not in the AW paper)."""
+    return build_resnet("resnet34_aw", pretrained, **kwargs)
+
+
+@register_model
+def resnet50_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-50 with AW in every bottleneck 3x3 conv (AW paper)."""
+    return build_resnet("resnet50_aw", pretrained, **kwargs)
+
+
+@register_model
+def resnet101_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-101 with AW in every bottleneck 3x3 conv (AW paper)."""
+    return build_resnet("resnet101_aw", pretrained, **kwargs)
