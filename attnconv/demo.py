@@ -37,3 +37,33 @@ def compare_aw_with_conv(batch: int, channels: int, size: int, kernel_size: int 
                      fwd[name] * 1e3, train[name] * 1e3, fwd[name] / fwd["nn.Conv2d"],
                      train[name] / train["nn.Conv2d"], diff if layer is aw else 0.0))
     return rows
+
+
+# `attnconv demo` (recipes/demo.yaml holds the same values): the three variants of a narrow
+# CIFAR-stem ResNet-18 on the digits that ship inside scikit-learn, sized for 2 CPU cores.
+DEMO_MODELS = ("resnet18", "resnet18_aw", "resnet18_rfa")
+DEMO_RECIPE = {
+    "model_args": {"cifar_stem": True, "channels": [8, 16, 32, 64]},
+    "data": {"name": "digits", "image_size": 16, "batch_size": 64, "augment": True},
+    "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
+              "scheduler": "cosine", "warmup_epochs": 1},
+    "trainer": {"max_epochs": 8, "accelerator": "cpu", "devices": 1, "deterministic": True,
+                "log_every_n_steps": 5},
+}
+
+
+def demo_models() -> list[str]:
+    """The demo's models that this installation has (the RFA layers may come later)."""
+    from attnconv.training.models import model_names
+
+    names = model_names()
+    return [m for m in DEMO_MODELS if m in names]
+
+
+def demo_config(out_dir: str = "runs/demo", progress_bar: bool = False):  # -> RunConfig
+    """The RunConfig of ``attnconv demo``."""
+    from attnconv.training.config import RunConfig, apply
+
+    cfg = apply(RunConfig(), {**DEMO_RECIPE, "out_dir": out_dir, "name": "compare"})
+    cfg.trainer.progress_bar = progress_bar
+    return cfg

@@ -167,3 +167,72 @@ def plot_gate_maps(maps: dict[str, torch.Tensor], image: np.ndarray, path: str |
         panels[name] = np.asarray(im.get_array())
     fig.tight_layout()
     return _save(fig, Path(path), panels)
+
+
+def _attention_kinds() -> dict[str, tuple[type, ...]]:
+    from attnconv.layers import AWConv2d
+    from attnconv.layers.create import ATTN_LAYERS
+    from attnconv.layers.rfa_conv import RFAConv2d, RFCAConv2d, RFCBAMConv2d
+
+    return {"aw": (AWConv2d,), "rfa": (RFAConv2d, RFCBAMConv2d, RFCAConv2d),
+            "gate": tuple(cls for cls in ATTN_LAYERS.values() if isinstance(cls, type))}
+
+
+@torch.no_grad()
+def visualize(model: nn.Module, out_dir: str | Path, *, image: str | Path | None = None,
+              size: int | None = None, layer: str | None = None, views: int = 8,
+              max_gates: int = 6) -> list[Figure]:
+    """Write the attention figures of ``model`` for one image into ``out_dir``.
+
+    ``layer`` names the module to show (default: the first AW and the first RFA-family layer,
+    and up to ``max_gates`` activation-attention modules spread over the depth). AW's spread
+    is measured over ``views`` flips and crops of the image.
+    """
+    kinds = _attention_kinds()
+    modules = dict(model.named_modules())
+    if layer is not None and layer not in modules:
+        raise ValueError(f"model has no module {layer!r}; attention layers: "
+                         f"{[n for n, m in modules.items() if _kind(m, kinds)]}")
+    chosen = {kind: [n for n, m in modules.items() if isinstance(m, types)
+                     and (layer is None or n == layer)] for kind, types in kinds.items()}
+    gates = chosen["gate"]
+    chosen["gate"] = gates[::max(1, -(-len(gates) // max_gates))][:max_gates]
+    if not any(chosen.values()):
+        raise ValueError(f"{type(model).__name__} has no AW, RFA-family or activation-attention "
+                         f"layer{'' if layer is None else f' named {layer!r}'} to visualise")
+    size = size or _input_size(model)
+    pixels, tensor = load_image(image, size)
+    device = next(model.parameters()).device
+    batch = augmented_batch(tensor, views).to(device)
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    wanted = {n for names in (chosen["aw"][:1], chosen["rfa"][:1], chosen["gate"])
+              for n in names}
+    hooks = [modules[n].register_forward_hook(
+        lambda m, args, out, n=n: captured.__setitem__(n, (args[0], out))) for n in wanted]
+    try:
+        model.eval()(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out_dir = Path(out_dir)
+    figures = []
+    for name in chosen["aw"][:1]:
+        figures.append(plot_aw_attention(modules[name], captured[name][0],
+                                         out_dir / "aw_attention.png"))
+    for name in chosen["rfa"][:1]:
+        attention = modules[name].receptive_field_attention(captured[name][0][:1])
+        figures.append(plot_rfa_attention(attention, pixels, out_dir / "rfa_attention.png",
+                                          title=f"{name}: receptive-field attention"))
+    if chosen["gate"]:
+        maps = {n: effective_gate(*captured[n])[0] for n in chosen["gate"]}
+        figures.append(plot_gate_maps(maps, pixels, out_dir / "gate_maps.png"))
+    return figures
+
+
+def _kind(module: nn.Module, kinds: dict[str, tuple[type, ...]]) -> str | None:
+    return next((k for k, types in kinds.items() if isinstance(module, types)), None)
+
+
+def _input_size(model: nn.Module) -> int:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return int(cfg.get("input_size", (3, 224, 224))[-1])

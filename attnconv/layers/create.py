@@ -1,21 +1,41 @@
-"""String factories for attention convs, so models and the CLI say ``conv='aw'`` and never
-import a layer class (as timm's ``create_attn`` does for activation attention)."""
+"""String factories for attention convs and activation attentions, so models and the CLI say
+``conv='rfa'`` or ``attn_layer='se'`` and never import a layer class (as timm's ``create_attn``
+does for activation attention)."""
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+from functools import partial
 
 from torch import nn
 
+from attnconv.layers.attention import CAM, CBAM, ECA, SE, AttnConv2d, CoordAttention
 from attnconv.layers.aw_conv import AWConv2d
+from attnconv.layers.rfa_conv import RFAConv2d, RFCAConv2d, RFCBAMConv2d
 
 ConvFactory = Callable[..., nn.Module]
+AttnFactory = Callable[..., nn.Module]
 
 #: name -> callable taking nn.Conv2d's arguments (in_channels, out_channels, kernel_size, ...).
 CONV_LAYERS: dict[str, ConvFactory] = {
     "conv": nn.Conv2d,
     "aw": AWConv2d,
+    "rfa": RFAConv2d,
+    "rfcbam": RFCBAMConv2d,
+    "rfca": RFCAConv2d,
+    "camconv": partial(AttnConv2d, attn_layer="cam"),
+    "cbamconv": partial(AttnConv2d, attn_layer="cbam"),
+    "caconv": partial(AttnConv2d, attn_layer="ca"),
+}
+
+#: name -> callable taking the channel count (timm's ``attn_layer(channels)`` slot).
+ATTN_LAYERS: dict[str, AttnFactory] = {
+    "se": SE,
+    "cbam": CBAM,
+    "cam": CAM,
+    "ca": CoordAttention,
+    "eca": ECA,
 }
 
 
@@ -35,5 +55,16 @@ def get_conv(name: str) -> ConvFactory:
 def create_conv(name: str, in_channels: int, out_channels: int, kernel_size=3, stride=1,
                 **kwargs) -> nn.Module:
     """Build the conv named ``name`` with nn.Conv2d's arguments, e.g.
-    ``create_conv('aw', 64, 64, 3, padding=1)``."""
+    ``create_conv('rfa', 64, 64, 3, stride=2, padding=1)``."""
     return get_conv(name)(in_channels, out_channels, kernel_size, stride, **kwargs)
+
+
+def get_attn(name: str) -> AttnFactory:
+    """The attention class registered under ``name`` (see :data:`ATTN_LAYERS`); it takes the
+    channel count, so it fits timm's ``attn_layer`` argument."""
+    return _lookup("attention layer", ATTN_LAYERS, name)
+
+
+def create_attn(name: str, channels: int, **kwargs) -> nn.Module:
+    """Build the attention named ``name``, e.g. ``create_attn('se', 256)``."""
+    return get_attn(name)(channels, **kwargs)

@@ -121,9 +121,15 @@ MODEL_ARGS: dict[str, dict[str, Any]] = {
     "resnet34": _R34,
     "resnet50": _R50,
     "resnet101": _R101,
+    # SE baselines of the AW paper: timm's seresnet50/101 already match SE's paper (reduction
+    # 16 with bias, after the last BN before the add), so they keep timm's names.
+    "seresnet50": dict(_R50, attn_layer="se"),
+    "seresnet101": dict(_R101, attn_layer="se"),
     # AW paper: AW in every bottleneck 3x3 conv.
     "resnet50_aw": dict(_R50, conv_layer="aw"),
     "resnet101_aw": dict(_R101, conv_layer="aw"),
+    "resnet50_se_aw": dict(_R50, conv_layer="aw", attn_layer="se"),
+    "resnet101_se_aw": dict(_R101, conv_layer="aw", attn_layer="se"),
     # Not in the AW paper: cheap AW experiments, AW where the RFAConv paper puts its layer.
     "resnet18_aw": dict(_R18, conv_layer="aw"),
     "resnet34_aw": dict(_R34, conv_layer="aw"),
@@ -131,7 +137,8 @@ MODEL_ARGS: dict[str, dict[str, Any]] = {
 
 #: Names this module registers in timm's registry (MODEL_ARGS minus timm's own names).
 ZOO_MODELS: tuple[str, ...] = (
-    "resnet18_aw", "resnet34_aw", "resnet50_aw", "resnet101_aw",
+    "resnet18_aw", "resnet34_aw", "resnet50_aw", "resnet101_aw", "resnet50_se_aw",
+    "resnet101_se_aw",
 )
 
 
@@ -174,3 +181,15 @@ def resnet50_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
 def resnet101_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
     """ResNet-101 with AW in every bottleneck 3x3 conv (AW paper)."""
     return build_resnet("resnet101_aw", pretrained, **kwargs)
+
+
+@register_model
+def resnet50_se_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """SE-ResNet-50 with AW in every bottleneck 3x3 conv (AW paper, "SE + AW")."""
+    return build_resnet("resnet50_se_aw", pretrained, **kwargs)
+
+
+@register_model
+def resnet101_se_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """SE-ResNet-101 with AW in every bottleneck 3x3 conv (AW paper, "SE + AW")."""
+    return build_resnet("resnet101_se_aw", pretrained, **kwargs)

@@ -1,0 +1,113 @@
+"""Sub-commands ``train``, ``eval``, ``compare`` and ``demo`` of the ``attnconv`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from attnconv.training.config import ConfigError, add_config_arguments, config_from_args
+
+_FORMATTER = argparse.RawDescriptionHelpFormatter
+
+
+def _train(args: argparse.Namespace) -> None:
+    from attnconv.training.run import summary_table, train
+
+    result = train(config_from_args(args))
+    print("\n" + summary_table([result]))
+    print(f"\nrun folder: {result.run_dir}  (best checkpoint: {result.best_checkpoint}; "
+          f"curves: {result.plot}; TensorBoard: tensorboard --logdir {result.run_dir})")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from attnconv.training.run import evaluate
+
+    overrides = {"root": args.data_root} if args.data_root else None
+    m = evaluate(args.checkpoint, overrides, accelerator=args.accelerator)
+    print(f"{m['model']}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}  "
+          f"on {m['images']} validation images ({m['img_per_s']:.0f} img/s)")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from attnconv.training.run import compare
+
+    result = compare(args.models, args.seeds, config_from_args(args))
+    print("\n" + result.table + f"\n\nbar chart: {result.plot}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from attnconv.demo import DEMO_MODELS, demo_config, demo_models
+    from attnconv.training.run import compare
+
+    torch.set_num_threads(args.threads)
+    cfg = demo_config(out_dir=args.out_dir, progress_bar=args.progress)
+    models = demo_models()
+    if missing := sorted(set(DEMO_MODELS) - set(models)):
+        print(f"(not in this installation, left out: {', '.join(missing)})")
+    print(f"Training {', '.join(models)} on the embedded digits "
+          f"(scikit-learn, {cfg.data.image_size}x{cfg.data.image_size}), "
+          f"{cfg.trainer.max_epochs} epochs, {args.seeds} seeds each, {args.threads} CPU "
+          "thread(s)...", flush=True)
+    start = time.perf_counter()
+    result = compare(models, args.seeds, cfg)
+    print(f"\n{result.table}\n\nΔ: difference in mean top-1 to {models[0]} with a Welch t "
+          f"95% interval over seeds.\nbar chart: {result.plot}\nper-run curves: "
+          f"{result.plot.parent}/*/curves.png\ntook {time.perf_counter() - start:.0f} s")
+
+
+def add_training_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``train``, ``eval``, ``compare`` and ``demo`` to the ``attnconv`` parser."""
+    train = sub.add_parser(
+        "train", formatter_class=_FORMATTER, help="train a classifier (Lightning)",
+        description="Train a model from the zoo. With no option: resnet18 (CIFAR stem, narrow) "
+        "on the embedded digits.\nExample: attnconv train --config recipes/cifar10.yaml "
+        "--model resnet18_rfa --data.root ~/data\nDistributed: torchrun --nproc-per-node 4 "
+        "-m attnconv.cli train --trainer.devices 4 ...")
+    add_config_arguments(train)
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on its validation set")
+    ev.add_argument("--checkpoint", required=True,
+                    help="a .ckpt written by `attnconv train` (read with weights_only=True)")
+    ev.add_argument("--data-root", default=None,
+                    help="data folder, when it moved since training (default: the stored one)")
+    ev.add_argument("--accelerator", default="auto", help="cpu, gpu or auto (default: auto)")
+    ev.set_defaults(func=_eval)
+
+    cmp = sub.add_parser(
+        "compare", formatter_class=_FORMATTER,
+        help="train several models with several seeds; mean ± std and Δ with a 95%% CI",
+        description="Train each MODEL with --seeds seeds under one recipe; print mean ± std of "
+        "top-1 and the difference to the first model with a Welch t 95% interval, and save a "
+        "bar chart. Runs go to OUT_DIR/NAME/MODEL-sSEED (NAME: compare).")
+    cmp.add_argument("models", nargs="+", metavar="MODEL", help="model names; the first is the "
+                     "reference")
+    cmp.add_argument("--seeds", type=int, default=3, help="seeds per model (default: 3)")
+    add_config_arguments(cmp)
+    cmp.set_defaults(func=_compare)
+
+    demo = sub.add_parser("demo", help="compare resnet18, resnet18_aw and resnet18_rfa on the "
+                          "embedded digits (a few minutes on 2 CPU cores)")
+    demo.add_argument("--seeds", type=int, default=2, help="seeds per model (default: 2)")
+    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads; one is "
+                      "fastest for these small layers (default: 1)")
+    demo.add_argument("--out-dir", default="runs/demo", help="run folder (default: runs/demo)")
+    demo.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
+    demo.set_defaults(func=_demo)
+
+
+def run_command(args: argparse.Namespace) -> None:
+    """Run a parsed command; bad input ends with one clear line and exit status 2."""
+    from attnconv.training.data import DataError
+    from attnconv.training.models import ModelNameError
+    from attnconv.training.module import NonFiniteLossError
+
+    try:
+        args.func(args)
+    except (ConfigError, DataError, ModelNameError, FileNotFoundError) as err:
+        sys.exit(f"attnconv {args.command}: error: {err}")
+    except NonFiniteLossError as err:
+        sys.exit(f"attnconv {args.command}: stopped: {err}")

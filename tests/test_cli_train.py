@@ -1,0 +1,66 @@
+"""The ``attnconv`` command: train, eval and compare end to end, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnconv.cli import main
+
+TINY = ["--model_args", "{cifar_stem: true, channels: [8, 8, 16, 16]}",
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.max_epochs", "1",
+        "--trainer.progress_bar", "false", "--trainer.limit_train_batches", "4",
+        "--trainer.limit_val_batches", "2", "--optim.name", "adamw", "--optim.lr", "0.01"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    main(["train", *TINY, "--out_dir", str(tmp_path), "--name", "r"])
+    out = capsys.readouterr().out
+    assert "| model | top-1 (%) | top-5 (%) | val loss | params (M) | MACs (M) |" in out
+    assert f"run folder: {tmp_path / 'r'}" in out
+    main(["eval", "--checkpoint", str(tmp_path / "r" / "checkpoints" / "best.ckpt")])
+    line = capsys.readouterr().out
+    assert line.startswith("resnet18: top-1 ") and "on 360 validation images" in line
+
+
+def test_compare_two_models_two_seeds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    main(["compare", "resnet18", "resnet18_aw", "--seeds", "2", *TINY,
+          "--out_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| resnet18 |" in out and "| resnet18_aw |" in out and "— |" in out
+    assert sorted(p.name for p in (tmp_path / "compare").iterdir()) == [
+        "compare.md", "compare.png", "resnet18-s0", "resnet18-s1", "resnet18_aw-s0",
+        "resnet18_aw-s1"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--model", "resnet18_wa"], "unknown model 'resnet18_wa'; close names: resnet18_aw"),
+    (["train", "--data.name", "cifar10"], "data.root is required for data.name=cifar10"),
+    (["compare", "resnet18", "resnt50"], "unknown model 'resnt50'; close names: resnet50"),
+    (["eval", "--checkpoint", "nowhere.ckpt"], "checkpoint nowhere.ckpt does not exist"),
+])
+def test_bad_input_exits_with_one_clear_line(argv: list[str], message: str,
+                                             tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, *(["--out_dir", str(tmp_path)] if argv[0] != "eval" else [])])
+    assert message in str(exit_info.value.code)
+    assert not any(tmp_path.iterdir())  # nothing was trained
+
+
+def test_unknown_key_in_recipe_exits_before_training(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("trainer:\n  epochs: 3\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", str(recipe)])
+    assert "unknown config key 'trainer.epochs'" in str(exit_info.value.code)
+    assert "did you mean trainer.max_epochs" in str(exit_info.value.code)

@@ -1,0 +1,202 @@
+"""Training runs on the embedded digits with a tiny ResNet: outputs, exact resume, non-finite
+loss, refusing code-running checkpoints, bad names, evaluation and comparison."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+
+from attnconv.training.checkpoint import atomic_save, safe_load
+from attnconv.training.config import RunConfig, apply
+from attnconv.training.models import ModelNameError
+from attnconv.training.module import NonFiniteLossError
+from attnconv.training.report import read_epoch_metrics, welch_interval
+from attnconv.training.run import comparison_table, evaluate, train
+
+TINY_MODEL_ARGS = {"cifar_stem": True, "channels": [8, 8, 16, 16]}
+
+
+def tiny_config(out_dir: Path, **extra: Any) -> RunConfig:
+    """resnet18 with 8-16 channels on 8x8 digits, 6 batches per epoch: seconds per epoch."""
+    values: dict[str, Any] = {
+        "model": "resnet18", "model_args": TINY_MODEL_ARGS, "out_dir": str(out_dir),
+        "data": {"name": "digits", "batch_size": 64},
+        "optim": {"name": "adamw", "lr": 0.01, "weight_decay": 0.0, "scheduler": "cosine"},
+        "trainer": {"max_epochs": 2, "accelerator": "cpu", "devices": 1, "deterministic": True,
+                    "progress_bar": False, "limit_train_batches": 10, "limit_val_batches": 3},
+    }
+    for key, value in extra.items():
+        values[key] = {**values[key], **value} if isinstance(value, dict) else value
+    return apply(RunConfig(), values)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Small layers run faster on one thread, and much faster when other jobs share the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return safe_load(path)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory):
+    return train(tiny_config(tmp_path_factory.mktemp("runs"), name="full"))
+
+
+def test_run_leaves_checkpoints_logs_and_plot(finished_run) -> None:
+    r = finished_run
+    assert (r.run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert r.best_checkpoint == r.run_dir / "checkpoints" / "best.ckpt"
+    assert r.best_checkpoint.is_file()
+    assert (r.run_dir / "logs" / "metrics.csv").is_file()
+    assert any((r.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert r.plot == r.run_dir / "curves.png" and r.plot.read_bytes()[:4] == b"\x89PNG"
+    assert not list(r.run_dir.rglob("*.tmp"))  # atomic writes left no temporary file
+    # 10 classes: chance is 10%; two short epochs already do better.
+    assert 15 < r.top1 <= 100 and r.top1 <= r.top5 <= 100
+    assert math.isfinite(r.loss) and r.img_per_s > 0
+    assert r.params == sum(p.numel() for p in _weights(r.best_checkpoint).values()
+                           if p.is_floating_point()) - _bn_buffers(r.best_checkpoint)
+    assert r.macs > 0
+    last = safe_load(r.run_dir / "checkpoints" / "last.ckpt")
+    assert last["epoch"] == 1 and last["global_step"] == 20
+    assert last["attnconv"]["config"]["model"] == "resnet18"
+
+
+def _bn_buffers(path: Path) -> int:
+    return sum(t.numel() for k, t in _weights(path).items()
+               if k.endswith(("running_mean", "running_var")))
+
+
+class _StopAfterFirstEpoch(L.Callback):
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        trainer.should_stop = True
+
+
+@pytest.mark.slow
+def test_stopped_and_resumed_run_ends_with_the_same_weights(tmp_path: Path,
+                                                            finished_run) -> None:
+    cfg = tiny_config(tmp_path, name="resumed")
+    train(cfg, callbacks=[_StopAfterFirstEpoch()])
+    assert safe_load(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["epoch"] == 0
+    cfg.resume = "last"
+    result = train(cfg)
+    expected = _weights(finished_run.run_dir / "checkpoints" / "last.ckpt")
+    got = _weights(result.run_dir / "checkpoints" / "last.ckpt")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+    assert result.top1 == pytest.approx(finished_run.top1, abs=1e-6)
+    # Both parts of the run are in the curves: the resumed part logs next to the first.
+    parts = sorted(result.run_dir.glob("logs*/metrics.csv"))
+    assert [p.parent.name for p in parts] == ["logs", "logs-1"]
+    val = read_epoch_metrics(parts)["val_top1"]
+    assert [epoch for epoch, _ in val] == [0, 1]
+    assert val[1][1] == pytest.approx(result.top1 / 100, abs=1e-6)
+
+
+class _PoisonSecondEpoch(L.Callback):
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            with torch.no_grad():
+                module.model.fc.weight.fill_(float("nan"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, name="nan")
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at epoch 1, step 10"):
+        train(cfg, callbacks=[_PoisonSecondEpoch()])
+    last = safe_load(tmp_path / "nan" / "checkpoints" / "last.ckpt")
+    assert last["epoch"] == 0 and last["global_step"] == 10
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values()
+               if t.is_floating_point())
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _RunsCode(marker)}, evil)
+    plain = tmp_path / "evil.pkl"
+    plain.write_bytes(pickle.dumps(_RunsCode(marker)))
+    for path in (evil, plain):
+        with pytest.raises(ValueError, match="refusing to load"):
+            safe_load(path)
+        with pytest.raises(ValueError, match="refusing to load"):
+            evaluate(path)
+    with pytest.raises(ValueError, match="refusing to load"):
+        train(tiny_config(tmp_path, resume=str(evil)))
+    assert not marker.exists()
+
+
+def test_atomic_save_replaces_or_keeps_the_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "w.pt"
+    atomic_save({"w": torch.ones(2)}, path)
+
+    class Unpicklable:
+        def __reduce__(self) -> tuple:
+            raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        atomic_save({"w": torch.zeros(2), "x": Unpicklable()}, path)
+    assert torch.equal(safe_load(path)["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["w.pt"]
+
+
+def test_unknown_model_name_lists_close_names(tmp_path: Path) -> None:
+    with pytest.raises(ModelNameError, match=r"unknown model 'resnet81'.*resnet18"):
+        train(tiny_config(tmp_path, model="resnet81"))
+    assert not (tmp_path / "resnet81-s0").exists()
+
+
+def test_missing_resume_checkpoint_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"resume checkpoint .*last.ckpt does not exist"):
+        train(tiny_config(tmp_path, resume="last"))
+
+
+def test_eval_reproduces_the_best_checkpoints_accuracy(finished_run) -> None:
+    m = evaluate(finished_run.best_checkpoint)
+    best = safe_load(finished_run.best_checkpoint)
+    score = next(v for k, v in best["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert m["model"] == "resnet18" and m["images"] == 360
+    # The checkpoint's score covers limit_val_batches=3 (192 images); eval sees all 360.
+    assert 15 < m["top1"] <= m["top5"] <= 100
+    assert float(score["best_model_score"]) > 0.15
+
+
+def test_welch_interval_matches_scipys_welch_test() -> None:
+    # a = (1, 2, 3), b = (4, 6, 8): diff 4, se = sqrt(1/3 + 4/3), dof = 50/17 = 2.941,
+    # t_0.975(2.941) = 3.2188; scipy.stats.ttest_ind(b, a, equal_var=False)
+    # .confidence_interval() gives (-0.15540, 8.15540).
+    d, low, high = welch_interval([1, 2, 3], [4, 6, 8])
+    assert d == 4
+    assert low == pytest.approx(-0.15540, abs=1e-4) and high == pytest.approx(8.15540, abs=1e-4)
+    assert welch_interval([1.0], [2.0]) == (1.0, -math.inf, math.inf)
+
+
+def test_comparison_table_has_mean_std_and_difference(finished_run) -> None:
+    import dataclasses
+    a = [dataclasses.replace(finished_run, top1=v) for v in (50.0, 52.0, 54.0)]
+    b = [dataclasses.replace(finished_run, model="other", top1=v) for v in (60.0, 64.0, 68.0)]
+    table = comparison_table({"resnet18": a, "other": b})
+    assert "| resnet18 | 52.00 ± 2.00 | — |" in table
+    assert "| other | 64.00 ± 4.00 | +12.00 [+3.69, +20.31] |" in table

@@ -1,0 +1,102 @@
+"""Recipes, config validation and command-line overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from attnconv.cli import build_parser
+from attnconv.demo import DEMO_RECIPE, demo_config
+from attnconv.training.config import ConfigError, RunConfig, apply, config_from_args, load_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def test_every_recipe_loads() -> None:
+    names = sorted(p.name for p in RECIPES.glob("*.yaml"))
+    assert names == ["cifar10.yaml", "cifar100.yaml", "demo.yaml", "imagenet_resnet_aw.yaml",
+                     "imagenet_rfaconv.yaml"]
+    for path in RECIPES.glob("*.yaml"):
+        assert isinstance(load_recipe(path), RunConfig)
+
+
+def test_rfaconv_recipe_matches_the_papers_imagenet_recipe() -> None:
+    # shared/spec/baselines_and_results.md: 100 epochs, SGD lr 0.1, momentum 0.9, wd 1e-4,
+    # lr x0.1 at 30/60/90, RandomResizedCrop 224 + flip.
+    cfg = load_recipe(RECIPES / "imagenet_rfaconv.yaml")
+    assert cfg.trainer.max_epochs == 100
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum) == ("sgd", 0.1, 0.9)
+    assert cfg.optim.weight_decay == 1e-4
+    assert (cfg.optim.scheduler, cfg.optim.milestones, cfg.optim.gamma) == (
+        "multistep", [30, 60, 90], 0.1)
+    assert cfg.optim.warmup_epochs == 0 and cfg.optim.label_smoothing == 0.0
+    assert (cfg.data.name, cfg.data.image_size, cfg.data.augment) == ("imagefolder", 224, True)
+    assert cfg.model_args["cifar_stem"] is False
+    # lr 0.1 belongs to a global batch of 256.
+    assert cfg.data.batch_size * int(cfg.trainer.devices) == 256
+
+
+def test_resnet_aw_recipe_is_the_90_epoch_imagenet_recipe() -> None:
+    cfg = load_recipe(RECIPES / "imagenet_resnet_aw.yaml")
+    assert cfg.model in {"resnet50_aw", "resnet101_aw"}
+    assert cfg.trainer.max_epochs == 90
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.1, 0.9, 1e-4)
+    assert (cfg.optim.milestones, cfg.optim.gamma) == ([30, 60], 0.1)
+    assert cfg.data.batch_size * int(cfg.trainer.devices) == 256
+
+
+@pytest.mark.parametrize(("name", "classes"), [("cifar10", 10), ("cifar100", 100)])
+def test_cifar_recipes(name: str, classes: int) -> None:
+    cfg = load_recipe(RECIPES / f"{name}.yaml")
+    assert cfg.data.name == name and cfg.data.image_size == 32
+    assert cfg.model_args["cifar_stem"] is True
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.trainer.max_epochs) == (0.1, 5e-4, 200)
+
+
+def test_demo_recipe_file_matches_the_demo() -> None:
+    assert load_recipe(RECIPES / "demo.yaml") == apply(RunConfig(), DEMO_RECIPE)
+    assert demo_config().data.image_size == DEMO_RECIPE["data"]["image_size"]
+
+
+def test_unknown_key_in_recipe_is_an_error_with_a_suggestion(tmp_path: Path) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.learning_rate'"):
+        load_recipe(recipe)
+    recipe.write_text("epochs: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'epochs'"):
+        load_recipe(recipe)
+
+
+def test_wrong_type_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs must be a int"):
+        apply(RunConfig(), {"trainer": {"max_epochs": "ten"}})
+
+
+def test_command_line_overrides_recipe_overrides_defaults() -> None:
+    args = build_parser().parse_args(
+        ["train", "--config", str(RECIPES / "cifar10.yaml"), "--model", "resnet18_rfa",
+         "--data.root", "/data/cifar", "--optim.lr", "0.2", "--model_args", "{channels: [8]}"])
+    cfg = config_from_args(args)
+    assert cfg.model == "resnet18_rfa"
+    assert cfg.data.root == "/data/cifar" and cfg.data.name == "cifar10"
+    assert cfg.optim.lr == 0.2 and cfg.optim.weight_decay == 5e-4  # option, then recipe
+    assert cfg.data.val_fraction == 0.2  # default
+    assert cfg.model_args == {"cifar_stem": True, "channels": [8]}
+
+
+def test_unknown_command_line_option_is_refused(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["train", "--optim.learning_rate", "0.1"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --optim.learning_rate" in capsys.readouterr().err
+
+
+def test_every_option_has_help_and_default(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--data.root", "--optim.milestones", "--trainer.precision", "--resume"):
+        assert option in text
+    assert "(default: 32-true)" in text and "(default: [30, 60, 90])" in text
