@@ -45,8 +45,10 @@ def conv_like(conv: nn.Conv2d, name: str, **layer_kwargs) -> nn.Module:
     ``layer_kwargs`` go to the layer (e.g. ``attn_channels=4``, ``bias=True``). A bias the
     original lacks starts at zero, so it adds nothing until trained.
     """
-    kwargs = dict(padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                  bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    kwargs: dict = dict(padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                        bias=conv.bias is not None)
+    if conv.padding_mode != "zeros":  # the RFA family takes no padding_mode: zeros only
+        kwargs["padding_mode"] = conv.padding_mode
     kwargs.update(layer_kwargs)
     layer = create_conv(name, conv.in_channels, conv.out_channels, conv.kernel_size,
                         conv.stride, **kwargs)
@@ -65,7 +67,8 @@ def conv_like(conv: nn.Conv2d, name: str, **layer_kwargs) -> nn.Module:
 
 
 def _attention_conv_types() -> tuple[type, ...]:
-    return tuple(c for c in CONV_LAYERS.values() if isinstance(c, type) and c is not nn.Conv2d)
+    factories = (getattr(f, "func", f) for f in CONV_LAYERS.values())  # unwrap partials
+    return tuple(f for f in factories if isinstance(f, type) and f is not nn.Conv2d)
 
 
 def _selector(where: Where) -> Callable[[str, nn.Conv2d], bool]:

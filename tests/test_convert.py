@@ -8,7 +8,7 @@ import torchvision
 from timm.layers import Conv2dSame
 from torch import nn
 
-from attnconv import AWConv2d, convert_model
+from attnconv import AWConv2d, RFAConv2d, convert_model
 
 
 def _randomise_batchnorm(model: nn.Module) -> None:
@@ -123,3 +123,23 @@ def test_conversion_keeps_dtype() -> None:
     assert report.replaced == ["1", "4"]
     assert net[1].weight.dtype == net[1].pointconv1.weight.dtype == torch.float64
     assert net(torch.randn(1, 3, 8, 8, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_rfa_conversion_keeps_the_kernel_and_skips_what_rfa_cannot_express() -> None:
+    model = torchvision.models.resnet18(num_classes=10)
+    kernel = model.layer3[1].conv2.weight.detach().clone()
+    model, report = convert_model(model, "rfa")
+    assert len(report.replaced) == 16
+    assert isinstance(model.layer3[1].conv2, RFAConv2d)
+    assert torch.equal(model.layer3[1].conv2.weight, kernel)
+    assert model.layer3[1].conv2.bias is None
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=2),
+                        nn.Conv2d(8, 8, 3, padding=1, dilation=2), nn.Conv2d(8, 8, 3),
+                        nn.Conv2d(8, 8, 3, padding=1, bias=True))
+    net, report = convert_model(net, "rfa")
+    assert report.replaced == ["4"]
+    assert "groups must be 1" in report.skipped["1"]
+    assert "dilation must be 1" in report.skipped["2"]
+    assert "padding must be None or kernel_size // 2" in report.skipped["3"]
+    assert net[4].bias is not None

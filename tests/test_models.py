@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 
@@ -11,8 +12,8 @@ import torch
 import torchvision
 
 import attnconv
-from attnconv import AWConv2d, create_model
-from attnconv.models import MODEL_ARGS, ZOO_MODELS
+from attnconv import AWConv2d, RFAConv2d, create_model
+from attnconv.models import MODEL_ARGS, ZOO_MODELS, load_official_rfa_checkpoint
 from attnconv.profiling import count_params
 
 SMALL = dict(cifar_stem=True, channels=(8, 16, 32, 64), num_classes=10)
@@ -28,6 +29,14 @@ def _millions(model: torch.nn.Module) -> float:
     ("resnet50", 25.56),
     # AW, attn_channels R = 4: Pointconv2 adds (R + 1) * C_out * C_in per 3x3 conv.
     ("resnet50_aw", 31.86),
+    # RFAConv README (official code, final conv with bias).
+    ("resnet18_rfa", 11.85),
+    ("resnet18_rfcbam", 11.88),
+    ("resnet18_rfca", 11.89),
+    ("resnet34_rfa", 22.16),
+    ("resnet18_camconv", 11.75),
+    ("resnet18_cbamconv", 11.75),
+    ("resnet18_caconv", 11.74),
 ])
 def test_parameter_counts_at_imagenet_size(name: str, millions: float) -> None:
     assert _millions(create_model(name)) == millions
@@ -53,6 +62,34 @@ def test_torchvision_weights_load_with_only_attention_missing(name: str) -> None
     replaced = model.block_conv_names()
     assert all(isinstance(model.get_submodule(n), AWConv2d) for n in replaced)
     assert torch.equal(model.get_submodule(replaced[-1]).weight, weights[replaced[-1] + ".weight"])
+
+
+@pytest.mark.parametrize("name", ["resnet18_rfa", "resnet18_cbamconv", "resnet50_rfa"])
+def test_torchvision_weights_load_into_rfa_family_with_only_new_parameters_missing(
+        name: str) -> None:
+    weights = getattr(torchvision.models, name.split("_")[0])().state_dict()
+    model = create_model(name)
+    result = model.load_state_dict(weights, strict=False)
+    assert result.unexpected_keys == []
+    # BatchNorm fills in a missing num_batches_tracked without reporting it
+    new = {k for k in set(model.state_dict()) - set(weights)
+           if not k.endswith("num_batches_tracked")}
+    assert set(result.missing_keys) == new
+    replaced = tuple(f"{n}." for n in model.block_conv_names())
+    assert all(key.startswith(replaced) for key in result.missing_keys)
+    # the kernel is the final conv's weight, under the torchvision name
+    assert not any(key.endswith(".conv1.weight") for key in result.missing_keys)
+
+
+def test_se_and_cbam_variants_place_attention_before_the_residual_add() -> None:
+    se = create_model("resnet50_se_aw")
+    timm_se = timm.create_model("seresnet50")
+    result = se.load_state_dict(timm_se.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert all(".pointconv" in key for key in result.missing_keys)
+    assert isinstance(se.layer1[0].se, attnconv.SE)
+    assert isinstance(create_model("resnet50_cbam").layer4[2].se, attnconv.CBAM)
+    assert _millions(create_model("seresnet50")) == _millions(timm_se) == 28.09
 
 
 def test_aw_resnet_equals_plain_resnet_with_the_same_weights() -> None:
@@ -89,7 +126,7 @@ def test_every_3x3_placement_replaces_both_basic_block_convs() -> None:
 
 @pytest.mark.parametrize("name", ZOO_MODELS)
 def test_zoo_names_build_through_timm_with_pretrained_cfg(name: str) -> None:
-    model = timm.create_model(name, **SMALL)
+    model = timm.create_model(name, layers=(1, 1, 1, 1), **SMALL)  # one block a stage: fast
     assert model.pretrained_cfg["input_size"] == (3, 224, 224)
     assert model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
     assert model.pretrained_cfg["num_classes"] == 1000
@@ -173,3 +210,74 @@ def test_torch_compile_matches_eager() -> None:
 def test_unknown_model_name_suggests_close_names() -> None:
     with pytest.raises(ValueError, match="did you mean 'resnet50_aw'"):
         attnconv.create_model("resnet50_wa")
+
+
+def _official_rfa_resnet18_state_dict() -> dict[str, torch.Tensor]:
+    """Keys and shapes of the official ``classification/RFAresnet.py`` RFAresnet18: torchvision
+    names, and in every BasicBlock an ``RFAConv`` as conv1 (``get_weight.1``,
+    ``generate_feature.0/1``, ``conv.0``), filled with random values."""
+    torch.manual_seed(0)
+    state = {k: torch.randn(v.shape) if v.is_floating_point() else v
+             for k, v in torchvision.models.resnet18().state_dict().items()}
+    for stage, (c_in, c_out, blocks) in enumerate(((64, 64, 2), (64, 128, 2), (128, 256, 2),
+                                                  (256, 512, 2)), start=1):
+        for block in range(blocks):
+            c = c_in if block == 0 else c_out
+            p = f"layer{stage}.{block}.conv1"
+            del state[f"{p}.weight"]
+            state.update({
+                f"{p}.get_weight.1.weight": torch.randn(c * 9, 1, 1, 1),
+                f"{p}.generate_feature.0.weight": torch.randn(c * 9, 1, 3, 3),
+                f"{p}.generate_feature.1.weight": torch.rand(c * 9) + 0.5,
+                f"{p}.generate_feature.1.bias": torch.randn(c * 9),
+                f"{p}.generate_feature.1.running_mean": torch.randn(c * 9),
+                f"{p}.generate_feature.1.running_var": torch.rand(c * 9) + 0.5,
+                f"{p}.generate_feature.1.num_batches_tracked": torch.tensor(7),
+                f"{p}.conv.0.weight": torch.randn(c_out, c, 3, 3),
+                f"{p}.conv.0.bias": torch.randn(c_out),
+            })
+    return state
+
+
+def test_official_rfa_checkpoint_round_trips(tmp_path) -> None:
+    official = _official_rfa_resnet18_state_dict()
+    path = tmp_path / "RFAresnet18.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in official.items()}}, path)
+    model = load_official_rfa_checkpoint(create_model("resnet18_rfa"), path)
+    layer = model.layer3[0].conv1
+    assert isinstance(layer, RFAConv2d) and layer.in_channels == 128
+    p = "layer3.0.conv1"
+    assert torch.equal(layer.attn_logit_scale, official[f"{p}.get_weight.1.weight"].view(128, 9))
+    assert torch.equal(layer.feature_conv.weight, official[f"{p}.generate_feature.0.weight"])
+    assert torch.equal(layer.feature_bn.running_var,
+                       official[f"{p}.generate_feature.1.running_var"])
+    assert torch.equal(layer.weight, official[f"{p}.conv.0.weight"])
+    assert torch.equal(layer.bias, official[f"{p}.conv.0.bias"])
+    assert torch.equal(model.layer3[0].conv2.weight, official["layer3.0.conv2.weight"])
+    assert torch.equal(model.fc.weight, official["fc.weight"])
+    with pytest.raises(ValueError, match="unexpected keys"):
+        load_official_rfa_checkpoint(create_model("resnet18_rfa"),
+                                     dict(official, extra=torch.zeros(1)))
+    with pytest.raises(ValueError, match="no official layout"):
+        load_official_rfa_checkpoint(create_model("resnet18_aw"), official)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (_mark_pwned, ())
+
+
+PWNED: list[bool] = []
+
+
+def _mark_pwned() -> dict:
+    PWNED.append(True)
+    return {}
+
+
+def test_official_checkpoint_that_runs_code_is_refused(tmp_path) -> None:
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": _Exploit()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        load_official_rfa_checkpoint(create_model("resnet18_rfa"), path)
+    assert PWNED == []

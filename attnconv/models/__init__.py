@@ -7,7 +7,13 @@ from typing import Any
 
 from torch import nn
 
-from attnconv.models.resnet import MODEL_ARGS, ZOO_MODELS, AttnResNet, build_resnet
+from attnconv.models.resnet import (
+    MODEL_ARGS,
+    ZOO_MODELS,
+    AttnResNet,
+    build_resnet,
+    load_official_rfa_checkpoint,
+)
 
 
 def list_models() -> list[str]:
@@ -29,4 +35,11 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
     return build_resnet(name, pretrained, **kwargs)
 
 
-__all__ = ["MODEL_ARGS", "ZOO_MODELS", "AttnResNet", "create_model", "list_models"]
+__all__ = [
+    "MODEL_ARGS",
+    "ZOO_MODELS",
+    "AttnResNet",
+    "create_model",
+    "list_models",
+    "load_official_rfa_checkpoint",
+]

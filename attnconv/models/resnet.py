@@ -17,14 +17,19 @@ parameters missing.
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import timm.models.resnet as timm_resnet
+import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
 from attnconv.convert import conv_like
+from attnconv.layers import RFAConv2d, get_attn
 
 ConvPlacement = Literal["first_3x3", "every_3x3"]
 PLACEMENTS: tuple[str, ...] = ("first_3x3", "every_3x3")
@@ -64,7 +69,8 @@ class AttnResNet(timm_resnet.ResNet):
             raise ValueError("AttnResNet: cifar_stem replaces the stem; leave stem_type unset")
         block_args = dict(kwargs.pop("block_args", None) or {})
         if attn_layer is not None:
-            block_args["attn_layer"] = attn_layer
+            block_args["attn_layer"] = get_attn(attn_layer) if isinstance(attn_layer, str) \
+                else attn_layer
         super().__init__(block, layers, block_args=block_args, **kwargs)
         self.conv_layer = conv_layer
         self.conv_placement = conv_placement
@@ -87,10 +93,15 @@ class AttnResNet(timm_resnet.ResNet):
 
     def init_weights(self, zero_init_last: bool = True) -> None:
         super().init_weights(zero_init_last=zero_init_last)
-        # Kaiming init also hits AW's Pointconv2, which must start at zero (A = 0).
         for module in self.modules():
+            # Kaiming init also hits AW's Pointconv2, which must start at zero (A = 0).
             if hasattr(module, "reset_attention"):
                 module.reset_attention()
+            # The official RFA ResNets kaiming-initialise the logit scale too (there it is the
+            # grouped 1x1 conv get_weight.1, fan-out C * k2): near-uniform softmax at the start.
+            if isinstance(module, RFAConv2d):
+                nn.init.normal_(module.attn_logit_scale,
+                                std=math.sqrt(2.0 / module.attn_logit_scale.numel()))
 
     def block_conv_names(self) -> list[str]:
         """Module names of the block convs that ``conv_layer`` replaces (or would replace)."""
@@ -104,6 +115,48 @@ class AttnResNet(timm_resnet.ResNet):
                     if self.conv_placement == "every_3x3":
                         names.append(f"{stage}.{index}.conv2")
         return names
+
+
+def load_official_rfa_checkpoint(
+    model: AttnResNet, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor]
+) -> AttnResNet:
+    """Load an ImageNet checkpoint of the official ``classification/RF*resnet.py`` ResNets
+    (torchvision names, the RFA layer as ``layerX.Y.conv1``) into a zoo model such as
+    ``resnet18_rfa``. Each RFA layer maps its official keys through its
+    ``load_official_state_dict``; every other key must match the model exactly.
+
+    Files are read with ``torch.load(weights_only=True)``: a checkpoint holds tensors, and one
+    that tries to run code while unpickling is refused. Wrappers that training scripts add
+    (``{'state_dict': ...}``, DataParallel's ``module.`` prefix) are removed.
+    """
+    if isinstance(checkpoint, Mapping):
+        state = dict(checkpoint)
+    else:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state.get(wrapper), Mapping):
+            state = dict(state[wrapper])
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    owned: list[str] = []
+    for name in model.block_conv_names():
+        layer = model.get_submodule(name)
+        if not hasattr(layer, "load_official_state_dict"):
+            raise ValueError(f"load_official_rfa_checkpoint: {name} is a "
+                             f"{type(layer).__name__}, which has no official layout")
+        prefix = f"{name}."
+        layer_state = {k.removeprefix(prefix): state.pop(k) for k in list(state)
+                       if k.startswith(prefix)}
+        trailing = layer.load_official_state_dict(layer_state)
+        if trailing:
+            raise ValueError(f"load_official_rfa_checkpoint: {name} has a trailing "
+                             f"BatchNorm ({sorted(trailing)}), not the ResNet layout")
+        owned.append(prefix)
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(tuple(owned))]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"load_official_rfa_checkpoint: missing keys {missing}, "
+                         f"unexpected keys {result.unexpected_keys}")
+    return model
 
 
 # --- argument sets ---------------------------------------------------------------------------
@@ -130,16 +183,29 @@ MODEL_ARGS: dict[str, dict[str, Any]] = {
     "resnet101_aw": dict(_R101, conv_layer="aw"),
     "resnet50_se_aw": dict(_R50, conv_layer="aw", attn_layer="se"),
     "resnet101_se_aw": dict(_R101, conv_layer="aw", attn_layer="se"),
+    "resnet50_cbam_aw": dict(_R50, conv_layer="aw", attn_layer="cbam"),
+    "resnet101_cbam_aw": dict(_R101, conv_layer="aw", attn_layer="cbam"),
+    # CBAM baselines of the AW paper (timm registers no CBAM ResNet).
+    "resnet50_cbam": dict(_R50, attn_layer="cbam"),
+    "resnet101_cbam": dict(_R101, attn_layer="cbam"),
+    # RFAConv paper: the layer as the first 3x3 conv of every BasicBlock, and its "attention,
+    # then conv" baseline rows. The official layers' final conv has a bias; so do these (it is
+    # part of the published parameter counts and of the official checkpoints).
+    **{f"resnet{depth}_{conv}": dict(args, conv_layer=conv, conv_args=dict(bias=True))
+       for depth, args in (("18", _R18), ("34", _R34))
+       for conv in ("rfa", "rfcbam", "rfca", "camconv", "cbamconv", "caconv")},
+    # Never trained in the paper (its RFAresnet50 leaves the bottleneck plain): RFA in every
+    # bottleneck 3x3 conv.
+    "resnet50_rfa": dict(_R50, conv_layer="rfa", conv_args=dict(bias=True)),
     # Not in the AW paper: cheap AW experiments, AW where the RFAConv paper puts its layer.
     "resnet18_aw": dict(_R18, conv_layer="aw"),
     "resnet34_aw": dict(_R34, conv_layer="aw"),
 }
 
 #: Names this module registers in timm's registry (MODEL_ARGS minus timm's own names).
-ZOO_MODELS: tuple[str, ...] = (
-    "resnet18_aw", "resnet34_aw", "resnet50_aw", "resnet101_aw", "resnet50_se_aw",
-    "resnet101_se_aw",
-)
+ZOO_MODELS: tuple[str, ...] = tuple(
+    name for name in MODEL_ARGS if name not in ("resnet18", "resnet34", "resnet50", "resnet101",
+                                                "seresnet50", "seresnet101"))
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
@@ -157,18 +223,6 @@ def build_resnet(name: str, pretrained: bool = False, **kwargs: Any) -> AttnResN
     """Build the network ``name`` of :data:`MODEL_ARGS` through timm's builder, so that
     ``features_only=True``, ``out_indices`` and ``pretrained_cfg`` work."""
     return build_model_with_cfg(AttnResNet, name, pretrained, **{**MODEL_ARGS[name], **kwargs})
-
-
-@register_model
-def resnet18_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-18, AW in the first 3x3 conv of every block (not in the AW paper)."""
-    return build_resnet("resnet18_aw", pretrained, **kwargs)
-
-
-@register_model
-def resnet34_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-34, AW in the first 3x3 conv of every block (not in the AW paper)."""
-    return build_resnet("resnet34_aw", pretrained, **kwargs)
 
 
 @register_model
@@ -193,3 +247,117 @@ def resnet50_se_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
 def resnet101_se_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
     """SE-ResNet-101 with AW in every bottleneck 3x3 conv (AW paper, "SE + AW")."""
     return build_resnet("resnet101_se_aw", pretrained, **kwargs)
+
+
+@register_model
+def resnet50_cbam_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """CBAM-ResNet-50 with AW in every bottleneck 3x3 conv (AW paper, "CBAM + AW")."""
+    return build_resnet("resnet50_cbam_aw", pretrained, **kwargs)
+
+
+@register_model
+def resnet101_cbam_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """CBAM-ResNet-101 with AW in every bottleneck 3x3 conv (AW paper)."""
+    return build_resnet("resnet101_cbam_aw", pretrained, **kwargs)
+
+
+@register_model
+def resnet50_cbam(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-50 with CBAM in every block (the AW paper's CBAM baseline)."""
+    return build_resnet("resnet50_cbam", pretrained, **kwargs)
+
+
+@register_model
+def resnet101_cbam(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-101 with CBAM in every block (the AW paper's CBAM baseline)."""
+    return build_resnet("resnet101_cbam", pretrained, **kwargs)
+
+
+@register_model
+def resnet18_rfa(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-18, RFAConv as the first 3x3 conv of every block (RFAConv paper)."""
+    return build_resnet("resnet18_rfa", pretrained, **kwargs)
+
+
+@register_model
+def resnet18_rfcbam(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-18, RFCBAMConv as the first 3x3 conv of every block (RFAConv paper)."""
+    return build_resnet("resnet18_rfcbam", pretrained, **kwargs)
+
+
+@register_model
+def resnet18_rfca(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-18, RFCAConv as the first 3x3 conv of every block (RFAConv paper)."""
+    return build_resnet("resnet18_rfca", pretrained, **kwargs)
+
+
+@register_model
+def resnet34_rfa(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-34, RFAConv as the first 3x3 conv of every block (RFAConv paper)."""
+    return build_resnet("resnet34_rfa", pretrained, **kwargs)
+
+
+@register_model
+def resnet34_rfcbam(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-34, RFCBAMConv as the first 3x3 conv of every block (RFAConv paper)."""
+    return build_resnet("resnet34_rfcbam", pretrained, **kwargs)
+
+
+@register_model
+def resnet34_rfca(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-34, RFCAConv as the first 3x3 conv of every block (RFAConv paper)."""
+    return build_resnet("resnet34_rfca", pretrained, **kwargs)
+
+
+@register_model
+def resnet18_camconv(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-18, CAMConv as the first 3x3 conv of every block (RFAConv paper)."""
+    return build_resnet("resnet18_camconv", pretrained, **kwargs)
+
+
+@register_model
+def resnet18_cbamconv(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-18, CBAMConv as the first 3x3 conv of every block (RFAConv paper)."""
+    return build_resnet("resnet18_cbamconv", pretrained, **kwargs)
+
+
+@register_model
+def resnet18_caconv(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-18, CAConv as the first 3x3 conv of every block (RFAConv paper)."""
+    return build_resnet("resnet18_caconv", pretrained, **kwargs)
+
+
+@register_model
+def resnet34_camconv(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-34, CAMConv as the first 3x3 conv of every block (RFAConv paper)."""
+    return build_resnet("resnet34_camconv", pretrained, **kwargs)
+
+
+@register_model
+def resnet34_cbamconv(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-34, CBAMConv as the first 3x3 conv of every block (RFAConv paper)."""
+    return build_resnet("resnet34_cbamconv", pretrained, **kwargs)
+
+
+@register_model
+def resnet34_caconv(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-34, CAConv as the first 3x3 conv of every block (RFAConv paper)."""
+    return build_resnet("resnet34_caconv", pretrained, **kwargs)
+
+
+@register_model
+def resnet50_rfa(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-50 with RFAConv in every bottleneck 3x3 conv (not trained in the paper)."""
+    return build_resnet("resnet50_rfa", pretrained, **kwargs)
+
+
+@register_model
+def resnet18_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-18, AW in the first 3x3 conv of every block (not in the AW paper)."""
+    return build_resnet("resnet18_aw", pretrained, **kwargs)
+
+
+@register_model
+def resnet34_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+    """ResNet-34, AW in the first 3x3 conv of every block (not in the AW paper)."""
+    return build_resnet("resnet34_aw", pretrained, **kwargs)
