@@ -21,6 +21,28 @@ def _bench(args: argparse.Namespace) -> None:
     print(complexity_table(stats, args.format, memory=memory_label(args.device)))
 
 
+def _export(args: argparse.Namespace) -> None:
+    from attnconv.export import export_onnx
+    from attnconv.training import load_model
+
+    model, size = load_model(args.model, args.checkpoint, num_classes=args.num_classes)
+    report = export_onnx(model, args.output or f"{args.model}.onnx",
+                         input_size=tuple(size or args.input_size), batch_size=args.batch_size,
+                         opset=args.opset, atol=args.atol)
+    print(report)
+
+
+def _viz(args: argparse.Namespace) -> None:
+    from attnconv.training import load_model
+    from attnconv.viz import visualize
+
+    model, size = load_model(args.model, args.checkpoint, num_classes=args.num_classes)
+    figures = visualize(model, args.out, image=args.image, size=args.size or (size or [0])[-1],
+                        layer=args.layer)
+    for figure in figures:
+        print(f"wrote {figure.path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnconv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +65,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     from attnconv.detection.cli import add_detection_parsers
     add_detection_parsers(sub)  # train-det, eval-det
+
+    export = sub.add_parser("export", help="ONNX with a dynamic batch, checked by onnxruntime",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    export.add_argument("model", metavar="MODEL", help="zoo model name")
+    export.add_argument("--output", help="ONNX file (default: MODEL.onnx)")
+    export.add_argument("--checkpoint", help="`attnconv train` checkpoint or state dict")
+    export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    export.add_argument("--input-size", type=int, nargs=3, default=[3, 224, 224],
+                        metavar=("C", "H", "W"), help="input size when the checkpoint has none")
+    export.add_argument("--batch-size", type=int, default=2,
+                        help="example batch; the check runs onnxruntime at batch + 1")
+    export.add_argument("--num-classes", type=int, default=1000, help="classifier width")
+    export.add_argument("--atol", type=float, default=1e-4,
+                        help="largest accepted difference between ONNX and PyTorch")
+    export.set_defaults(func=_export)
+
+    viz = sub.add_parser("viz", help="figures of the attention of a model on one image",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    viz.add_argument("--model", required=True, help="zoo model name")
+    viz.add_argument("--checkpoint", help="`attnconv train` checkpoint or state dict")
+    viz.add_argument("--image", help="image file (default: a portrait shipped with matplotlib)")
+    viz.add_argument("--out", default="viz", help="folder for the PNG figures")
+    viz.add_argument("--layer", help="module name to show (default: the first of each kind)")
+    viz.add_argument("--size", type=int, help="image side (default: the model's input size)")
+    viz.add_argument("--num-classes", type=int, default=1000, help="classifier width")
+    viz.set_defaults(func=_viz)
     return parser
 
 

@@ -101,6 +101,7 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
 
 def run_command(args: argparse.Namespace) -> None:
     """Run a parsed command; bad input ends with one clear line and exit status 2."""
+    from attnconv.export import ExportError
     from attnconv.training.data import DataError
     from attnconv.training.models import ModelNameError
     from attnconv.training.module import NonFiniteLossError
@@ -109,5 +110,7 @@ def run_command(args: argparse.Namespace) -> None:
         args.func(args)
     except (ConfigError, DataError, ModelNameError, FileNotFoundError) as err:
         sys.exit(f"attnconv {args.command}: error: {err}")
+    except ExportError as err:
+        sys.exit(f"attnconv {args.command}: failed: {err}")
     except NonFiniteLossError as err:
         sys.exit(f"attnconv {args.command}: stopped: {err}")

@@ -26,7 +26,8 @@ def check_model_name(name: str) -> None:
         raise ModelNameError(f"unknown model '{name}'{hint} (all: {', '.join(names)})")
 
 
-def build_model(name: str, num_classes: int, in_chans: int, **kwargs: Any) -> nn.Module:
+def build_model(name: str, num_classes: int = 1000, in_chans: int = 3, **kwargs: Any
+                ) -> nn.Module:
     """``name`` from the zoo with a ``num_classes`` head for ``in_chans``-channel images."""
     from attnconv.models import create_model
 

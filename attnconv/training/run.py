@@ -146,6 +146,61 @@ def train(cfg: RunConfig, callbacks: Sequence[L.Callback] = ()) -> RunResult:
                      Path(best) if best else None, plot)
 
 
+@dataclass
+class Trained:
+    """A network restored from an ``attnconv train`` checkpoint, with its run's settings."""
+    model: torch.nn.Module
+    config: RunConfig
+    meta: dict[str, Any]
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return (self.meta["in_chans"], self.meta["image_size"], self.meta["image_size"])
+
+
+def is_trained_checkpoint(state: Any) -> bool:
+    return isinstance(state, dict) and "attnconv" in state and "state_dict" in state
+
+
+def load_trained(checkpoint: str | Path, state: dict[str, Any] | None = None) -> Trained:
+    """Rebuild the network of an ``attnconv train`` checkpoint (read weights-only, unless its
+    already loaded ``state`` is given)."""
+    state = safe_load(checkpoint) if state is None else state
+    if not is_trained_checkpoint(state):
+        raise ValueError(f"{checkpoint} is not a checkpoint written by `attnconv train`")
+    meta = state["attnconv"]
+    cfg = apply(RunConfig(), meta["config"], where=str(checkpoint))
+    model = build_model(cfg.model, meta["num_classes"], meta["in_chans"], **cfg.model_args)
+    # Classifier keeps the network as `model`: its state-dict keys are `model.<name>`.
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()
+                           if k.startswith("model.")})
+    return Trained(model, cfg, meta)
+
+
+def load_model(name: str, checkpoint: str | Path | None = None, **kwargs: Any
+               ) -> tuple[torch.nn.Module, tuple[int, int, int] | None]:
+    """The zoo network ``name`` with the weights of ``checkpoint``, and its input size when the
+    checkpoint says it.
+
+    ``checkpoint`` may be an ``attnconv train`` checkpoint (its run's model and head are
+    rebuilt; ``name`` must match) or a plain state dict (``{'state_dict': ...}`` accepted),
+    loaded strictly into ``create_model(name, **kwargs)``. Files are read weights-only.
+    """
+    if checkpoint is None:
+        return build_model(name, **kwargs), None
+    state = safe_load(checkpoint)
+    if is_trained_checkpoint(state):
+        trained = load_trained(checkpoint, state)
+        if trained.config.model != name:
+            raise ValueError(f"{checkpoint} holds a {trained.config.model!r}, not {name!r}")
+        return trained.model, trained.input_size
+    model = build_model(name, **kwargs)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    model.load_state_dict(state)
+    return model, None
+
+
 def evaluate(checkpoint: str | Path, data_overrides: dict[str, Any] | None = None,
              accelerator: str = "auto") -> dict[str, float]:
     """Top-1, top-5 (in %) and loss of a ``attnconv train`` checkpoint on its validation set.
@@ -153,17 +208,12 @@ def evaluate(checkpoint: str | Path, data_overrides: dict[str, Any] | None = Non
     ``data_overrides`` (e.g. ``{"root": ...}``) change the data section stored in the checkpoint.
     """
     quiet_lightning()
-    state = safe_load(checkpoint)
-    if not isinstance(state, dict) or "attnconv" not in state or "state_dict" not in state:
-        raise ValueError(f"{checkpoint} is not a checkpoint written by `attnconv train`")
-    meta = state["attnconv"]
-    cfg = apply(RunConfig(), meta["config"], where=str(checkpoint))
+    trained = load_trained(checkpoint)
+    meta, cfg = trained.meta, trained.config
     if data_overrides:
         cfg = apply(cfg, {"data": data_overrides}, where="data overrides")
     sets = build_datasets(cfg.data)
-    model = build_model(cfg.model, meta["num_classes"], meta["in_chans"], **cfg.model_args)
-    module = Classifier(model, meta["num_classes"], cfg.optim, cfg.trainer.max_epochs)
-    module.load_state_dict(state["state_dict"])
+    module = Classifier(trained.model, meta["num_classes"], cfg.optim, cfg.trainer.max_epochs)
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False,
                         enable_model_summary=False, enable_progress_bar=False,
                         enable_checkpointing=False)
