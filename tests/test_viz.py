@@ -9,7 +9,7 @@ from PIL import Image
 from timm.layers import SEModule
 from torch import nn
 
-from attnconv import AWConv2d
+from attnconv import AWConv2d, create_conv, create_model
 from attnconv.viz import (
     augmented_batch,
     effective_gate,
@@ -84,3 +84,56 @@ def test_effective_gate_of_se_is_its_channel_gate(tmp_path):
     figure = plot_gate_maps({"layer1.0.se": gate_map[0]}, pixels, tmp_path / "gates.png")
     assert png_size(figure.path) == (300, 300)
     np.testing.assert_allclose(figure.panels["layer1.0.se"], gate_map[0].numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["rfa", "rfcbam", "rfca"])
+def test_receptive_field_attention_is_what_the_layer_applies(name):
+    """out == conv_1x1(g * attention) with g = ReLU(BN(dwconv(x))) (eval mode)."""
+    torch.manual_seed(0)
+    layer = create_conv(name, 4, 5, 3, 2).double()
+    layer(torch.randn(4, 4, 9, 9, dtype=torch.float64))  # BN statistics
+    layer.eval()
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    attention = layer.receptive_field_attention(x)
+    assert attention.shape == (2, 4, 9, 5, 5)
+    with torch.no_grad():
+        g = torch.relu(layer.feature_bn(layer.feature_conv(x))).view(2, 4, 9, 5, 5)
+        expected = torch.nn.functional.conv2d((g * attention).flatten(1, 2),
+                                              layer.weight.reshape(5, -1, 1, 1), layer.bias)
+        torch.testing.assert_close(layer(x), expected)
+    if name == "rfa":
+        torch.testing.assert_close(attention.sum(2), torch.ones(2, 4, 5, 5, dtype=torch.float64))
+
+
+NARROW = dict(num_classes=5, channels=(8, 16, 32, 64))
+
+
+def test_visualize_a_zoo_model_shows_its_layers_attention(tmp_path):
+    from attnconv.viz import visualize
+
+    torch.manual_seed(0)
+    model = create_model("resnet50_se_aw", **NARROW).eval()
+    for name, p in model.named_parameters():
+        if "pointconv2" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    inputs = {}
+    model.layer1[0].conv2.register_forward_hook(lambda m, a, o: inputs.setdefault("aw", a[0]))
+    figures = {f.path.name: f for f in visualize(model, tmp_path, size=32, views=3)}
+    assert set(figures) == {"aw_attention.png", "gate_maps.png"}
+    for figure in figures.values():
+        png_size(figure.path)
+    expected = (1 + model.layer1[0].conv2.attention(inputs["aw"])).flatten(3).mean(0)
+    np.testing.assert_allclose(figures["aw_attention.png"].panels["filter 0: 1+A mean"],
+                               expected[0].detach().numpy(), rtol=1e-5)
+    assert "layer1.0.se" in figures["gate_maps.png"].panels
+
+
+def test_visualize_cli_on_an_rfa_model(tmp_path, capsys):
+    from attnconv.cli import main
+
+    main(["viz", "--model", "resnet18_rfcbam", "--size", "32", "--num-classes", "3",
+          "--layer", "layer2.0.conv1", "--out", str(tmp_path)])
+    assert f"wrote {tmp_path / 'rfa_attention.png'}" in capsys.readouterr().out
+    assert png_size(tmp_path / "rfa_attention.png") == (800, 400)
+    with pytest.raises(ValueError, match="has no module 'layer9'"):
+        main(["viz", "--model", "resnet18_rfcbam", "--layer", "layer9", "--out", str(tmp_path)])

@@ -394,11 +394,22 @@ class RFAConv2d(_ReceptiveFieldConv2d):
         return _keep_memory_format(x, self._forward(x.contiguous(
             memory_format=torch.channels_last)))
 
+    def receptive_field_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """softmax_t(a[c, t] * avgpool(x)[c]): the weights of the k2 receptive-field members of
+        every output position, (N, C, k2, H', W') (for inspection and figures)."""
+        self._check_input(x)
+        return torch.softmax(self._pooled(x) * self._logit_scale(), dim=2)
+
+    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding,
+                            count_include_pad=True).unsqueeze(2)
+
+    def _logit_scale(self) -> torch.Tensor:
+        return self.attn_logit_scale.view(1, self.in_channels, self.taps, 1, 1)
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         z, gamma, beta, stats = self._features(x)
-        pooled = F.avg_pool2d(x, self.kernel_size, self.stride, self.padding,
-                              count_include_pad=True).unsqueeze(2)
-        logit_scale = self.attn_logit_scale.view(1, self.in_channels, self.taps, 1, 1)
+        pooled, logit_scale = self._pooled(x), self._logit_scale()
         weight = self._pointwise_weight()
         if _needs_grad(x, gamma, logit_scale, weight, self.bias, self.feature_conv.weight):
             return _RFAFunction.apply(z, gamma, beta, stats, pooled, logit_scale, weight,
@@ -429,7 +440,19 @@ class _TileAttentionConv2d(_ReceptiveFieldConv2d):
         return _keep_memory_format(x, self._forward(x.contiguous(
             memory_format=torch.channels_last)))
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def receptive_field_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention multiplied onto the receptive-field features g (channel x spatial for
+        RFCBAM, a_h x a_w for RFCA), (N, C, k2, H', W') (for inspection and figures)."""
+        self._check_input(x)
+        with torch.no_grad():
+            z, _, _, stats, scale, shift = self._tap_features(x)
+            g = _bn_relu(z, scale, shift) if stats is not None else z.relu()
+        f1, f2 = self.attention(x, g)
+        return (f1 * f2).expand_as(g).reshape(x.shape[0], self.in_channels, self.taps,
+                                              *z.shape[-2:])
+
+    def _tap_features(self, x: torch.Tensor):
+        """:meth:`_features` in the layer's tap view, plus the BN as (scale, shift)."""
         z, gamma, beta, stats = self._features(x)
         z = self._tap_view(z)
         if stats is not None:
@@ -437,6 +460,10 @@ class _TileAttentionConv2d(_ReceptiveFieldConv2d):
             stats = tuple(self._tap_view(t) for t in stats)
         with torch.no_grad():
             scale, shift = _affine(gamma, beta, stats)
+        return z, gamma, beta, stats, scale, shift
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        z, gamma, beta, stats, scale, shift = self._tap_features(x)
         weight = self._pointwise_weight()
         if _needs_grad(x, z, weight, self.bias, *self.parameters()):
             g = _BNReLUFunction.apply(z, gamma, beta, stats)
