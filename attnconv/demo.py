@@ -52,14 +52,6 @@ DEMO_RECIPE = {
 }
 
 
-def demo_models() -> list[str]:
-    """The demo's models that this installation has (the RFA layers may come later)."""
-    from attnconv.training.models import model_names
-
-    names = model_names()
-    return [m for m in DEMO_MODELS if m in names]
-
-
 def demo_config(out_dir: str = "runs/demo", progress_bar: bool = False):  # -> RunConfig
     """The RunConfig of ``attnconv demo``."""
     from attnconv.training.config import RunConfig, apply

@@ -158,3 +158,18 @@ def test_train_det_cli_raises_ap_on_synthetic_shapes(tmp_path, one_thread, capsy
     again = json.loads((tmp_path / "eval" / "coco_metrics.json").read_text())
     assert again.pop("model") == metrics.pop("model") == "resnet18"
     assert again == pytest.approx(metrics, abs=1e-6)
+
+
+def test_aw_coco_recipe_is_the_papers_1x_schedule():
+    from pathlib import Path
+
+    from attnconv.detection.run import load_det_recipe
+
+    recipe = Path(__file__).parents[1] / "recipes/detection/fasterrcnn_r101_aw_coco_1x.yaml"
+    config = load_det_recipe(recipe)
+    assert config.model == "resnet101_aw"
+    assert config.trainer.max_epochs == 12 and list(config.optim.milestones) == [8, 11]
+    assert config.optim.lr == 0.02 and config.optim.momentum == 0.9
+    assert config.optim.weight_decay == 1e-4
+    assert config.data.batch_size * int(config.trainer.devices) == 16
+    assert config.model_args["min_size"] == 800 and config.model_args["max_size"] == 1333

@@ -40,7 +40,8 @@ def add_detection_parsers(sub: argparse._SubParsersAction) -> None:
         "train-det", help="train Faster R-CNN with an attention ResNet-FPN backbone",
         description="Train Faster R-CNN on COCO-format data (default: a generated synthetic "
                     "shapes dataset in the run folder, CPU) and evaluate it with pycocotools.")
-    train.add_argument("--recipe", help="YAML recipe, e.g. recipes/fasterrcnn_r101_aw_coco_1x.yaml")
+    train.add_argument("--recipe", help="YAML recipe, e.g. "
+                       "recipes/detection/fasterrcnn_r101_aw_coco_1x.yaml")
     train.add_argument("--model", help="backbone name (attnconv.create_model), e.g. resnet50_aw")
     train.add_argument("--out-dir", dest="out_dir", help="folder of run folders (default runs)")
     train.add_argument("--name", help="run folder name")

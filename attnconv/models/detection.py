@@ -3,7 +3,7 @@ RFA family), built from torchvision's detection parts.
 
 * AW-convolution: Zhu, Hofstee, Lee, Al-Ars, ICANN 2021, arXiv:2108.08205 -- the paper's COCO
   experiment is Faster R-CNN ResNet-101-FPN, 1x schedule
-  (``recipes/fasterrcnn_r101_aw_coco_1x.yaml``).
+  (``recipes/detection/fasterrcnn_r101_aw_coco_1x.yaml``).
 * RFAConv: Zhang et al., arXiv:2304.03198.
 
 :func:`resnet_fpn_backbone` is torchvision's function of the same name for networks of

@@ -39,14 +39,12 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from attnconv.demo import DEMO_MODELS, demo_config, demo_models
+    from attnconv.demo import DEMO_MODELS, demo_config
     from attnconv.training.run import compare
 
     torch.set_num_threads(args.threads)
     cfg = demo_config(out_dir=args.out_dir, progress_bar=args.progress)
-    models = demo_models()
-    if missing := sorted(set(DEMO_MODELS) - set(models)):
-        print(f"(not in this installation, left out: {', '.join(missing)})")
+    models = list(DEMO_MODELS)
     print(f"Training {', '.join(models)} on the embedded digits "
           f"(scikit-learn, {cfg.data.image_size}x{cfg.data.image_size}), "
           f"{cfg.trainer.max_epochs} epochs, {args.seeds} seeds each, {args.threads} CPU "
