@@ -147,10 +147,13 @@ def plot_rfa_attention(attention: torch.Tensor, image: np.ndarray, path: str | P
 
 def effective_gate(inputs: torch.Tensor, outputs: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Spatial map of an activation-attention module's gate: mean over channels of
-    output / input where the input is not ~0, per sample -> (N, H, W)."""
+    output / input where the input is not ~0, per sample -> (N, H, W). Positions whose input
+    is ~0 in every channel (e.g. after a zero-initialised BN) have no gate to show: NaN, which
+    the figures leave blank."""
     valid = inputs.abs() > eps
     ratio = torch.where(valid, outputs / torch.where(valid, inputs, 1.0), 0.0)
-    return ratio.sum(1) / valid.sum(1).clamp(min=1)
+    count = valid.sum(1)
+    return torch.where(count > 0, ratio.sum(1) / count.clamp(min=1), float("nan"))
 
 
 @torch.no_grad()

@@ -137,3 +137,11 @@ def test_visualize_cli_on_an_rfa_model(tmp_path, capsys):
     assert png_size(tmp_path / "rfa_attention.png") == (800, 400)
     with pytest.raises(ValueError, match="has no module 'layer9'"):
         main(["viz", "--model", "resnet18_rfcbam", "--layer", "layer9", "--out", str(tmp_path)])
+
+
+def test_effective_gate_is_blank_where_the_input_is_zero():
+    x = torch.randn(1, 3, 2, 2)
+    x[..., 0, 0] = 0
+    gate = effective_gate(x, 2 * x)
+    assert torch.isnan(gate[0, 0, 0])
+    torch.testing.assert_close(gate[0, 1:, :], torch.full((1, 2), 2.0))
