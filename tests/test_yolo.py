@@ -19,7 +19,7 @@ pytest.importorskip("ultralytics", reason="the attnconv[yolo] extra is not insta
                     "(pip install 'attnconv[yolo]'; `make test` installs it via the dev extra)")
 
 from ultralytics import YOLO
-from ultralytics.utils import SETTINGS
+from ultralytics.utils import SETTINGS, YAML
 
 from attnconv.detection import make_shapes_dataset
 from attnconv.integrations.ultralytics import (
@@ -63,11 +63,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_shipped_variants():
+def test_variants_are_written_from_ultralytics_own_yaml(tmp_path):
     assert variants() == sorted(VARIANTS)
     assert set(VARIANTS.values()) == set(BLOCKS)
-    with pytest.raises(ValueError, match="unknown YOLO variant"):
-        variant_yaml("yolov8n-nope")
+    path = variant_yaml("yolov8s-rfca", tmp_path)
+    assert path == tmp_path / "yolov8s-rfca.yaml"
+    rows = YAML.load(path)["backbone"] + YAML.load(path)["head"]
+    assert [i for i, row in enumerate(rows) if row[2] == "RFCAConv"] == list(REPLACED)
+    for bad in ("yolov8n-nope", "yolov9n-rfa", "yolov8q-rfa"):
+        with pytest.raises(ValueError, match="unknown YOLO variant"):
+            variant_yaml(bad)
 
 
 def test_variants_build_with_papers_placement_and_counts(no_network, one_thread):

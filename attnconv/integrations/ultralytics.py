@@ -7,8 +7,8 @@ After :func:`register`, a model YAML may say ``RFAConv``, ``RFCBAMConv``, ``RFCA
 
 Each is ultralytics' Conv block (conv -> BN -> SiLU) whose conv is the attention conv
 (RFAConv: Zhang et al., arXiv:2304.03198 -- the paper's YOLO layers are such blocks; AW:
-Zhu et al., ICANN 2021, arXiv:2108.08205). ``attnconv/integrations/yolo/`` ships YOLOv8 YAMLs
-with every stride-2 3x3 conv after the stem replaced, as the RFAConv paper placed them.
+Zhu et al., ICANN 2021, arXiv:2108.08205). :func:`variant_yaml` writes YOLOv8 YAMLs with every
+stride-2 3x3 conv after the stem replaced, as the RFAConv paper placed them.
 
 How the channel bookkeeping works: ``ultralytics.nn.tasks.parse_model`` decides each layer's
 input and output channels from a set of module classes local to the function, so it cannot be
@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
+import tempfile
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -137,18 +138,41 @@ def register() -> None:
 
 # --- shipped YAMLs and a tiny dataset ----------------------------------------------------------
 
-def variants() -> list[str]:
-    """Names of the shipped YOLO YAMLs (``'yolov8n-rfa'``...)."""
-    folder = resources.files("attnconv.integrations") / "yolo"
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir()
-                  if p.name.endswith(".yaml"))
+#: variant suffix -> the block that replaces every stride-2 3x3 Conv after the stem.
+VARIANT_BLOCKS = {"rfa": "RFAConv", "rfcbam": "RFCBAMConv", "rfca": "RFCAConv", "aw": "AWConv"}
 
 
-def variant_yaml(name: str) -> Path:
-    """Path of a shipped YAML, e.g. ``YOLO(variant_yaml('yolov8n-rfa'))`` after register()."""
-    path = Path(str(resources.files("attnconv.integrations") / "yolo" / f"{name}.yaml"))
-    if not path.is_file():
-        raise ValueError(f"unknown YOLO variant {name!r}: expected one of {variants()}")
+def variants(scale: str = "n") -> list[str]:
+    """Names :func:`variant_yaml` accepts at one YOLOv8 scale (``'yolov8n-rfa'``...)."""
+    return sorted(f"yolov8{scale}-{suffix}" for suffix in VARIANT_BLOCKS)
+
+
+def variant_yaml(name: str, directory: str | Path | None = None) -> Path:
+    """Write the YOLOv8 variant ``name`` (``'yolov8{n,s,m,l,x}-{rfa,rfcbam,rfca,aw}'``) and
+    return its path, e.g. ``YOLO(variant_yaml('yolov8n-rfa'))`` after :func:`register`.
+
+    The YAML is derived at run time from the installed ultralytics' own ``yolov8.yaml``
+    (ultralytics is AGPL-3.0; this package ships no copy of it): every stride-2 3x3 ``Conv``
+    after the stem becomes the attention block, where the RFAConv paper placed its layers. The
+    file is written to ``directory`` (default: a new temporary folder); its name carries the
+    scale, which ultralytics reads from it.
+    """
+    match = re.fullmatch(r"yolov8([nsmlx])-(\w+)", name)
+    if match is None or match[2] not in VARIANT_BLOCKS:
+        raise ValueError(f"unknown YOLO variant {name!r}: expected one of {variants()} "
+                         "(or another scale: s, m, l, x)")
+    import ultralytics
+    from ultralytics.utils import YAML
+
+    base = YAML.load(Path(ultralytics.__file__).parent / "cfg/models/v8/yolov8.yaml")
+    for index, row in enumerate(base["backbone"] + base["head"]):
+        if index > 0 and row[2] == "Conv" and list(row[3][1:3]) == [3, 2]:
+            row[2] = VARIANT_BLOCKS[match[2]]
+    folder = Path(directory) if directory is not None else Path(
+        tempfile.mkdtemp(prefix="attnconv-yolo-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(json.dumps(base, indent=1))  # JSON is YAML
     return path
 
 
