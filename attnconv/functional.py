@@ -19,10 +19,11 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-#: Bytes of per-sample kernels one chunk may hold on CPU: they should stay in the last-level
-#: cache between being built and being convolved. Measured on a 2-core EPYC (32 MiB L3):
-#: see benchmarks/RESULTS.md.
-CPU_CHUNK_BYTES = 1 << 21
+#: Bytes of per-sample kernels one chunk may hold on CPU: they should stay in cache between
+#: being built and being convolved. On a 2-core EPYC (32 MiB L3), at (32, 256, 14, 14) chunks of
+#: 1, 2 and 4 samples (2.4 to 9.4 MB) ran alike and 8+ slower; at (32, 64, 56, 56) every chunk
+#: size ran alike, so small kernels get few, large chunks (fewer calls, less sensitive to load).
+CPU_CHUNK_BYTES = 1 << 22
 
 
 def default_chunk_size(batch: int, weight: torch.Tensor) -> int:
@@ -117,7 +118,9 @@ class _AWConv2dFunction(torch.autograd.Function):
         weight_qt = weight.reshape(-1, hidden_t.shape[2])
         need_attn = need_hidden or need_v or need_b
         need_kernel_grad = need_k or need_attn
-        grad_x = torch.empty_like(x) if need_x else None
+        grad_x = torch.empty_like(x) if need_x and chunk_size < n else None
+        need_bias = need_bias and ctx.has_bias
+        grad_bias = grad_out.new_zeros(c_out) if need_bias else None
         grad_hidden = torch.empty_like(hidden_t) if need_hidden else None
         # With G_n = dL/dW_n: grad_K = sum_n G_n + sum_n G_n * A_n and grad_b = sum_t K sum_n G_n,
         # so only two (Q, T) sums run over the batch.
@@ -131,12 +134,17 @@ class _AWConv2dFunction(torch.autograd.Function):
             hc = hidden_t[start:start + c]
             attn, kernels = _chunk_kernels(hc, weight_qt, attn_weight, attn_bias)
             go = grad_out[start:start + c]
-            gx, gw, _ = torch.ops.aten.convolution_backward(
+            gx, gw, gbias = torch.ops.aten.convolution_backward(
                 go.reshape(1, -1, *go.shape[2:]), xc.reshape(1, -1, *xc.shape[2:]),
-                kernels.view(c * c_out, *weight.shape[1:]), None, stride, padding, dilation,
-                False, (0, 0), c * groups, (need_x, need_kernel_grad, False))
+                kernels.view(c * c_out, *weight.shape[1:]), [c * c_out], stride, padding,
+                dilation, False, (0, 0), c * groups, (need_x, need_kernel_grad, need_bias))
             if need_x:
-                grad_x[start:start + c] = gx.view(c, *x.shape[1:])
+                if c == n:  # a single chunk: no copy of the (large) input gradient
+                    grad_x = gx.view(x.shape)
+                else:
+                    grad_x[start:start + c] = gx.view(c, *x.shape[1:])
+            if need_bias:
+                grad_bias += gbias.view(c, c_out).sum(0)
             if not need_kernel_grad:
                 continue
             gw = gw.view(c, *weight_qt.shape)
@@ -156,7 +164,6 @@ class _AWConv2dFunction(torch.autograd.Function):
                         grad_v_t.addmm_(hc[j], grad_attn[j].t())
         grad_k = grad_sum + grad_attn_part if need_k else None
         grad_b = (grad_sum * weight_qt).sum(1) if need_b else None
-        grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias and need_bias else None
         return (grad_x,
                 None if grad_hidden is None else grad_hidden.view(ctx.hidden_shape),
                 None if grad_k is None else grad_k.view_as(weight),
