@@ -252,7 +252,10 @@ def test_chunk_size_does_not_change_results(geometry):
 
 def test_functional_default_chunk_size_fits_the_cache_on_cpu():
     small, large = torch.empty(8, 8, 3, 3), torch.empty(256, 256, 3, 3, dtype=torch.float32)
+    medium = torch.empty(64, 64, 3, 3, dtype=torch.float32)  # 147 kB per sample
     assert default_chunk_size(32, small) == 32
+    assert default_chunk_size(32, medium) == 32
+    assert default_chunk_size(256, medium) == 14
     assert default_chunk_size(32, large) == 1
     assert default_chunk_size(0, large) == 1
 
