@@ -19,7 +19,7 @@ def compare_aw_with_conv(batch: int, channels: int, size: int, kernel_size: int 
                          other_impls: tuple[str, ...] = ()) -> list[tuple]:
     """Rows of :data:`HEADERS` for nn.Conv2d and the AWConv2d made from it (``from_conv``).
 
-    The AWConv2d row uses the default path; ``other_impls`` adds a row per named ``impl``.
+    The AWConv2d row uses the default path; ``other_impls`` adds a row per other named ``impl``.
 
     The AW layer's attention is then given random weights, so the timing covers real work;
     the difference column is measured before that, where it must be zero.
@@ -27,9 +27,11 @@ def compare_aw_with_conv(batch: int, channels: int, size: int, kernel_size: int 
     torch.manual_seed(seed)
     conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, device=device)
     aw = AWConv2d.from_conv(conv)
-    layers: dict[str, nn.Module] = {"nn.Conv2d": conv, f"AWConv2d ({aw.impl})": aw}
-    layers |= {f"AWConv2d ({impl})": AWConv2d.from_conv(conv, impl=impl) for impl in other_impls}
     x = torch.randn(batch, channels, size, size, device=device)
+    default = aw.resolved_impl(x)
+    layers: dict[str, nn.Module] = {"nn.Conv2d": conv, f"AWConv2d ({aw.impl}: {default})": aw}
+    layers |= {f"AWConv2d ({impl})": AWConv2d.from_conv(conv, impl=impl)
+               for impl in other_impls if impl != default}
     with torch.no_grad():
         diffs = {k: (m(x) - conv(x)).abs().max().item() for k, m in layers.items()}
         nn.init.normal_(aw.pointconv2.weight, std=0.02)

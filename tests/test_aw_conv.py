@@ -14,6 +14,7 @@ from torch import nn
 
 from attnconv import AWConv2d, create_conv
 from attnconv.functional import default_chunk_size
+from attnconv.layers import aw_conv as aw_conv_module
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -195,7 +196,7 @@ def test_gradcheck_input_and_every_parameter(impl, geometry):
 
 @pytest.mark.parametrize("chunk_size", [1, 2])
 def test_gradcheck_chunked_across_chunks(chunk_size):
-    layer = randomise_attention(AWConv2d(4, 4, 3, 2, 1, 1, 2, attn_channels=2,
+    layer = randomise_attention(AWConv2d(4, 4, 3, 2, 1, 1, 2, attn_channels=2, impl="chunked",
                                          chunk_size=chunk_size))
     x = torch.randn(3, 4, 6, 5, requires_grad=True)
     names = [name for name, _ in layer.named_parameters()]
@@ -258,6 +259,18 @@ def test_functional_default_chunk_size_fits_the_cache_on_cpu():
     assert default_chunk_size(256, medium) == 14
     assert default_chunk_size(32, large) == 1
     assert default_chunk_size(0, large) == 1
+
+
+def test_auto_impl_chunks_only_kernels_that_outgrow_the_cache(monkeypatch):
+    calls = []
+    monkeypatch.setattr(aw_conv_module, "aw_conv2d",
+                        lambda *args: calls.append(args) or torch.zeros(()))
+    layer = AWConv2d(256, 256, 3, padding=1, dtype=torch.float32)
+    assert layer.impl == "auto"
+    layer(torch.randn(3, 256, 4, 4, dtype=torch.float32))  # 7 MB of kernels: one grouped conv
+    assert not calls
+    layer(torch.randn(4, 256, 4, 4, dtype=torch.float32))  # 9.4 MB: chunked
+    assert len(calls) == 1
 
 
 def test_chunked_path_rejects_double_backward_clearly():
@@ -340,7 +353,8 @@ def test_torch_compile_matches_eager():
 
 
 def test_torch_compile_backward_of_the_chunked_path_matches_eager():
-    layer = randomise_attention(AWConv2d(4, 6, 3, padding=1, chunk_size=2)).float()
+    layer = randomise_attention(AWConv2d(4, 6, 3, padding=1, impl="chunked",
+                                         chunk_size=2)).float()
     x = torch.randn(3, 4, 8, 8, dtype=torch.float32)
     grad_out = torch.randn(3, 6, 8, 8, dtype=torch.float32)
     expected = gradients(layer, x, grad_out)
