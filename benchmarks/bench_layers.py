@@ -37,10 +37,10 @@ AW_SHAPES = [(1, 64, 56), (32, 64, 56), (32, 256, 14)]
 
 def bench_aw(args: argparse.Namespace) -> None:
     print("## AWConv2d vs nn.Conv2d (k=3, stride 1, padding 1; AWConv2d.from_conv, "
-          "random attention)\n")
+          "random attention; the default path, then the other of chunked/grouped)\n")
     for batch, channels, size in AW_SHAPES:
         rows = compare_aw_with_conv(batch, channels, size, repeats=args.repeats,
-                                    device=args.device)
+                                    device=args.device, other_impls=("chunked", "grouped"))
         print(f"input ({batch}, {channels}, {size}, {size})\n")
         print(markdown_table(HEADERS, rows) + "\n")
 

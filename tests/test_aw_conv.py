@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from attnconv import AWConv2d, create_conv
+from attnconv.functional import default_chunk_size
+from attnconv.layers import aw_conv as aw_conv_module
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -80,6 +82,8 @@ def randomise_attention(layer: AWConv2d, seed: int = 0) -> AWConv2d:
     return layer
 
 
+IMPLS = ["chunked", "grouped", "unfold"]
+
 GEOMETRIES = [
     # (in, out, kernel, stride, padding, dilation, groups, bias)
     (4, 6, 3, 1, 1, 1, 1, True),
@@ -107,7 +111,7 @@ def plain_conv(layer: AWConv2d, x: torch.Tensor) -> torch.Tensor:
 # --- 1. equal to nn.Conv2d at initialisation and after from_conv ----------------------------
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-@pytest.mark.parametrize("impl", ["grouped", "unfold"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_fresh_layer_is_the_plain_conv(geometry, impl):
     layer = make(geometry, impl=impl)
     x = torch.randn(3, geometry[0], 9, 11)
@@ -145,7 +149,7 @@ def test_from_conv_keeps_mode_dtype_and_options():
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
-@pytest.mark.parametrize("impl", ["grouped", "unfold"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_matches_reference_with_random_attention(geometry, padding_mode, impl):
     layer = randomise_attention(make(geometry, padding_mode=padding_mode, impl=impl))
     x = torch.randn(3, geometry[0], 9, 11)
@@ -158,7 +162,7 @@ def test_matches_reference_with_random_attention(geometry, padding_mode, impl):
 
 # --- 3. samples are independent ---------------------------------------------------------------
 
-@pytest.mark.parametrize("impl", ["grouped", "unfold"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_samples_are_independent(impl):
     layer = randomise_attention(AWConv2d(4, 6, 3, padding=1, groups=2, impl=impl))
     x = torch.randn(4, 4, 8, 8)
@@ -174,7 +178,7 @@ def test_samples_are_independent(impl):
 
 # --- 4. gradients ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("impl", ["grouped", "unfold"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("geometry", [(4, 4, 3, 2, 1, 1, 2, True), (3, 2, 3, 1, 2, 2, 1, True)])
 def test_gradcheck_input_and_every_parameter(impl, geometry):
     layer = randomise_attention(make(geometry, attn_channels=2, impl=impl))
@@ -190,6 +194,95 @@ def test_gradcheck_input_and_every_parameter(impl, geometry):
     assert torch.autograd.gradcheck(fn, (x, *params))
 
 
+@pytest.mark.parametrize("chunk_size", [1, 2])
+def test_gradcheck_chunked_across_chunks(chunk_size):
+    layer = randomise_attention(AWConv2d(4, 4, 3, 2, 1, 1, 2, attn_channels=2, impl="chunked",
+                                         chunk_size=chunk_size))
+    x = torch.randn(3, 4, 6, 5, requires_grad=True)
+    names = [name for name, _ in layer.named_parameters()]
+
+    def fn(x, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps, strict=True)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *layer.parameters()))
+
+
+def gradients(layer: AWConv2d, x: torch.Tensor, grad_out: torch.Tensor,
+              run: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Gradients of the input and every parameter of ``layer``, run as ``run`` if given."""
+    x = x.detach().requires_grad_(True)
+    params = dict(layer.named_parameters())
+    grads = torch.autograd.grad((layer if run is None else run)(x), [x, *params.values()], grad_out)
+    return dict(zip(["input", *params], grads, strict=True))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular"])
+def test_chunked_gradients_match_plain_autograd(geometry, padding_mode):
+    layer = randomise_attention(make(geometry, padding_mode=padding_mode, impl="grouped"))
+    x = torch.randn(5, geometry[0], 9, 11)
+    grad_out = torch.randn_like(layer(x))
+    expected = gradients(layer, x, grad_out)
+    assert len(expected) == 1 + len(list(layer.parameters()))
+    for chunk_size in (1, 2, None):
+        layer.impl, layer.chunk_size = "chunked", chunk_size
+        actual = gradients(layer, x, grad_out)
+        for name, grad in expected.items():
+            assert grad.abs().max() > 0, name
+            torch.testing.assert_close(actual[name], grad, rtol=1e-10, atol=1e-12,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES[:6])
+def test_chunk_size_does_not_change_results(geometry):
+    layer = randomise_attention(make(geometry, impl="chunked"))
+    x = torch.randn(7, geometry[0], 10, 9)
+    grad_out = None
+    results = {}
+    for chunk_size in (1, 3, 7):  # 3 leaves a short last chunk; 7 is the whole batch
+        layer.chunk_size = chunk_size
+        out = layer(x)
+        grad_out = torch.randn_like(out) if grad_out is None else grad_out
+        results[chunk_size] = (out, gradients(layer, x, grad_out))
+    for chunk_size in (3, 7):
+        torch.testing.assert_close(results[chunk_size][0], results[1][0], rtol=1e-12, atol=1e-12)
+        for name, grad in results[1][1].items():
+            torch.testing.assert_close(results[chunk_size][1][name], grad, rtol=1e-11,
+                                       atol=1e-12)
+
+
+def test_functional_default_chunk_size_fits_the_cache_on_cpu():
+    small, large = torch.empty(8, 8, 3, 3), torch.empty(256, 256, 3, 3, dtype=torch.float32)
+    medium = torch.empty(64, 64, 3, 3, dtype=torch.float32)  # 147 kB per sample
+    assert default_chunk_size(32, small) == 32
+    assert default_chunk_size(32, medium) == 32
+    assert default_chunk_size(256, medium) == 14
+    assert default_chunk_size(32, large) == 1
+    assert default_chunk_size(0, large) == 1
+
+
+def test_auto_impl_chunks_only_kernels_that_outgrow_the_cache(monkeypatch):
+    calls = []
+    monkeypatch.setattr(aw_conv_module, "aw_conv2d",
+                        lambda *args: calls.append(args) or torch.zeros(()))
+    layer = AWConv2d(256, 256, 3, padding=1, dtype=torch.float32)
+    assert layer.impl == "auto"
+    layer(torch.randn(3, 256, 4, 4, dtype=torch.float32))  # 7 MB of kernels: one grouped conv
+    assert not calls
+    layer(torch.randn(4, 256, 4, 4, dtype=torch.float32))  # 9.4 MB: chunked
+    assert len(calls) == 1
+
+
+def test_chunked_path_rejects_double_backward_clearly():
+    layer = randomise_attention(AWConv2d(4, 4, 3, padding=1, impl="chunked"))
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_x.sum().backward()
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        AWConv2d(4, 4, 3, chunk_size=0)
+
+
 def test_attention_parameters_get_gradients_from_a_fresh_layer():
     layer = AWConv2d(4, 4, 3, padding=1)
     layer(torch.randn(2, 4, 6, 6)).square().sum().backward()
@@ -201,14 +294,16 @@ def test_attention_parameters_get_gradients_from_a_fresh_layer():
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_grouped_and_unfold_paths_agree(geometry):
-    layer = randomise_attention(make(geometry))
+    layer = randomise_attention(make(geometry, impl="grouped"))
     x = torch.randn(5, geometry[0], 13, 7)
     grouped = layer(x)
     layer.impl = "unfold"
     torch.testing.assert_close(layer(x), grouped, rtol=1e-10, atol=1e-12)
+    layer.impl = "chunked"
+    torch.testing.assert_close(layer(x), grouped, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("impl", ["grouped", "unfold"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_channels_last_non_contiguous_and_odd_sizes(impl):
     layer = randomise_attention(AWConv2d(4, 6, 3, 2, 1, impl=impl))
     x = torch.randn(3, 4, 13, 9)
@@ -222,7 +317,7 @@ def test_channels_last_non_contiguous_and_odd_sizes(impl):
     torch.testing.assert_close(layer(x), expected)
 
 
-@pytest.mark.parametrize("impl", ["grouped", "unfold"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_batch_of_one_and_empty_batch(impl):
     layer = randomise_attention(AWConv2d(4, 6, 3, 2, 1, impl=impl))
     x = torch.randn(1, 4, 7, 7)
@@ -231,7 +326,7 @@ def test_batch_of_one_and_empty_batch(impl):
     assert empty.shape == (0, 6, 4, 4)
 
 
-@pytest.mark.parametrize("impl", ["grouped", "unfold"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_train_and_eval_mode_agree(impl):
     layer = randomise_attention(AWConv2d(4, 6, 3, padding=1, impl=impl))
     x = torch.randn(2, 4, 8, 8)
@@ -239,7 +334,7 @@ def test_train_and_eval_mode_agree(impl):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-2)])
-@pytest.mark.parametrize("impl", ["grouped", "unfold"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_low_precision_matches_float64(dtype, tol, impl):
     layer = randomise_attention(AWConv2d(8, 8, 3, padding=1, impl=impl))
     x = torch.randn(2, 8, 10, 10)
@@ -255,6 +350,17 @@ def test_torch_compile_matches_eager():
     x = torch.randn(3, 4, 8, 8, dtype=torch.float32)
     compiled = torch.compile(layer)
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_backward_of_the_chunked_path_matches_eager():
+    layer = randomise_attention(AWConv2d(4, 6, 3, padding=1, impl="chunked",
+                                         chunk_size=2)).float()
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float32)
+    grad_out = torch.randn(3, 6, 8, 8, dtype=torch.float32)
+    expected = gradients(layer, x, grad_out)
+    actual = gradients(layer, x, grad_out, run=torch.compile(layer))
+    for name, grad in expected.items():
+        torch.testing.assert_close(actual[name], grad, rtol=1e-4, atol=1e-5)
 
 
 # --- 6. errors ---------------------------------------------------------------------------------
@@ -312,7 +418,7 @@ def geometries(draw):
     height = draw(st.integers(max(1, reach[0]), 12))
     width = draw(st.integers(max(1, reach[1]), 12))
     batch = draw(st.integers(1, 3))
-    impl = draw(st.sampled_from(["grouped", "unfold"]))
+    impl = draw(st.sampled_from(IMPLS))
     return (cin, cout, kernel, stride, padding, dilation, groups, bias), (batch, cin, height,
                                                                          width), impl
 
