@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,18 @@ from attnconv.training.checkpoint import safe_load
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    """A port nothing listens on now, so concurrent test runs do not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_process_ddp_epoch_under_torchrun(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", "29517", "-m", "attnconv.cli", "train",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "-m", "attnconv.cli", "train",
            "--model_args", "{cifar_stem: true, channels: [8, 8, 16, 16]}",
            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
            "--trainer.max_epochs", "1", "--trainer.progress_bar", "false",
