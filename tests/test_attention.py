@@ -24,13 +24,7 @@ from attnconv import (
     get_attn,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _float64_by_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")
 
 
 def randomise(module: nn.Module, seed: int = 0) -> nn.Module:

@@ -16,13 +16,7 @@ from attnconv import AWConv2d, create_conv
 from attnconv.functional import default_chunk_size
 from attnconv.layers import aw_conv as aw_conv_module
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _float64_by_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")
 
 
 # --- the reference: loops over kernel taps, explicit pooling bins, no fold/unfold tricks -------

@@ -21,16 +21,6 @@ SMALL_DET = dict(fpn_channels=16, representation_size=32, min_size=64, max_size=
                  anchor_sizes=(8, 16, 32, 64, 128))
 
 
-@pytest.fixture
-def one_thread():
-    # The CI machine's 2 cores are shared; two OpenMP threads fighting other processes made
-    # detection steps 10x slower than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_synthetic_shapes_are_deterministic_and_read_back_through_coco(tmp_path):
     a = make_shapes_dataset(tmp_path / "a", num_train=6, num_val=3, image_size=64, seed=3)
     b = make_shapes_dataset(tmp_path / "b", num_train=6, num_val=3, image_size=64, seed=3)

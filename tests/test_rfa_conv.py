@@ -13,13 +13,7 @@ from torch.func import functional_call
 from attnconv import RFAConv2d, RFCAConv2d, RFCBAMConv2d, create_conv
 from attnconv.profiling import saved_tensor_bytes
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _float64_by_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")
 
 
 PAIRS = {  # layer -> (official reference, its constructor's extra kwargs)

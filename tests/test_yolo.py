@@ -55,14 +55,6 @@ def no_network(monkeypatch):
     return attempts
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_variants_are_written_from_ultralytics_own_yaml(tmp_path):
     assert variants() == sorted(VARIANTS)
     assert set(VARIANTS.values()) == set(BLOCKS)
