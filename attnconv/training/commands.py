@@ -90,8 +90,9 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="compare resnet18, resnet18_aw and resnet18_rfa on the "
                           "embedded digits (a few minutes on 2 CPU cores)")
     demo.add_argument("--seeds", type=int, default=2, help="seeds per model (default: 2)")
-    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads; one is "
-                      "fastest for these small layers (default: 1)")
+    demo.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                      help="torch CPU threads; on a machine busy with other work 1 can be "
+                      f"faster (default: torch's, here {torch.get_num_threads()})")
     demo.add_argument("--out-dir", default="runs/demo", help="run folder (default: runs/demo)")
     demo.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
     demo.set_defaults(func=_demo)
