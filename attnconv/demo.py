@@ -1,5 +1,6 @@
-"""The layer comparison behind ``attnconv demo`` and ``benchmarks/bench_layers.py``: AWConv2d
-against the nn.Conv2d it was made from, on one layer shape."""
+"""What ``attnconv demo`` runs: the training comparison of a plain, an AW and an RFA ResNet-18
+on the embedded digits (:data:`DEMO_MODELS`, :data:`DEMO_RECIPE`); and the layer comparison of
+``benchmarks/bench_layers.py``, AWConv2d against the nn.Conv2d it was made from."""
 
 from __future__ import annotations
 
