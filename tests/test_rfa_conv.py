@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomise
 from reference_rfa import OfficialRFAConv, OfficialRFCAConv, OfficialRFCBAMConv
 from torch import nn
 from torch.func import functional_call
@@ -24,17 +25,6 @@ PAIRS = {  # layer -> (official reference, its constructor's extra kwargs)
 LAYERS = list(PAIRS)
 
 
-def randomise(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Random parameters and BN statistics, so no part of the computation is trivial."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen))
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-    return module
 
 
 def make_pair(cls, cin=6, cout=5, k=3, stride=1, trailing=False, seed=0):
