@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from timm.layers import freeze_batch_norm_2d
 from torch import nn
 from torchvision.models.detection import FasterRCNN
@@ -30,6 +29,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from attnconv.weights import read_state_dict
 
 #: Stages from the top, in torchvision's order for ``trainable_layers``.
 _STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
@@ -71,30 +72,13 @@ class BackboneLoadReport:
         return text
 
 
-def _state_dict_of(checkpoint: Any) -> dict[str, torch.Tensor]:
-    # Accept a bare state dict, torchvision/timm style {'state_dict': ...} / {'model': ...}, and
-    # Lightning checkpoints of the classification engine (keys prefixed with 'model.').
-    for key in ("state_dict", "model", "model_state"):
-        if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(key), Mapping):
-            checkpoint = checkpoint[key]
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError("checkpoint holds no state dict")
-    state = {}
-    for key, value in checkpoint.items():
-        for prefix in ("module.", "model."):
-            key = key.removeprefix(prefix)
-        state[key] = value
-    return state
-
-
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> BackboneLoadReport:
     """Load ImageNet weights for ``backbone`` from ``path`` (``torch.load(weights_only=True)``).
 
     The classifier (``fc.*``) is dropped. Only attention parameters may be missing: a checkpoint
     that lacks a plain conv/BN tensor belongs to another network and raises ValueError.
     """
-    checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
-    state = {k: v for k, v in _state_dict_of(checkpoint).items() if not k.startswith("fc.")}
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("fc.")}
     result = backbone.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("fc.")]
     plain_missing = [k for k in missing if _PLAIN_KEY.match(k)]

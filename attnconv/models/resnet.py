@@ -30,6 +30,7 @@ from torch import nn
 
 from attnconv.convert import conv_like
 from attnconv.layers import RFAConv2d, get_attn
+from attnconv.weights import read_state_dict
 
 ConvPlacement = Literal["first_3x3", "every_3x3"]
 PLACEMENTS: tuple[str, ...] = ("first_3x3", "every_3x3")
@@ -129,14 +130,7 @@ def load_official_rfa_checkpoint(
     that tries to run code while unpickling is refused. Wrappers that training scripts add
     (``{'state_dict': ...}``, DataParallel's ``module.`` prefix) are removed.
     """
-    if isinstance(checkpoint, Mapping):
-        state = dict(checkpoint)
-    else:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state.get(wrapper), Mapping):
-            state = dict(state[wrapper])
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = read_state_dict(checkpoint)
     owned: list[str] = []
     for name in model.block_conv_names():
         layer = model.get_submodule(name)

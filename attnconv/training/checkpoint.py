@@ -1,10 +1,9 @@
 """Reading and writing checkpoints safely.
 
-Reading never unpickles arbitrary objects (``torch.load(weights_only=True)`` or safetensors), so a
-file from the internet cannot run code. Writing goes to a temporary file in the same folder
-that then replaces the target with ``os.replace``: a kill leaves the old file or the new one,
-never half of one. (Lightning's own ``_atomic_save`` only buffers in memory before writing the
-target in place.)
+Reading goes through :func:`attnconv.weights.safe_load` (weights-only). Writing goes to a
+temporary file in the same folder that then replaces the target with ``os.replace``: a kill
+leaves the old file or the new one, never half of one. (Lightning's own ``_atomic_save`` only
+buffers in memory before writing the target in place.)
 """
 
 from __future__ import annotations
@@ -17,20 +16,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-
-def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """Tensors and plain containers from ``path``; anything else is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path), device=str(map_location))
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError for disallowed globals
-        raise ValueError(f"refusing to load {path}: it is not a plain weights/checkpoint file "
-                         f"readable with weights_only=True ({type(err).__name__}: {err})") from err
+from attnconv.weights import safe_load
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

@@ -19,12 +19,13 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from attnconv.profiling import count_macs, count_params, markdown_table
 from attnconv.training.callbacks import RNGState, Throughput
-from attnconv.training.checkpoint import SafeCheckpointIO, safe_load
+from attnconv.training.checkpoint import SafeCheckpointIO
 from attnconv.training.config import RunConfig, apply
 from attnconv.training.data import ClassificationData, Datasets, build_datasets
 from attnconv.training.models import build_model, check_model_name
 from attnconv.training.module import Classifier
 from attnconv.training.report import plot_comparison, plot_training_curves, welch_interval
+from attnconv.weights import read_state_dict, safe_load
 
 SUMMARY_HEADERS = ("model", "top-1 (%)", "top-5 (%)", "val loss", "params (M)", "MACs (M)",
                    "train img/s")
@@ -195,9 +196,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, **kwargs: Any
             raise ValueError(f"{checkpoint} holds a {trained.config.model!r}, not {name!r}")
         return trained.model, trained.input_size
     model = build_model(name, **kwargs)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    model.load_state_dict(state)
+    model.load_state_dict(read_state_dict(state))
     return model, None
 
 
