@@ -1,11 +1,15 @@
-"""Reading weight files safely, in one place for training, the zoo and detection.
+"""Reading and writing weight files safely, in one place for training, the zoo and detection.
 
 Reading never unpickles arbitrary objects (``torch.load(weights_only=True)`` or safetensors), so
-a file downloaded from the internet cannot run code.
+a file downloaded from the internet cannot run code. Writing goes to a temporary file in the same
+folder that then replaces the target with ``os.replace``: a kill leaves the old file or the new
+one, never half of one.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -49,3 +53,19 @@ def read_state_dict(checkpoint: str | Path | Mapping[str, Any]) -> dict[str, tor
             key = key.removeprefix(prefix)
         cleaned[key] = value
     return cleaned
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save ``obj`` to ``path`` through a temporary file and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -13,12 +13,12 @@ import lightning as L
 import pytest
 import torch
 
-from attnconv.training.checkpoint import atomic_save, safe_load
 from attnconv.training.config import RunConfig, apply
 from attnconv.training.models import ModelNameError
 from attnconv.training.module import NonFiniteLossError
 from attnconv.training.report import read_epoch_metrics, welch_interval
 from attnconv.training.run import comparison_table, evaluate, train
+from attnconv.weights import atomic_save, safe_load
 
 TINY_MODEL_ARGS = {"cifar_stem": True, "channels": [8, 8, 16, 16]}
 

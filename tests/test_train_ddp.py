@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from attnconv.training.checkpoint import safe_load
+from attnconv.weights import safe_load
 
 ROOT = Path(__file__).resolve().parents[1]
 
