@@ -102,6 +102,15 @@ def test_flipped_bytes_in_a_weight_are_an_error_naming_the_file(tmp_path: Path) 
         SafeCheckpointIO().load_checkpoint(path)
 
 
+def test_a_state_dict_keeps_its_type_and_metadata(tmp_path: Path) -> None:
+    state = torch.nn.BatchNorm2d(3).state_dict()
+    atomic_save(state, tmp_path / "bn.pth")
+    loaded = safe_load(tmp_path / "bn.pth")
+    assert type(loaded) is type(state) and loaded._metadata == state._metadata
+    assert list(loaded) == list(state)
+    torch.nn.BatchNorm2d(3).load_state_dict(loaded)
+
+
 def test_checkpoints_without_a_digest_still_load(tmp_path: Path) -> None:
     ckpt = _checkpoint()
     torch.save(ckpt, tmp_path / "old.ckpt")
