@@ -139,7 +139,7 @@ def comparison_figure(top1: dict[str, Sequence[float]], title: str = "") -> Figu
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     if any(len(v) > 1 for v in top1.values()):
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     return fig
 
