@@ -117,6 +117,7 @@ def test_load_image_in_grayscale() -> None:
         viz.load_image(size=8, in_chans=4)
 
 
+@pytest.mark.slow  # builds, saves and reloads a model, draws one figure
 def test_viz_cli_on_a_one_channel_digits_checkpoint(tmp_path: Path, drawn: list,
                                                     capsys: pytest.CaptureFixture) -> None:
     from attnconv.cli import main
