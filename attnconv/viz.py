@@ -205,6 +205,9 @@ def visualize(model: nn.Module, out_dir: str | Path, *, image: str | Path | None
                          f"layer{'' if layer is None else f' named {layer!r}'} to visualise")
     size = size or _input_size(model)
     pixels, tensor = load_image(image, size)
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is not None and first_conv.in_channels == 1:  # a grayscale model (digits)
+        tensor = tensor.mean(dim=1, keepdim=True)
     device = next(model.parameters()).device
     batch = augmented_batch(tensor, views).to(device)
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
