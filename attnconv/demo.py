@@ -12,8 +12,8 @@ DEMO_MODELS = ("resnet18", "resnet18_aw", "resnet18_rfa")
 def demo_config(out_dir: str = "runs/demo", progress_bar: bool = False,
                 max_epochs: int | None = None) -> RunConfig:
     """The RunConfig of ``attnconv demo``: the shipped ``demo`` recipe, writing to
-    ``OUT_DIR/compare``."""
-    values: dict = {"out_dir": out_dir, "name": "compare",
+    ``OUT_DIR/compare`` (a demo run replaces the previous one)."""
+    values: dict = {"out_dir": out_dir, "name": "compare", "overwrite": True,
                     "trainer": {"progress_bar": progress_bar}}
     if max_epochs is not None:
         values["trainer"]["max_epochs"] = max_epochs

@@ -51,7 +51,8 @@ def test_demo_runs_the_shipped_demo_recipe() -> None:
     recipe = load_recipe("demo")
     demo = demo_config(out_dir="elsewhere", max_epochs=2)
     assert (demo.out_dir, demo.name, demo.trainer.max_epochs) == ("elsewhere", "compare", 2)
-    assert apply(demo, {"out_dir": recipe.out_dir, "name": recipe.name,
+    assert demo.overwrite  # `make demo` twice replaces the first demo's runs
+    assert apply(demo, {"out_dir": recipe.out_dir, "name": recipe.name, "overwrite": False,
                         "trainer": {"max_epochs": recipe.trainer.max_epochs,
                                     "progress_bar": recipe.trainer.progress_bar}}) == recipe
 

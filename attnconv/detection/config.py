@@ -76,6 +76,8 @@ class DetConfig:
     out_dir: str = opt("runs", "folder that holds one sub-folder per run")
     name: str | None = opt(None, "run sub-folder name (default: fasterrcnn_MODEL-sSEED)")
     resume: str | None = opt(None, "checkpoint to continue from, or 'last' for RUN/last.ckpt")
+    overwrite: bool = opt(False, "replace an earlier run in the run folder (without it, such a "
+                                 "folder is refused unless resuming)")
     data: DetDataConfig = field(default_factory=DetDataConfig)
     optim: DetOptimConfig = field(
         default_factory=lambda: DetOptimConfig(milestones=[4, 5], warmup_iters=50))

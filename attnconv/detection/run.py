@@ -25,7 +25,17 @@ from attnconv.detection.data import coco_dataset, detection_loader
 from attnconv.detection.module import Detector
 from attnconv.detection.synthetic import make_shapes_dataset
 from attnconv.engine.config import ConfigError, apply, load_recipe, to_dict
-from attnconv.engine.trainer import evaluation_trainer, make_trainer, quiet_lightning, resume_path
+from attnconv.engine.trainer import (
+    NonFiniteLossError,
+    check_devices,
+    evaluation_trainer,
+    make_trainer,
+    prepare_run_dir,
+    quiet_lightning,
+    resume_notes,
+    resume_path,
+    stopped_note,
+)
 from attnconv.loading import CheckpointError
 from attnconv.models import check_model_name
 from attnconv.models.detection import check_fasterrcnn_args, fasterrcnn
@@ -98,8 +108,12 @@ def train_det(config: DetConfig, callbacks: Sequence[L.Callback] = ()) -> DetRes
     the Lightning checkpoints ``RUN/checkpoints/{best,last}.ckpt`` (for ``resume``)."""
     quiet_lightning()
     check_config(config)
+    check_devices(config.trainer)
     run_dir = Path(config.out_dir) / config.run_name
     resume = resume_path(config.resume, run_dir)
+    for note in resume_notes(resume, _plain(config)):
+        print(f"resume: applying {note}")
+    prepare_run_dir(run_dir, resuming=resume is not None, overwrite=config.overwrite)
     L.seed_everything(config.seed, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     train, val, num_classes = _datasets(config, run_dir)
@@ -110,10 +124,13 @@ def train_det(config: DetConfig, callbacks: Sequence[L.Callback] = ()) -> DetRes
                            callbacks=callbacks, tensorboard=False, resuming=resume is not None)
     data = config.data
     start = time.perf_counter()
-    trainer.fit(module, detection_loader(train, data.batch_size, True, data.num_workers,
-                                         config.seed),
-                detection_loader(val, data.batch_size, False, data.num_workers),
-                ckpt_path=resume)
+    try:
+        trainer.fit(module, detection_loader(train, data.batch_size, True, data.num_workers,
+                                             config.seed),
+                    detection_loader(val, data.batch_size, False, data.num_workers),
+                    ckpt_path=resume)
+    except NonFiniteLossError as err:
+        raise NonFiniteLossError(f"{err}; {stopped_note(run_dir)}") from None
     seconds = time.perf_counter() - start
     # The last validation may have been skipped (max_steps, check_val_every_n_epoch).
     evaluation_trainer(config.trainer.accelerator).validate(

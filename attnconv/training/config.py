@@ -72,6 +72,8 @@ class RunConfig:
     out_dir: str = _opt("runs", "folder that holds one sub-folder per run")
     name: str | None = _opt(None, "run sub-folder name (default: MODEL-sSEED)")
     resume: str | None = _opt(None, "checkpoint to continue from, or 'last' for RUN/last.ckpt")
+    overwrite: bool = _opt(False, "replace an earlier run in the run folder (without it, such a "
+                                  "folder is refused unless resuming)")
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: ClassifierTrainerConfig = field(default_factory=ClassifierTrainerConfig)

@@ -13,7 +13,17 @@ from typing import Any
 import lightning as L
 import torch
 
-from attnconv.engine.trainer import evaluation_trainer, make_trainer, quiet_lightning, resume_path
+from attnconv.engine.trainer import (
+    NonFiniteLossError,
+    check_devices,
+    evaluation_trainer,
+    make_trainer,
+    prepare_run_dir,
+    quiet_lightning,
+    resume_notes,
+    resume_path,
+    stopped_note,
+)
 from attnconv.loading import Trained, is_trained_checkpoint, load_model, load_trained
 from attnconv.profiling import count_macs, count_params, markdown_table
 from attnconv.training.callbacks import Throughput
@@ -70,10 +80,14 @@ def train(cfg: RunConfig, callbacks: Sequence[L.Callback] = ()) -> RunResult:
     Bad input (data, model name, resume path) raises before any training step.
     """
     quiet_lightning()
-    sets = build_datasets(cfg.data)
+    check_devices(cfg.trainer)
     check_model_name(cfg.model)
+    sets = build_datasets(cfg.data)
     run_dir = Path(cfg.out_dir) / (cfg.name or f"{cfg.model}-s{cfg.seed}")
     resume = resume_path(cfg.resume, run_dir)
+    for note in resume_notes(resume, cfg.to_dict()):
+        print(f"resume: applying {note}")
+    prepare_run_dir(run_dir, resuming=resume is not None, overwrite=cfg.overwrite)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg.model, sets.num_classes, sets.in_chans, **cfg.model_args)
     params, macs = _model_cost(model, sets)
@@ -81,8 +95,12 @@ def train(cfg: RunConfig, callbacks: Sequence[L.Callback] = ()) -> RunResult:
                         channels_last=cfg.trainer.channels_last, compile=cfg.trainer.compile,
                         meta=_meta(cfg, sets))
     trainer = make_trainer(cfg.trainer, run_dir, monitor="val_top1", mode="max",
-                           callbacks=[Throughput(), *callbacks], resuming=resume is not None)
-    trainer.fit(module, datamodule=ClassificationData(cfg.data, sets), ckpt_path=resume)
+                           val_loss="val_loss", callbacks=[Throughput(), *callbacks],
+                           resuming=resume is not None)
+    try:
+        trainer.fit(module, datamodule=ClassificationData(cfg.data, sets), ckpt_path=resume)
+    except NonFiniteLossError as err:
+        raise NonFiniteLossError(f"{err}; {stopped_note(run_dir)}") from None
     m = trainer.callback_metrics
     plot = None
     if trainer.is_global_zero:
@@ -138,6 +156,10 @@ def compare(models: Sequence[str], seeds: int, cfg: RunConfig) -> Comparison:
         check_model_name(name)
     build_datasets(cfg.data)
     folder = Path(cfg.out_dir) / (cfg.name or "compare")
+    if not cfg.overwrite:  # every run folder is checked before the first model trains
+        for name in models:
+            for seed in range(cfg.seed, cfg.seed + seeds):
+                prepare_run_dir(folder / f"{name}-s{seed}", resuming=False, overwrite=False)
     results: dict[str, list[RunResult]] = {}
     for name in models:
         for seed in range(cfg.seed, cfg.seed + seeds):
