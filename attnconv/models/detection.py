@@ -3,7 +3,7 @@ RFA family), built from torchvision's detection parts.
 
 * AW-convolution: Zhu, Hofstee, Lee, Al-Ars, ICANN 2021, arXiv:2108.08205 -- the paper's COCO
   experiment is Faster R-CNN ResNet-101-FPN, 1x schedule
-  (``recipes/detection/fasterrcnn_r101_aw_coco_1x.yaml``).
+  (the shipped recipe ``fasterrcnn_r101_aw_coco_1x``).
 * RFAConv: Zhang et al., arXiv:2304.03198.
 
 :func:`resnet_fpn_backbone` is torchvision's function of the same name for networks of
@@ -15,6 +15,8 @@ checkpoints load into it.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -27,10 +29,15 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from attnconv.weights import read_state_dict
+
+#: Keyword arguments FasterRCNN takes (its **kwargs go to the transform, which ignores them).
+_FASTERRCNN_ARGS = frozenset(inspect.signature(FasterRCNN.__init__).parameters) - {
+    "self", "backbone", "num_classes", "kwargs"}
 
 #: Stages from the top, in torchvision's order for ``trainable_layers``.
 _STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
@@ -156,6 +163,16 @@ def resnet_fpn_backbone(
     return fpn
 
 
+def check_fasterrcnn_args(kwargs: Mapping[str, Any]) -> None:
+    """TypeError naming close names for a keyword :func:`fasterrcnn` does not take."""
+    known = _FASTERRCNN_ARGS | set(inspect.signature(fasterrcnn).parameters) - {"kwargs"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise TypeError(f"fasterrcnn() got unknown argument(s) {', '.join(unknown)}{hint}")
+
+
 def fasterrcnn(
     backbone: str | nn.Module = "resnet101_aw",
     num_classes: int = 91,
@@ -166,6 +183,7 @@ def fasterrcnn(
     returned_layers: Sequence[int] = (1, 2, 3, 4),
     fpn_channels: int = 256,
     anchor_sizes: Sequence[int] | None = None,
+    representation_size: int = 1024,
     backbone_args: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> FasterRCNN:
@@ -180,10 +198,14 @@ def fasterrcnn(
             ``resnet_fpn_backbone`` (see :func:`resnet_fpn_backbone` for the defaults).
         anchor_sizes: one anchor size per pyramid level (default torchvision's 32..512),
             each with aspect ratios 0.5, 1, 2.
+        representation_size: width of the box head's two fully connected layers
+            (torchvision's TwoMLPHead; 1024 in torchvision and Detectron).
         backbone_args: keyword arguments of :func:`attnconv.create_model` (``channels``...).
         **kwargs: FasterRCNN's arguments (``min_size``, ``max_size``,
-            ``box_detections_per_img``...).
+            ``box_detections_per_img``...); a name FasterRCNN does not take raises TypeError
+            (FasterRCNN itself would pass it on to its transform, which ignores it).
     """
+    check_fasterrcnn_args(kwargs)
     body = resnet_fpn_backbone(backbone, pretrained_backbone=pretrained_backbone,
                                trainable_layers=trainable_layers, norm_layer=norm_layer,
                                returned_layers=returned_layers, fpn_channels=fpn_channels,
@@ -195,8 +217,15 @@ def fasterrcnn(
                              f"got {list(anchor_sizes)}")
         kwargs["rpn_anchor_generator"] = AnchorGenerator(
             tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * levels)
-    return FasterRCNN(body, num_classes=num_classes, **kwargs)
+    if "box_head" not in kwargs:
+        pool = kwargs.get("box_roi_pool")
+        resolution = pool.output_size[0] if pool is not None else 7  # FasterRCNN's default pool
+        kwargs["box_head"] = TwoMLPHead(body.out_channels * resolution**2, representation_size)
+    if "box_predictor" not in kwargs:
+        kwargs["box_predictor"] = FastRCNNPredictor(representation_size, num_classes)
+    # FasterRCNN wants num_classes None when a box predictor is given.
+    return FasterRCNN(body, num_classes=None, **kwargs)
 
 
-__all__ = ["BackboneLoadReport", "create_backbone", "fasterrcnn", "load_backbone_weights",
-           "resnet_fpn_backbone"]
+__all__ = ["BackboneLoadReport", "check_fasterrcnn_args", "create_backbone", "fasterrcnn",
+           "load_backbone_weights", "resnet_fpn_backbone"]
