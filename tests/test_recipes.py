@@ -20,7 +20,10 @@ from attnconv.recipes import list_recipes, recipe_path
 from attnconv.training.config import RunConfig, apply, load_recipe
 from attnconv.training.models import build_model
 
-CLASSIFICATION = {"cifar10", "cifar100", "demo", "imagenet_resnet_aw", "imagenet_rfaconv"}
+CLASSIFICATION = {"cifar10", "cifar100", "demo", "imagenet_resnet_aw", "imagenet_rfaconv",
+                  # fine-tuning recipes: their networks are tested in tests/test_pretrained.py
+                  "finetune_cifar10", "finetune_cifar100", "finetune_imagenet_resnet18_rfa",
+                  "finetune_imagenet_resnet50_aw", "finetune_imagenet_resnet101_aw"}
 DETECTION = {"fasterrcnn_r101_aw_coco_1x"}
 
 

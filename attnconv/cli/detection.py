@@ -30,7 +30,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Train Faster R-CNN on COCO-format data (default: a generated synthetic "
                     "shapes dataset in the run folder, CPU) and evaluate it with pycocotools."
                     "\nExample: attnconv train-det --config fasterrcnn_r101_aw_coco_1x "
-                    "--model_args '{pretrained_backbone: r101_aw.pth}'")
+                    "--init torchvision:resnet101")
     add_config_arguments(train, DetConfig())
     train.set_defaults(func=_train_det)
 

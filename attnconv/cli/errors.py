@@ -19,6 +19,7 @@ ERRORS: dict[str, tuple[str, int]] = {
     "attnconv.training.data.DataError": ("error", REFUSED),
     "attnconv.models.ModelNameError": ("error", REFUSED),
     "attnconv.loading.CheckpointError": ("error", REFUSED),
+    "attnconv.pretrained.InitError": ("error", REFUSED),
     "attnconv.export.ExportError": ("failed", REFUSED),
     "builtins.FileNotFoundError": ("error", REFUSED),
     "attnconv.engine.trainer.NonFiniteLossError": ("stopped", STOPPED),

@@ -72,6 +72,9 @@ class DetConfig:
     model_args: dict = field(default_factory=lambda: dict(SYNTHETIC_MODEL_ARGS), metadata={
         "help": "keyword arguments of attnconv.models.detection.fasterrcnn (a recipe states "
                 "them all; an option changes the keys it names)"})
+    init: str | None = opt(None, "start the backbone from ImageNet weights: torchvision:NAME"
+                                 "[.WEIGHTS], timm:NAME or a weights file (then frozen BN and "
+                                 "model_args.trainable_layers apply, as in torchvision)")
     seed: int = opt(0, "random seed")
     out_dir: str = opt("runs", "folder that holds one sub-folder per run")
     name: str | None = opt(None, "run sub-folder name (default: fasterrcnn_MODEL-sSEED)")

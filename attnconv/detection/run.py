@@ -65,6 +65,9 @@ def check_config(config: DetConfig) -> None:
     if any(p is not None for p in paths) and None in paths:
         raise ConfigError("give all four of data.train_images, data.train_annotations, "
                           "data.val_images, data.val_annotations (or none for synthetic data)")
+    if "pretrained_backbone" in config.model_args:
+        raise ConfigError("model_args.pretrained_backbone: give the backbone's weights as init "
+                          "(--init torchvision:resnet50, timm:NAME or a weights file)")
     try:
         check_fasterrcnn_args(config.model_args)
     except TypeError as err:
@@ -87,10 +90,21 @@ def _datasets(config: DetConfig, run_dir: Path):
     return train, val, num_classes
 
 
-def build_detector(config: DetConfig, num_classes: int) -> torch.nn.Module:
-    """The Faster R-CNN ``config`` describes (``config.model`` is the backbone's zoo name)."""
+def build_detector(config: DetConfig, num_classes: int, load_init: bool = True
+                   ) -> torch.nn.Module:
+    """The Faster R-CNN ``config`` describes (``config.model`` is the backbone's zoo name), its
+    backbone started from ``config.init``; without ``load_init`` the same network (frozen BN)
+    without reading those weights, for a checkpoint to fill."""
     check_config(config)
-    return fasterrcnn(config.model, num_classes, **config.model_args)
+    args = dict(config.model_args)
+    if config.init and load_init:
+        args["pretrained_backbone"] = config.init
+    elif config.init:
+        args.setdefault("norm_layer", FrozenBatchNorm2d)
+    model = fasterrcnn(config.model, num_classes, **args)
+    if config.init and load_init:
+        print(f"backbone {model.backbone.load_report}")
+    return model
 
 
 @dataclass
@@ -117,7 +131,7 @@ def train_det(config: DetConfig, callbacks: Sequence[L.Callback] = ()) -> DetRes
     L.seed_everything(config.seed, verbose=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     train, val, num_classes = _datasets(config, run_dir)
-    model = build_detector(config, num_classes)
+    model = build_detector(config, num_classes, load_init=resume is None)
     meta = {"config": _plain(config), "num_classes": num_classes}
     module = Detector(model, config.optim, coco_gt=val.coco, meta=meta)
     trainer = make_trainer(config.trainer, run_dir, monitor="val/AP", mode="max",
@@ -182,9 +196,7 @@ def eval_det(checkpoint: str | Path, val_images: str | None = None,
     val = coco_dataset(val_images, val_annotations, train=False)
     # The weights come from the file: no ImageNet backbone to load again, but the same
     # (frozen) BN layers as in training.
-    if config.model_args.pop("pretrained_backbone", None) is not None:
-        config.model_args.setdefault("norm_layer", FrozenBatchNorm2d)
-    model = build_detector(config, saved["num_classes"])
+    model = build_detector(config, saved["num_classes"], load_init=False)
     model.load_state_dict(saved["state_dict"])
     module = Detector(model, config.optim, coco_gt=val.coco)
     trainer = evaluation_trainer(accelerator or config.trainer.accelerator)

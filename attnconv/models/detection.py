@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import re
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +30,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from attnconv.weights import read_state_dict
+from attnconv.pretrained import InitReport, init_from
 
 #: Keyword arguments FasterRCNN takes (its **kwargs go to the transform, which ignores them).
 _FASTERRCNN_ARGS = frozenset(inspect.signature(FasterRCNN.__init__).parameters) - {
@@ -41,12 +38,6 @@ _FASTERRCNN_ARGS = frozenset(inspect.signature(FasterRCNN.__init__).parameters) 
 
 #: Stages from the top, in torchvision's order for ``trainable_layers``.
 _STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
-
-#: State-dict keys every plain torchvision/timm ResNet has. A checkpoint must provide these;
-#: anything else a backbone has (SE/CBAM modules, AW's pointconvs, RFA's inner layers) is
-#: attention and may be missing from a plain ImageNet checkpoint.
-_PLAIN_KEY = re.compile(
-    r"^(conv1|bn1)\.[a-z_]+$|^layer\d\.\d+\.(conv\d|bn\d|downsample\.\d)\.[a-z_]+$")
 
 
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
@@ -56,44 +47,11 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     return create_model(name, num_classes=0, **kwargs)
 
 
-@dataclass
-class BackboneLoadReport:
-    """What :func:`load_backbone_weights` did not fill: the new attention parameters (kept at
-    their initialisation, where AW and RFA compute the plain conv's job) and ignored keys."""
-
-    path: str
-    loaded: int
-    missing_attention: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        text = f"{self.path}: {self.loaded} tensors loaded"
-        if self.missing_attention:
-            shown = ", ".join(self.missing_attention[:4])
-            more = len(self.missing_attention) - 4
-            text += (f"; {len(self.missing_attention)} attention tensors not in the checkpoint "
-                     f"({shown}{f', ... {more} more' if more > 0 else ''})")
-        if self.unexpected:
-            text += (f"; {len(self.unexpected)} checkpoint tensors unused "
-                     f"({self.unexpected[0]}, ...)")
-        return text
-
-
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> BackboneLoadReport:
-    """Load ImageNet weights for ``backbone`` from ``path`` (``torch.load(weights_only=True)``).
-
-    The classifier (``fc.*``) is dropped. Only attention parameters may be missing: a checkpoint
-    that lacks a plain conv/BN tensor belongs to another network and raises ValueError.
-    """
-    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("fc.")}
-    result = backbone.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
-    plain_missing = [k for k in missing if _PLAIN_KEY.match(k)]
-    if plain_missing:
-        raise ValueError(f"{path} does not fit this backbone: {len(plain_missing)} conv/BN tensors "
-                         f"missing ({', '.join(plain_missing[:4])}, ...)")
-    return BackboneLoadReport(str(path), len(state) - len(result.unexpected_keys),
-                              missing, list(result.unexpected_keys))
+def load_backbone_weights(backbone: nn.Module, source: str | Path) -> InitReport:
+    """Fill ``backbone`` from ImageNet weights (``torchvision:NAME``, ``timm:NAME`` or a weights
+    file, as :func:`attnconv.pretrained.init_from`): the classifier is skipped, attention tensors
+    keep their neutral start, and a checkpoint of another network raises InitError."""
+    return init_from(backbone, str(source))
 
 
 def _check_trainable_layers(trainable_layers: int | None, pretrained: bool) -> int:
@@ -117,7 +75,8 @@ def resnet_fpn_backbone(
     backbone_args: Mapping[str, Any] | None = None,
 ) -> BackboneWithFPN:
     """A zoo ResNet (by name, or built) with torchvision's FPN on ``returned_layers``;
-    ``.load_report`` says what ``pretrained_backbone`` did not fill.
+    ``.load_report`` (an :class:`attnconv.pretrained.InitReport`) says what
+    ``pretrained_backbone`` filled.
 
     ``norm_layer`` None follows torchvision's Faster R-CNN builders: FrozenBatchNorm2d when
     weights load (detection batches are too small for batch statistics), BatchNorm2d when the
@@ -137,8 +96,6 @@ def resnet_fpn_backbone(
         backbone = create_backbone(backbone, **args)
     if pretrained:
         report = load_backbone_weights(backbone, pretrained_backbone)
-        if report.missing_attention or report.unexpected:
-            warnings.warn(f"backbone weights: {report}", stacklevel=2)
     if frozen:
         # The checkpoint loads into ordinary BNs first, then every BN is frozen with its
         # statistics (timm builds norm layers with device/dtype, which FrozenBatchNorm2d lacks).
@@ -193,7 +150,8 @@ def fasterrcnn(
         backbone: zoo name (``'resnet50'``, ``'resnet101_aw'``, ``'resnet50_se_aw'``,
             ``'resnet18_rfa'``...) or a built zoo ResNet.
         num_classes: classes including background (91 for COCO's category ids).
-        pretrained_backbone: ImageNet checkpoint of the backbone (a weights-only file).
+        pretrained_backbone: ImageNet weights of the backbone: ``torchvision:NAME``,
+            ``timm:NAME`` or a weights file (see :func:`attnconv.pretrained.init_from`).
         trainable_layers, norm_layer, returned_layers, fpn_channels: as torchvision's
             ``resnet_fpn_backbone`` (see :func:`resnet_fpn_backbone` for the defaults).
         anchor_sizes: one anchor size per pyramid level (default torchvision's 32..512),
@@ -227,5 +185,5 @@ def fasterrcnn(
     return FasterRCNN(body, num_classes=None, **kwargs)
 
 
-__all__ = ["BackboneLoadReport", "check_fasterrcnn_args", "create_backbone", "fasterrcnn",
+__all__ = ["check_fasterrcnn_args", "create_backbone", "fasterrcnn",
            "load_backbone_weights", "resnet_fpn_backbone"]

@@ -19,6 +19,11 @@ from attnconv.engine.config import ConfigError, TrainerConfig, opt
 
 _opt = opt
 
+INIT_HELP = ("start from pretrained weights of the plain network: torchvision:NAME[.WEIGHTS], "
+             "timm:NAME, or a weights file (state dict, attnconv checkpoint, official RFAConv "
+             "ImageNet checkpoint); attention tensors start neutral, a new class count gets a "
+             "new classifier")
+
 __all__ = ["SECTIONS", "ConfigError", "DataConfig", "OptimConfig", "RunConfig",
            "TrainerConfig", "add_config_arguments", "apply", "config_from_args", "load_recipe"]
 
@@ -70,6 +75,7 @@ class RunConfig:
     model_args: dict = field(default_factory=dict, metadata={
         "help": "keyword arguments of the model, e.g. '{cifar_stem: true, channels: [16, 32, "
                 "64, 128]}' (a recipe states them all; an option changes the keys it names)"})
+    init: str | None = _opt(None, INIT_HELP)
     seed: int = _opt(0, "random seed of weights, data order and augmentation")
     out_dir: str = _opt("runs", "folder that holds one sub-folder per run")
     name: str | None = _opt(None, "run sub-folder name (default: MODEL-sSEED)")

@@ -25,6 +25,7 @@ from attnconv.engine.trainer import (
     stopped_note,
 )
 from attnconv.loading import Trained, is_trained_checkpoint, load_model, load_trained
+from attnconv.pretrained import init_from
 from attnconv.profiling import count_macs, count_params, markdown_table
 from attnconv.training.callbacks import Throughput
 from attnconv.training.config import RunConfig, apply
@@ -95,6 +96,8 @@ def train(cfg: RunConfig, callbacks: Sequence[L.Callback] = ()) -> RunResult:
     prepare_run_dir(run_dir, resuming=resume is not None, overwrite=cfg.overwrite)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg.model, sets.num_classes, sets.in_chans, **cfg.model_args)
+    if cfg.init and resume is None:  # a resumed run's checkpoint holds the weights
+        print(init_from(model, cfg.init))
     params, macs = _model_cost(model, sets)
     module = Classifier(model, sets.num_classes, cfg.optim, cfg.trainer.max_epochs,
                         channels_last=cfg.trainer.channels_last, compile=cfg.trainer.compile,
