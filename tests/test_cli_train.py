@@ -56,6 +56,7 @@ def test_unknown_key_in_recipe_exits_before_training(tmp_path: Path,
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_viz_of_a_checkpoint_trained_on_the_grayscale_digits(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture
                                                              ) -> None:

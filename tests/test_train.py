@@ -255,6 +255,7 @@ class _WorseAfterFirstEpoch(L.Callback):
             trainer.callback_metrics["val_top1"] = torch.tensor(0.0)
 
 
+@pytest.mark.slow
 def test_last_checkpoint_is_the_last_epoch_even_when_it_got_worse(tmp_path: Path,
                                                                   capsys) -> None:
     # Before: last.ckpt was written only with a new best, so it held epoch 0 here.
