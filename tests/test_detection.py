@@ -192,6 +192,14 @@ def test_train_det_runs_on_the_shared_engine_and_eval_det_keeps_the_log(
     assert log.read_text() == before
     assert "| model | AP | AP50 |" in capsys.readouterr().out
     assert json.loads((run / "coco_metrics.json").read_text())["model"] == "resnet18"
+    # The same engine rules as classification: the folder belongs to this run and its resumes.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-det", "--out_dir", str(tmp_path), "--name", "tiny", *TINY_DET])
+    assert exit_info.value.code == 2 and "holds an earlier run" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-det", "--out_dir", str(tmp_path), "--name", "tiny", *TINY_DET,
+              "--resume", "last", "--optim.lr", "0.5"])
+    assert exit_info.value.code == 2 and "optim.lr 0.02 -> 0.5" in capsys.readouterr().err
 
 
 def test_train_det_config_errors_are_one_line(tmp_path, capsys):
