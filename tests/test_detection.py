@@ -99,10 +99,10 @@ def test_backbone_weights_load_with_only_attention_missing(tmp_path, one_thread)
                        **SMALL_DET)
     body = model.backbone.body
     report = model.backbone.load_report
-    assert report.missing_attention, "AW's pointconvs are not in a plain checkpoint"
-    assert all(".conv1." in k for k in report.missing_attention)  # BasicBlock.conv1 is AW
-    assert report.unexpected == []
-    assert report.loaded == len(plain.state_dict())
+    assert report.new, "AW's pointconvs are not in a plain checkpoint"
+    assert all(".conv1." in k for k in report.new)  # BasicBlock.conv1 is AW
+    assert report.skipped == ["fc.weight"]  # the classifier, which a backbone lacks
+    assert len(report.loaded) == len(plain.state_dict())
     torch.testing.assert_close(body.layer3[0].conv1.weight, plain.layer3[0].conv1.weight)
     # Pretrained: frozen BN everywhere, stem and layer1 frozen (trainable_layers=3).
     assert not any(isinstance(m, nn.BatchNorm2d) for m in body.modules())
