@@ -269,3 +269,13 @@ def test_detection_init_reaches_the_backbone_and_pretrained_backbone_points_to_i
                 merge_mappings=True)
     with pytest.raises(ConfigError, match="give the backbone's weights as init"):
         build_detector(bad, 3)
+
+
+def test_pretrained_true_says_which_weights_exist() -> None:
+    import timm
+
+    with pytest.raises(ValueError, match=r"no pretrained weights are published for resnet18_rfa"
+                                         r".*init_from\(model, 'torchvision:resnet18'\)"):
+        timm.create_model("resnet18_rfa", pretrained=True)
+    with pytest.raises(ValueError, match="--init torchvision:resnet101"):
+        create_model("resnet101_se_aw", pretrained=True)

@@ -216,6 +216,13 @@ default_cfgs = generate_default_cfgs({name: _cfg() for name in ZOO_MODELS})
 def build_resnet(name: str, pretrained: bool = False, **kwargs: Any) -> AttnResNet:
     """Build the network ``name`` of :data:`MODEL_ARGS` through timm's builder, so that
     ``features_only=True``, ``out_indices`` and ``pretrained_cfg`` work."""
+    if pretrained and name in ZOO_MODELS:
+        plain = name.split("_")[0]
+        raise ValueError(
+            f"no pretrained weights are published for {name} (none exist for attnconv's "
+            f"networks yet); start from the plain network's ImageNet weights instead: "
+            f"attnconv.pretrained.init_from(model, 'torchvision:{plain}'), or "
+            f"`attnconv train --init torchvision:{plain}`")
     return build_model_with_cfg(AttnResNet, name, pretrained, **{**MODEL_ARGS[name], **kwargs})
 
 
