@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from attnconv.detection.cli import add_detection_parsers
     add_detection_parsers(sub)  # train-det, eval-det
+    from attnconv.segmentation.commands import add_segmentation_parsers
+    add_segmentation_parsers(sub)  # train-seg, eval-seg
 
     export = sub.add_parser("export", help="ONNX with a dynamic batch, checked by onnxruntime",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
