@@ -4,13 +4,16 @@
   output position, laid out as the paper's rearranged map (each position a k x k tile) over
   the image.
 * AW-convolution (Zhu et al., ICANN 2021, arXiv:2108.08205): per output filter, the kernel's
-  scaling ``1 + A`` over taps and input channels, averaged over a batch of views of the image,
-  and its standard deviation across that batch.
+  scaling ``1 + A``, averaged over a batch of views of the image, and its standard deviation
+  across that batch; each input channel is a k x k tile of cells (no interpolation). An
+  untrained AW layer has A = 0 exactly (its last 1x1 conv starts at zero), and says so.
 * Activation attention (SE, CBAM, CA, ...): the effective gate ``output / input`` of the
-  module, averaged over channels, over the image.
+  module, averaged over channels, over the image. In an untrained zoo ResNet the input of these
+  modules is 0 everywhere (the block's last BN starts at zero), so there is no gate to draw:
+  the panel says so.
 
-Each ``plot_*`` function returns the arrays it drew, read back from the figure, so tests can
-check that the picture shows the layer's actual attention.
+Each ``plot_*`` function returns the arrays it drew, read back from the figure, and every text
+drawn in it, so tests can check that the picture shows the layer's actual attention.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class Figure:
-    """A written PNG and the arrays drawn in it, by panel title."""
+    """A written PNG, the arrays drawn in it by panel title, and its texts (titles, notes)."""
     path: Path
     panels: dict[str, np.ndarray] = field(default_factory=dict)
+    texts: list[str] = field(default_factory=list)
 
 
 def default_image_path() -> Path:
@@ -40,20 +44,33 @@ def default_image_path() -> Path:
     return Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
 
 
-def load_image(path: str | Path | None = None, size: int = 224) -> tuple[np.ndarray, torch.Tensor]:
-    """The image as (size, size, 3) floats in [0, 1] and as a normalised (1, 3, size, size)
-    tensor (ImageNet mean/std, as the zoo's pretrained_cfg)."""
+def load_image(path: str | Path | None = None, size: int = 224, in_chans: int = 3
+               ) -> tuple[np.ndarray, torch.Tensor]:
+    """The image as (size, size, 3) floats in [0, 1] for display and as the normalised
+    (1, in_chans, size, size) input of a model.
+
+    Three channels: RGB with ImageNet mean/std, as the zoo's pretrained_cfg. One channel
+    (models trained on the digits): grayscale standardised to mean 0, std 1 over the image,
+    as the digits pipeline standardises its images; the display copy is that gray in RGB.
+    """
     from PIL import Image
     from torchvision.transforms import v2
 
+    if in_chans not in (1, 3):
+        raise ValueError(f"viz reads RGB or grayscale images; the model takes {in_chans} "
+                         "input channels")
     path = default_image_path() if path is None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
     to_tensor = v2.Compose([v2.PILToTensor(), v2.Resize(size), v2.CenterCrop(size),
                             v2.ToDtype(torch.float32, scale=True)])
-    pixels = to_tensor(Image.open(path).convert("RGB"))
-    normalised = v2.functional.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)
-    return pixels.permute(1, 2, 0).numpy(), normalised.unsqueeze(0)
+    with Image.open(path) as image:
+        pixels = to_tensor(image.convert("RGB" if in_chans == 3 else "L"))
+    if in_chans == 3:
+        normalised = v2.functional.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)
+    else:
+        normalised = (pixels - pixels.mean()) / pixels.std().clamp(min=1e-6)
+    return pixels.expand(3, -1, -1).permute(1, 2, 0).numpy(), normalised.unsqueeze(0)
 
 
 def augmented_batch(image: torch.Tensor, n: int = 8, seed: int = 0) -> torch.Tensor:
@@ -70,11 +87,13 @@ def augmented_batch(image: torch.Tensor, n: int = 8, seed: int = 0) -> torch.Ten
 
 def _save(fig, path: Path, panels: dict[str, np.ndarray]) -> Figure:
     import matplotlib.pyplot as plt
+    from matplotlib.text import Text
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
+    texts = [t.get_text() for t in fig.findobj(Text) if t.get_text() and t.get_visible()]
     plt.close(fig)
-    return Figure(path, panels)
+    return Figure(path, panels, texts)
 
 
 def _subplots(rows: int, cols: int, size: float = 2.2):
@@ -90,15 +109,33 @@ def _subplots(rows: int, cols: int, size: float = 2.2):
     return fig, axes
 
 
+def kernel_mosaic(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(C, kh, kw) per-input-channel kernels as one image of k x k tiles, channel c at tile
+    row c // cols, column c % cols (cols = ceil(sqrt(C))), tiles separated by a NaN line
+    (drawn blank) so that every kernel's grid stays visible."""
+    values = np.asarray(values, dtype=np.float64)
+    channels, kh, kw = values.shape
+    cols = int(np.ceil(np.sqrt(channels)))
+    rows = -(-channels // cols)
+    mosaic = np.full((rows * (kh + 1) - 1, cols * (kw + 1) - 1), np.nan)
+    for c in range(channels):
+        r, q = divmod(c, cols)
+        mosaic[r * (kh + 1):r * (kh + 1) + kh, q * (kw + 1):q * (kw + 1) + kw] = values[c]
+    return mosaic
+
+
 @torch.no_grad()
 def plot_aw_attention(layer: nn.Module, x: torch.Tensor, path: str | Path, *,
-                      filters: int = 8) -> Figure:
-    """For the first ``filters`` output filters of an AWConv2d: the kernel scaling ``1 + A``
-    (rows: input channels, columns: the kh*kw taps), mean over the batch ``x`` and its standard
-    deviation across the batch."""
-    scale = 1 + layer.attention(x).float()  # (N, O, C_in/g, kh, kw)
-    scale = scale.flatten(3)[:, :filters].cpu()
-    mean, std = scale.mean(0), scale.std(0) if scale.shape[0] > 1 else torch.zeros_like(scale[0])
+                      filters: int = 8, name: str = "", model: str = "") -> Figure:
+    """For the first ``filters`` output filters of an AWConv2d: the kernel scaling ``1 + A``,
+    mean over the batch ``x`` and its standard deviation across the batch, each input channel
+    a k x k tile (:func:`kernel_mosaic`). ``name`` / ``model`` (the layer and the network)
+    go into the title, and an attention that is exactly zero is called untrained."""
+    attention = layer.attention(x).float()  # (N, O, C_in/g, kh, kw)
+    untrained = not bool(attention.any())
+    scale = (1 + attention)[:, :filters].cpu()
+    mean = scale.mean(0)
+    std = scale.std(0) if scale.shape[0] > 1 else torch.zeros_like(mean)
     from matplotlib.colors import CenteredNorm
 
     fig, axes = _subplots(2, mean.shape[0])
@@ -107,13 +144,19 @@ def plot_aw_attention(layer: nn.Module, x: torch.Tensor, path: str | Path, *,
         for row, (label, values, cmap, norm) in enumerate((
                 ("1+A mean", mean[o], "coolwarm", CenteredNorm(vcenter=1.0)),
                 ("1+A std", std[o], "viridis", None))):
-            im = axes[row, o].imshow(values.numpy(), cmap=cmap, norm=norm, aspect="auto")
+            mosaic = kernel_mosaic(values)
+            im = axes[row, o].imshow(mosaic, cmap=cmap, norm=norm, interpolation="nearest")
             axes[row, o].set_title(f"filter {o}: {label}", fontsize=7)
             fig.colorbar(im, ax=axes[row, o], fraction=0.046)
             panels[f"filter {o}: {label}"] = np.asarray(im.get_array())
-    axes[0, 0].set_ylabel("input channel")
-    axes[1, 0].set_xlabel("tap (row-major)")
-    fig.suptitle(f"AW attention over a batch of {x.shape[0]} views", fontsize=9)
+    kh, kw = mean.shape[-2:]
+    axes[0, 0].set_ylabel(f"input channels, {kh}x{kw} taps each", fontsize=7)
+    where = " · ".join(part for part in (model, name) if part)
+    title = (f"{where + ': ' if where else ''}AW kernel scaling 1+A over a batch of "
+             f"{x.shape[0]} views")
+    if untrained:
+        title += "\nuntrained: A = 0 (the attention's last 1x1 conv is still zero)"
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, Path(path), panels)
 
@@ -129,9 +172,9 @@ def rfa_tiles(attention: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def plot_rfa_attention(attention: torch.Tensor, image: np.ndarray, path: str | Path,
-                       title: str = "receptive-field attention") -> Figure:
+                       title: str = "receptive-field attention", model: str = "") -> Figure:
     """The first sample's receptive-field attention (from the layer's ``attention(x)``) as a
-    heat-map grid of k x k tiles over ``image``."""
+    heat-map grid of k x k tiles over ``image``; ``model`` names the network in the title."""
     tiles = rfa_tiles(attention)[0].cpu().numpy()
     fig, axes = _subplots(1, 2, size=4.0)
     axes[0, 0].imshow(image)
@@ -141,6 +184,8 @@ def plot_rfa_attention(attention: torch.Tensor, image: np.ndarray, path: str | P
     im = axes[0, 1].imshow(tiles, cmap="magma", alpha=0.7, extent=extent, interpolation="nearest")
     axes[0, 1].set_title(title, fontsize=8)
     fig.colorbar(im, ax=axes[0, 1], fraction=0.046)
+    if model:
+        fig.suptitle(model, fontsize=9)
     fig.tight_layout()
     return _save(fig, Path(path), {title: np.asarray(im.get_array())})
 
@@ -156,18 +201,34 @@ def effective_gate(inputs: torch.Tensor, outputs: torch.Tensor, eps: float = 1e-
     return torch.where(count > 0, ratio.sum(1) / count.clamp(min=1), float("nan"))
 
 
+#: What a gate panel says instead of a map when the module's input is 0 everywhere.
+NO_GATE = ("untrained: the input is 0 everywhere\n(zero-initialised BN),\n"
+           "so there is no gate to show")
+
+
 @torch.no_grad()
-def plot_gate_maps(maps: dict[str, torch.Tensor], image: np.ndarray, path: str | Path) -> Figure:
-    """Each (H, W) gate map, by module name, over ``image``."""
+def plot_gate_maps(maps: dict[str, torch.Tensor], image: np.ndarray, path: str | Path,
+                   model: str = "") -> Figure:
+    """Each (H, W) gate map, by module name, over ``image``. A map without any value (its
+    module's input was 0 everywhere, see :func:`effective_gate`) is not drawn: the panel
+    shows the image and :data:`NO_GATE`."""
     fig, axes = _subplots(1, len(maps), size=3.0)
     extent = (0, image.shape[1], image.shape[0], 0)
     panels = {}
     for ax, (name, values) in zip(axes[0], maps.items(), strict=True):
-        ax.imshow(image)
-        im = ax.imshow(values.float().cpu().numpy(), cmap="magma", alpha=0.6, extent=extent)
+        values = values.float().cpu().numpy()
         ax.set_title(name, fontsize=7)
+        if np.isnan(values).all():
+            ax.imshow(image, alpha=0.3)
+            ax.text(0.5, 0.5, NO_GATE, transform=ax.transAxes, ha="center", va="center",
+                    fontsize=7, wrap=True)
+            continue
+        ax.imshow(image)
+        im = ax.imshow(values, cmap="magma", alpha=0.6, extent=extent)
         fig.colorbar(im, ax=ax, fraction=0.046)
         panels[name] = np.asarray(im.get_array())
+    fig.suptitle(f"{model + ': ' if model else ''}effective gate output / input, mean over "
+                 "channels", fontsize=9)
     fig.tight_layout()
     return _save(fig, Path(path), panels)
 
@@ -184,12 +245,14 @@ def _attention_kinds() -> dict[str, tuple[type, ...]]:
 @torch.no_grad()
 def visualize(model: nn.Module, out_dir: str | Path, *, image: str | Path | None = None,
               size: int | None = None, layer: str | None = None, views: int = 8,
-              max_gates: int = 6) -> list[Figure]:
+              max_gates: int = 6, model_name: str | None = None) -> list[Figure]:
     """Write the attention figures of ``model`` for one image into ``out_dir``.
 
     ``layer`` names the module to show (default: the first AW and the first RFA-family layer,
     and up to ``max_gates`` activation-attention modules spread over the depth). AW's spread
-    is measured over ``views`` flips and crops of the image.
+    is measured over ``views`` flips and crops of the image. The image is read with the
+    model's number of input channels (grayscale for one-channel models). ``model_name`` goes
+    into the titles (default: the zoo's architecture name).
     """
     kinds = _attention_kinds()
     modules = dict(model.named_modules())
@@ -204,14 +267,17 @@ def visualize(model: nn.Module, out_dir: str | Path, *, image: str | Path | None
         raise ValueError(f"{type(model).__name__} has no AW, RFA-family or activation-attention "
                          f"layer{'' if layer is None else f' named {layer!r}'} to visualise")
     size = size or _input_size(model)
-    pixels, tensor = load_image(image, size)
+    model_name = model_name or _model_name(model)
+    pixels, tensor = load_image(image, size, _input_chans(model))
     device = next(model.parameters()).device
     batch = augmented_batch(tensor, views).to(device)
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     wanted = {n for names in (chosen["aw"][:1], chosen["rfa"][:1], chosen["gate"])
               for n in names}
+    # Copies: a residual block adds its shortcut in place into what its last module returned.
     hooks = [modules[n].register_forward_hook(
-        lambda m, args, out, n=n: captured.__setitem__(n, (args[0], out))) for n in wanted]
+        lambda m, args, out, n=n: captured.__setitem__(n, (args[0].clone(), out.clone())))
+        for n in wanted]
     try:
         model.eval()(batch)
     finally:
@@ -221,19 +287,36 @@ def visualize(model: nn.Module, out_dir: str | Path, *, image: str | Path | None
     figures = []
     for name in chosen["aw"][:1]:
         figures.append(plot_aw_attention(modules[name], captured[name][0],
-                                         out_dir / "aw_attention.png"))
+                                         out_dir / "aw_attention.png", name=name,
+                                         model=model_name))
     for name in chosen["rfa"][:1]:
         attention = modules[name].receptive_field_attention(captured[name][0][:1])
         figures.append(plot_rfa_attention(attention, pixels, out_dir / "rfa_attention.png",
-                                          title=f"{name}: receptive-field attention"))
+                                          title=f"{name}: receptive-field attention",
+                                          model=model_name))
     if chosen["gate"]:
         maps = {n: effective_gate(*captured[n])[0] for n in chosen["gate"]}
-        figures.append(plot_gate_maps(maps, pixels, out_dir / "gate_maps.png"))
+        figures.append(plot_gate_maps(maps, pixels, out_dir / "gate_maps.png",
+                                      model=model_name))
     return figures
 
 
 def _kind(module: nn.Module, kinds: dict[str, tuple[type, ...]]) -> str | None:
     return next((k for k, types in kinds.items() if isinstance(module, types)), None)
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture") or type(model).__name__)
+
+
+def _input_chans(model: nn.Module) -> int:
+    """The channels the model reads: timm's ``in_chans``, else the first conv's input."""
+    chans = getattr(model, "in_chans", None)
+    if isinstance(chans, int):
+        return chans
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return first.in_channels if first is not None else 3
 
 
 def _input_size(model: nn.Module) -> int:

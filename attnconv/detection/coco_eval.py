@@ -52,10 +52,16 @@ def coco_box_metrics(coco_gt: COCO, detections: list[dict]) -> dict[str, float]:
             for name, v in zip(COCO_METRICS, evaluator.stats[:6], strict=True)}
 
 
+#: What the table prints for a metric COCOeval cannot compute (-1: no ground truth in that
+#: area range, e.g. APl without large objects).
+NOT_COMPUTABLE = "\u2013"  # en dash
+
+
 def metrics_table(rows: Mapping[str, Mapping[str, float]]) -> str:
-    """One markdown row per model: ``{model: metrics}``."""
+    """One markdown row per model: ``{model: metrics}``; -1 prints as :data:`NOT_COMPUTABLE`."""
     return markdown_table(("model", *COCO_METRICS),
-                          [(name, *(float(m[k]) for k in COCO_METRICS))
+                          [(name, *(NOT_COMPUTABLE if float(m[k]) < 0 else float(m[k])
+                                    for k in COCO_METRICS))
                            for name, m in rows.items()])
 
 

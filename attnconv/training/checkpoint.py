@@ -1,4 +1,5 @@
-"""Lightning's checkpoint I/O through :mod:`attnconv.weights`: atomic writes, weights-only reads.
+"""Lightning's checkpoint I/O through :mod:`attnconv.weights`: atomic writes with a digest of the
+tensors, weights-only reads that verify it.
 
 (Lightning's own ``_atomic_save`` only buffers in memory before writing the target in place.)
 """
@@ -13,7 +14,7 @@ from attnconv.weights import atomic_save, safe_load
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint I/O with atomic writes and weights-only reads."""
+    """Lightning's checkpoint I/O with atomic, digested writes and verified weights-only reads."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
                         storage_options: Any | None = None) -> None:

@@ -38,6 +38,8 @@ class DataConfig:
     val_fraction: float = _opt(0.2, "digits only: share of samples held out for validation")
     augment: bool = _opt(True, "training augmentation (random-resized crop, flip if the data "
                                "allows; a small random shift for digits)")
+    check: bool = _opt(False, "open every image file once before training (names every file "
+                              "that cannot be read)")
 
 
 @dataclass

@@ -7,11 +7,16 @@
 - ``imagefolder``: ``ROOT/train/CLASS/*.jpg`` and ``ROOT/val/CLASS/*.jpg`` (ImageNet layout).
 
 Missing or empty data is a :class:`DataError` raised by :func:`build_datasets`, before any
-model is built.
+model is built. An image file that cannot be decoded is a DataError naming the file, when it is
+read during training or, with ``data.check: true``, in :func:`check_images` before training.
+
+The training loader drops the last partial batch, as torchvision's and timm's reference scripts
+do: a last batch of one sample would stop BatchNorm ("Expected more than 1 value per channel").
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +35,50 @@ NATIVE_SIZE = {"digits": 8, "cifar10": 32, "cifar100": 32, "imagefolder": 224}
 
 class DataError(ValueError):
     """Data that is missing, empty or unreadable, found before training starts."""
+
+
+def read_rgb(path: str | Path):
+    """The image file ``path`` as an RGB PIL image; DataError naming the file when it cannot
+    be decoded (truncated, not an image)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f, Image.open(f) as image:
+            return image.convert("RGB")  # convert() decodes the whole file
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's decoding errors
+        raise DataError(f"cannot read image {path}: {err}") from err
+
+
+def image_files(dataset: Dataset) -> list[Path]:
+    """The image files behind ``dataset`` (ImageFolder-like ``samples``, torchvision's
+    CocoDetection), through wrappers; empty for in-memory data (digits, CIFAR)."""
+    base = getattr(dataset, "base", getattr(dataset, "_dataset", dataset))
+    if base is not dataset:
+        return image_files(base)
+    if hasattr(dataset, "samples"):
+        return [Path(p) for p, _ in dataset.samples]
+    if hasattr(dataset, "coco") and hasattr(dataset, "root"):
+        return [Path(dataset.root) / dataset.coco.imgs[i]["file_name"] for i in dataset.ids]
+    return []
+
+
+def check_images(paths: Iterable[str | Path], progress: bool = True) -> int:
+    """Open and decode every image in ``paths`` once; DataError listing the files that cannot
+    be read (all of them, so one pass finds every bad file). Returns the number checked."""
+    from tqdm.auto import tqdm
+
+    paths = list(paths)
+    bad = []
+    for path in tqdm(paths, desc="checking images", unit="img", disable=not progress or None,
+                     leave=False):
+        try:
+            read_rgb(path)
+        except DataError as err:
+            bad.append(f"{path} ({err.__cause__})")
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DataError(f"{len(bad)} of {len(paths)} images cannot be read: {shown}")
+    return len(paths)
 
 
 @dataclass
@@ -123,7 +172,8 @@ def _imagefolder(cfg: DataConfig, size: int) -> Datasets:
             raise DataError(f"{folder} does not exist: data.name=imagefolder expects "
                             f"{root}/train/CLASS/IMAGE and {root}/val/CLASS/IMAGE")
         try:
-            splits[split] = datasets.ImageFolder(str(folder), transform=v2.Compose(tf + normalize))
+            splits[split] = datasets.ImageFolder(str(folder), transform=v2.Compose(tf + normalize),
+                                                 loader=read_rgb)
         except FileNotFoundError as err:  # no class folder, or class folders without images
             raise DataError(f"no images in {folder}: {err}") from err
     if splits["train"].classes != splits["val"].classes:
@@ -136,10 +186,14 @@ BUILDERS = {"digits": _digits, "cifar10": _cifar, "cifar100": _cifar,
 
 
 def build_datasets(cfg: DataConfig) -> Datasets:
-    """Train and validation sets of ``cfg``; DataError when the data is missing or empty."""
+    """Train and validation sets of ``cfg``; DataError when the data is missing or empty, or
+    (``cfg.check``) when an image cannot be read."""
     if cfg.name not in BUILDERS:
         raise DataError(f"unknown data.name '{cfg.name}' (known: {', '.join(BUILDERS)})")
-    return BUILDERS[cfg.name](cfg, cfg.image_size or NATIVE_SIZE[cfg.name])
+    sets = BUILDERS[cfg.name](cfg, cfg.image_size or NATIVE_SIZE[cfg.name])
+    if cfg.check:
+        check_images(image_files(sets.train) + image_files(sets.val))
+    return sets
 
 
 class ClassificationData(L.LightningDataModule):
@@ -158,16 +212,23 @@ class ClassificationData(L.LightningDataModule):
         if self.sets is None:
             self.sets = build_datasets(self.cfg)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=shuffle,
-                          num_workers=self.cfg.num_workers, drop_last=False,
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        # Training drops its last partial batch (a batch of one breaks BatchNorm); validation
+        # keeps every sample.
+        return DataLoader(dataset, batch_size=self.cfg.batch_size, shuffle=train,
+                          num_workers=self.cfg.num_workers, drop_last=train,
                           persistent_workers=self.cfg.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
         assert self.sets is not None
-        return self._loader(self.sets.train, shuffle=True)
+        loader = self._loader(self.sets.train, train=True)
+        if len(loader) == 0:
+            raise DataError(f"data.batch_size {self.cfg.batch_size} is larger than the training "
+                            f"set ({len(self.sets.train)} samples on this device): the last "  # type: ignore[arg-type]
+                            "partial batch is dropped, so no batch would be left")
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         assert self.sets is not None
-        return self._loader(self.sets.val, shuffle=False)
+        return self._loader(self.sets.val, train=False)

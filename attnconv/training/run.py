@@ -24,7 +24,12 @@ from attnconv.training.config import RunConfig, apply
 from attnconv.training.data import ClassificationData, Datasets, build_datasets
 from attnconv.training.models import build_model, check_model_name
 from attnconv.training.module import Classifier
-from attnconv.training.report import plot_comparison, plot_training_curves, welch_interval
+from attnconv.training.report import (
+    difference_text,
+    mean_std_text,
+    plot_comparison,
+    plot_training_curves,
+)
 from attnconv.weights import read_state_dict, safe_load
 
 SUMMARY_HEADERS = ("model", "top-1 (%)", "top-5 (%)", "val loss", "params (M)", "MACs (M)",
@@ -264,13 +269,8 @@ def comparison_table(results: dict[str, list[RunResult]]) -> str:
     rows = []
     for i, (name, runs) in enumerate(results.items()):
         top1 = [r.top1 for r in runs]
-        std = statistics.stdev(top1) if len(top1) > 1 else float("nan")
-        if i == 0:
-            delta = "—"
-        else:
-            d, low, high = welch_interval(first, top1)
-            delta = f"{d:+.2f} [{low:+.2f}, {high:+.2f}]"
-        rows.append((name, f"{statistics.fmean(top1):.2f} ± {std:.2f}", delta,
+        delta = "—" if i == 0 else difference_text(first, top1)
+        rows.append((name, mean_std_text(top1), delta,
                      f"{statistics.fmean(r.top5 for r in runs):.2f}", runs[0].params / 1e6,
                      runs[0].macs / 1e6, statistics.fmean(r.img_per_s for r in runs), len(runs)))
     return markdown_table(COMPARE_HEADERS, rows)
