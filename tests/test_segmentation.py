@@ -286,7 +286,7 @@ def test_train_transforms_move_image_and_mask_together():
         any_padded |= bool(padded.any())  # 40 px scaled by 0.5-2x may fall short of 48
         inside = ~padded
         # Nearest-neighbour mask vs bilinear image: compare where the image is not blended.
-        exact = torch.isclose(raw * 255 / 60, raw.new_tensor(y.clamp(max=3)).float(), atol=0.05)
+        exact = torch.isclose(raw * 255 / 60, y.clamp(max=3).float(), atol=0.05)
         assert exact[inside].float().mean() > 0.7
         assert torch.all(raw[padded] * 255 < 1)
     assert any_padded

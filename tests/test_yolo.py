@@ -187,6 +187,33 @@ def test_counts_against_ultralytics_summaries(one_thread, no_network):
 
 
 
+def test_polygon_labels_trace_the_generated_masks(tmp_path):
+    import cv2
+    from PIL import Image
+
+    shapes = make_shapes_dataset(tmp_path / "shapes", num_train=3, num_val=1, image_size=64,
+                                 masks=True)
+    data = write_yolo_dataset(shapes, tmp_path / "yolo", segments=True)
+    assert YAML.load(data)["names"] == ["rectangle", "ellipse", "triangle"]
+    for label in sorted((tmp_path / "yolo" / "labels" / "train").iterdir()):
+        mask = np.asarray(Image.open(shapes.root / "masks" / "train" / f"{label.stem}.png"))
+        drawn = np.zeros_like(mask)
+        for line in label.read_text().split("\n"):
+            if not line:
+                continue
+            cls, *coords = line.split()
+            xy = np.array(coords, float).reshape(-1, 2) * 64
+            assert len(xy) >= 3 and (xy >= 0).all() and (xy <= 64).all()
+            cv2.fillPoly(drawn, [np.round(xy).astype(np.int32)], int(cls) + 1)
+        # Each polygon is its object's outline with the right class: the redrawn label map
+        # agrees with the mask except on the outline pixels.
+        assert (drawn == mask).mean() > 0.97
+        assert set(np.unique(drawn)) == set(np.unique(mask))
+    with pytest.raises(FileNotFoundError, match="masks=True"):
+        write_yolo_dataset(make_shapes_dataset(tmp_path / "plain", num_train=1, num_val=1,
+                                               image_size=32), tmp_path / "y2", segments=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["yolo11n-rfa", "yolo11n-seg-c3k2-rfcbam"])
 def test_train_validate_export_through_ultralytics(name, tmp_path, no_network, one_thread,

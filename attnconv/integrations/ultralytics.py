@@ -325,5 +325,6 @@ def write_yolo_dataset(shapes: Any, root: str | Path, segments: bool = False) ->
             label.write_text("\n".join(lines) + "\n")
     data = root / "data.yaml"
     data.write_text(json.dumps({"path": str(root.resolve()), "train": "images/train",
-                                "val": "images/val", "names": names}))  # JSON is YAML
+                                "val": "images/val",
+                                "names": [names[i] for i in sorted(names)]}))  # JSON is YAML
     return data
