@@ -371,6 +371,26 @@ def test_config_refuses_unknown_keys_and_wrong_types():
     assert cfg.model_args["backbone_args"] == {"channels": [16, 32, 64, 128]}
 
 
+def test_options_reach_the_data_and_the_model(shapes):
+    root, _ = shapes
+    cfg = apply(SegConfig(), {"head": "fcn", "model": "resnet18_aw",
+                              "model_args": {"aux_loss": True,
+                                             "replace_stride_with_dilation": [False] * 3,
+                                             "backbone_args": NARROW},
+                              "data": {"root": str(root), "crop_size": 40, "base_size": 44,
+                                       "eval_size": 24}})
+    from attnconv.segmentation.run import build_sets
+
+    sets = build_sets(cfg, root)
+    assert sets.train[0][0].shape == (3, 40, 40) and sets.train[0][1].shape == (40, 40)
+    assert sets.val[0][0].shape == (3, 24, 24)  # the generated 48 px images, resized
+    model = build_model(cfg, sets.num_classes)
+    assert isinstance(model.classifier, FCNHead) and isinstance(model.aux_classifier, FCNHead)
+    assert isinstance(model.backbone["layer1"][0].conv1, AWConv2d)
+    assert model.backbone["layer4"][0].conv1.stride == (2, 2)  # no dilation asked for
+    assert model.classifier[-1].out_channels == 4
+
+
 def test_recipe_builds_the_papers_network():
     """The VOC recipe: DeepLabV3 at output stride 16 over resnet101_aw; over the plain ResNet-101
     it is exactly torchvision's deeplabv3_resnet101 (same parameter count)."""
