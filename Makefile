@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[all,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,7 +22,7 @@ test: lint
 	$(PY) -m pytest -q
 
 demo: install
-	$(VENV)/bin/attnconv demo
+	$(PY) -m attnconv.cli demo
 
 bench: install
 	$(PY) benchmarks/bench_layers.py

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnconv.models import MODEL_ARGS, create_model
+from attnconv.models import MODEL_ARGS, check_model_name, create_model
 from attnconv.profiling import (
     count_macs,
     count_params,
@@ -46,8 +46,12 @@ class ModelStats:
 
 
 def build(name: str, **kwargs: Any) -> nn.Module:
-    """A zoo or baseline network from :func:`attnconv.create_model`, else from timm."""
-    return create_model(name, **kwargs) if name in MODEL_ARGS else timm.create_model(name, **kwargs)
+    """A zoo or baseline network from :func:`attnconv.create_model`, else from timm
+    (ModelNameError with close names when neither has ``name``)."""
+    if name in MODEL_ARGS:
+        return create_model(name, **kwargs)
+    check_model_name(name, extra=timm.list_models())
+    return timm.create_model(name, **kwargs)
 
 
 def memory_label(device: torch.device | str) -> str:
@@ -101,6 +105,11 @@ def benchmark_models(
     statistics, the bytes autograd saves for backward in one training forward -- the
     activation memory, the part that grows with batch and resolution.
     """
+    all_timm: list[str] = []
+    for name in names:  # every name is checked before the first is measured
+        if name not in MODEL_ARGS:
+            all_timm = all_timm or timm.list_models()
+            check_model_name(name, extra=all_timm)
     from tqdm.auto import tqdm
 
     device = torch.device(device)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from attnconv.layers import CONV_LAYERS, create_conv
+from attnconv.layers import CONV_LAYERS, create_conv, get_conv
 
 #: ``where``: None (3x3 convs outside the stem), a regex matched against the full module name,
 #: a collection of module names, or a predicate ``(name, conv) -> bool``.
@@ -102,6 +102,7 @@ def convert_model(model: nn.Module, conv: str = "aw", where: Where = None,
     (grouped, dilated, unusual padding for the RFA family...) are skipped with the layer's
     reason. Returns the model and a :class:`ConversionReport`.
     """
+    get_conv(conv)  # an unknown name raises here, not as a skip reason on every conv
     select = _selector(where)
     report = ConversionReport(conv)
     attention_convs = _attention_conv_types()

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from attnconv import RFAConv2d, RFCAConv2d, RFCBAMConv2d
-from attnconv.demo import HEADERS, compare_aw_with_conv
+from attnconv import AWConv2d, RFAConv2d, RFCAConv2d, RFCBAMConv2d
 from attnconv.profiling import (
+    count_macs,
+    count_params,
     forward_fn,
     machine_description,
     markdown_table,
@@ -31,6 +32,45 @@ from reference_rfa import (
     OfficialRFCAConv,
     OfficialRFCBAMConv,
 )
+
+HEADERS = ("layer", "params", "MACs (M)", "fwd (ms)", "fwd+bwd (ms)", "fwd ratio",
+           "fwd+bwd ratio", "max abs diff at init")
+
+
+def compare_aw_with_conv(batch: int, channels: int, size: int, kernel_size: int = 3, *,
+                         repeats: int = 10, seed: int = 0,
+                         device: torch.device | str = "cpu",
+                         other_impls: tuple[str, ...] = ()) -> list[tuple]:
+    """Rows of :data:`HEADERS` for nn.Conv2d and the AWConv2d made from it (``from_conv``).
+
+    The AWConv2d row uses the default path; ``other_impls`` adds a row per other named ``impl``.
+
+    The AW layer's attention is then given random weights, so the timing covers real work;
+    the difference column is measured before that, where it must be zero.
+    """
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, device=device)
+    aw = AWConv2d.from_conv(conv)
+    x = torch.randn(batch, channels, size, size, device=device)
+    default = aw.resolved_impl(x)
+    layers: dict[str, nn.Module] = {"nn.Conv2d": conv, f"AWConv2d ({aw.impl}: {default})": aw}
+    layers |= {f"AWConv2d ({impl})": AWConv2d.from_conv(conv, impl=impl)
+               for impl in other_impls if impl != default}
+    with torch.no_grad():
+        diffs = {k: (m(x) - conv(x)).abs().max().item() for k, m in layers.items()}
+        nn.init.normal_(aw.pointconv2.weight, std=0.02)
+        for layer in layers.values():
+            if isinstance(layer, AWConv2d):
+                layer.load_state_dict(aw.state_dict())
+    fwd = median_times({k: forward_fn(m, x) for k, m in layers.items()}, repeats=repeats)
+    train = median_times({k: train_step_fn(m, x) for k, m in layers.items()}, repeats=repeats)
+    rows = []
+    for name, layer in layers.items():
+        rows.append((name, count_params(layer), count_macs(layer, x) / 1e6,
+                     fwd[name] * 1e3, train[name] * 1e3, fwd[name] / fwd["nn.Conv2d"],
+                     train[name] / train["nn.Conv2d"], diffs[name]))
+    return rows
+
 
 AW_SHAPES = [(1, 64, 56), (32, 64, 56), (32, 256, 14)]
 

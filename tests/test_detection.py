@@ -15,6 +15,7 @@ from attnconv import list_models
 from attnconv.cli import main
 from attnconv.detection import coco_box_metrics, coco_dataset, make_shapes_dataset
 from attnconv.models.detection import create_backbone, fasterrcnn, load_backbone_weights
+from attnconv.weights import safe_load
 
 TINY = {"channels": (8, 16, 32, 64), "layers": (1, 1, 1, 1)}
 SMALL_DET = dict(fpn_channels=16, representation_size=32, min_size=64, max_size=64,
@@ -127,13 +128,12 @@ MIN_AP, MIN_AP50 = 2.0, 5.0
 @pytest.mark.slow
 def test_train_det_cli_raises_ap_on_synthetic_shapes(tmp_path, one_thread, capsys):
     start = time.perf_counter()
-    main(["train-det", "--out-dir", str(tmp_path), "--name", "shapes", "--model", "resnet18",
-          "--set", "data.synthetic_train=64", "--set", "data.synthetic_val=16",
-          "--set", "data.synthetic_size=96", "--set", "model_args.min_size=96",
-          "--set", "model_args.max_size=96", "--set", "trainer.max_steps=200",
-          "--set", "trainer.max_epochs=100", "--set", "trainer.check_val_every_n_epoch=1000",
-          "--set", "optim.milestones=[1000]", "--set", "optim.warmup_iters=20",
-          "--set", "trainer.progress_bar=false"])
+    main(["train-det", "--out_dir", str(tmp_path), "--name", "shapes", "--model", "resnet18",
+          "--data.synthetic_train", "64", "--data.synthetic_val", "16",
+          "--data.synthetic_size", "96", "--model_args", "{min_size: 96, max_size: 96}",
+          "--trainer.max_steps", "200", "--trainer.max_epochs", "100",
+          "--trainer.check_val_every_n_epoch", "1000", "--optim.milestones", "[1000]",
+          "--optim.warmup_iters", "20", "--trainer.progress_bar", "false"])
     seconds = time.perf_counter() - start
     run = tmp_path / "shapes"
     metrics = json.loads((run / "coco_metrics.json").read_text())
@@ -151,15 +151,52 @@ def test_train_det_cli_raises_ap_on_synthetic_shapes(tmp_path, one_thread, capsy
 
 
 def test_aw_coco_recipe_is_the_papers_1x_schedule():
-    from pathlib import Path
-
     from attnconv.detection.run import load_det_recipe
 
-    recipe = Path(__file__).parents[1] / "recipes/detection/fasterrcnn_r101_aw_coco_1x.yaml"
-    config = load_det_recipe(recipe)
+    config = load_det_recipe("fasterrcnn_r101_aw_coco_1x")
     assert config.model == "resnet101_aw"
     assert config.trainer.max_epochs == 12 and list(config.optim.milestones) == [8, 11]
     assert config.optim.lr == 0.02 and config.optim.momentum == 0.9
     assert config.optim.weight_decay == 1e-4
     assert config.data.batch_size * int(config.trainer.devices) == 16
     assert config.model_args["min_size"] == 800 and config.model_args["max_size"] == 1333
+
+
+TINY_DET = ["--model_args", "{backbone_args: {channels: [8, 8, 16, 16], layers: [1, 1, 1, 1]}, "
+            "fpn_channels: 8, representation_size: 16, min_size: 48, max_size: 48, "
+            "anchor_sizes: [8, 16, 32, 64, 128], rpn_pre_nms_top_n_train: 50, "
+            "rpn_post_nms_top_n_train: 10, rpn_pre_nms_top_n_test: 50, "
+            "rpn_post_nms_top_n_test: 10, box_batch_size_per_image: 8}",
+            "--data.synthetic_train", "8", "--data.synthetic_val", "4",
+            "--data.synthetic_size", "48", "--data.batch_size", "4", "--trainer.max_epochs", "2",
+            "--trainer.progress_bar", "false", "--trainer.log_every_n_steps", "1",
+            "--optim.warmup_iters", "2"]
+
+
+def test_train_det_runs_on_the_shared_engine_and_eval_det_keeps_the_log(
+        tmp_path, one_thread, capsys):
+    main(["train-det", "--out_dir", str(tmp_path), "--name", "tiny", *TINY_DET])
+    run = tmp_path / "tiny"
+    # The engine's checkpoints (atomic, weights-only, resumable) and the detector file.
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+    assert safe_load(run / "checkpoints" / "last.ckpt")["epoch"] == 1
+    saved = safe_load(run / "detector.pt")
+    assert saved["config"]["model_args"]["representation_size"] == 16
+    assert saved["state_dict"]["roi_heads.box_head.fc7.weight"].shape == (16, 16)
+    log = run / "logs" / "metrics.csv"
+    before = log.read_text()
+    assert "train/loss" in before.splitlines()[0]
+    capsys.readouterr()
+    # Before: eval-det wrote its own CSVLogger into the run folder and erased the training log.
+    main(["eval-det", str(run / "checkpoints" / "last.ckpt")])
+    assert log.read_text() == before
+    assert "| model | AP | AP50 |" in capsys.readouterr().out
+    assert json.loads((run / "coco_metrics.json").read_text())["model"] == "resnet18"
+
+
+def test_train_det_config_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-det", "--out_dir", str(tmp_path), "--trainer.max_epochs", "ten"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("attnconv train-det: error: trainer.max_epochs must be "
+                                       "an integer, not 'ten'\n")

@@ -130,12 +130,14 @@ def test_cli_exports_a_zoo_model(tmp_path, capsys):
     assert graph.output[0].type.tensor_type.shape.dim[1].dim_value == 3
 
 
-def test_cli_exports_a_state_dict_checkpoint_and_refuses_a_mismatch(tmp_path):
+def test_cli_exports_a_state_dict_checkpoint_and_refuses_a_mismatch(tmp_path, capsys):
     model = create_model("resnet18_aw", num_classes=4)
     torch.save(model.state_dict(), tmp_path / "w.pt")
     main(["export", "resnet18_aw", "--checkpoint", str(tmp_path / "w.pt"), "--num-classes", "4",
           "--input-size", "3", "32", "32", "--output", str(tmp_path / "w.onnx")])
     assert (tmp_path / "w.onnx").stat().st_size > 1e6
-    with pytest.raises(RuntimeError, match="Missing key"):
+    with pytest.raises(SystemExit) as exit_info:  # a refusal: one line, exit status 2
         main(["export", "resnet18_rfa", "--checkpoint", str(tmp_path / "w.pt"),
               "--num-classes", "4", "--output", str(tmp_path / "x.onnx")])
+    assert exit_info.value.code == 2
+    assert "does not fit 'resnet18_rfa'" in capsys.readouterr().err

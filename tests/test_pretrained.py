@@ -147,3 +147,101 @@ def test_timm_weights_come_from_the_hugging_face_cache_offline(tmp_path) -> None
     assert result.returncode == 0, result.stderr[-2000:]
     assert "init from timm:resnet18.a1_in1k: 122 tensors loaded" in result.stdout
     assert float(result.stdout.split("max diff")[1]) < 1e-5
+
+
+FINETUNE = {"finetune_imagenet_resnet50_aw": ("resnet50_aw", 1000),
+            "finetune_imagenet_resnet101_aw": ("resnet101_aw", 1000),
+            "finetune_imagenet_resnet18_rfa": ("resnet18_rfa", 1000),
+            "finetune_cifar10": ("resnet18_rfa", 10),
+            "finetune_cifar100": ("resnet18_rfa", 100)}
+
+
+@pytest.mark.parametrize("recipe", sorted(FINETUNE))
+def test_finetune_recipes_build_the_papers_network_that_their_weights_fit(recipe: str) -> None:
+    """Built and looked at, never downloaded: the network is the paper's (7x7 ImageNet stem,
+    full width) and its plain tensors are exactly as many as the recipe's torchvision weights
+    hold (torchvision's own count, ``meta['num_params']``)."""
+    from torchvision.models import get_model_weights
+
+    from attnconv.profiling import count_params
+    from attnconv.training.config import load_recipe
+    from attnconv.training.models import build_model
+
+    cfg = load_recipe(recipe)
+    name, classes = FINETUNE[recipe]
+    assert cfg.model == name
+    model = build_model(cfg.model, 1000, 3, **cfg.model_args)
+    assert model.conv1.kernel_size == (7, 7) and model.num_features == (
+        512 if "18" in name else 2048)
+    assert count_params(model) == count_params(create_model(name, num_classes=1000))
+    if name == "resnet18_rfa":
+        assert round(count_params(model) / 1e6, 2) == 11.85  # RFAConv paper, Table 1
+    kind, _, weights_name = cfg.init.partition(":")
+    plain, _, member = weights_name.partition(".")
+    assert kind == "torchvision" and name.startswith(plain)
+    weights = get_model_weights(plain)[member]
+    attention, biases = attention_keys(model)
+    plain_params = sum(p.numel() for k, p in model.named_parameters()
+                       if k not in attention and k not in biases)
+    assert plain_params == weights.meta["num_params"]
+    assert len(weights.meta["categories"]) == 1000
+    if cfg.data.name.startswith("cifar"):
+        assert cfg.data.image_size == 224 and cfg.data.name == f"cifar{classes}"
+
+
+@pytest.mark.slow
+def test_train_from_a_finetune_recipe_starts_from_the_cached_torchvision_weights(
+        torchvision_cache, tmp_path, capsys) -> None:
+    """`attnconv train --config finetune_imagenet_resnet18_rfa --init ...` offline, from the
+    (fake) torchvision cache: the run prints the report, and with lr 0 its checkpoint holds the
+    pretrained kernels."""
+    import numpy as np
+    from PIL import Image
+
+    from attnconv.cli import main
+    from attnconv.weights import read_state_dict
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / label / f"{i}.png")
+    main(["train", "--config", "finetune_imagenet_resnet18_rfa",
+          "--init", "torchvision:resnet18",
+          "--data.root", str(tmp_path / "data"), "--data.image_size", "32",
+          "--data.batch_size", "2", "--data.num_workers", "0", "--trainer.devices", "1",
+          "--trainer.accelerator", "cpu", "--trainer.precision", "32",
+          "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+          "--trainer.progress_bar", "false", "--optim.lr", "0", "--optim.weight_decay", "0",
+          "--out_dir", str(tmp_path / "runs"), "--name", "ft"])
+    out = capsys.readouterr().out
+    assert ("init from torchvision:resnet18: 120 tensors loaded, 64 new attention tensors, "
+            "2 skipped (classifier re-initialised: 1000 classes in the weights, 2 here)") in out
+    saved = read_state_dict(tmp_path / "runs" / "ft" / "checkpoints" / "last.ckpt")
+    plain = torchvision_cache.state_dict()
+    assert torch.equal(saved["layer2.0.conv1.weight"], plain["layer2.0.conv1.weight"])
+    assert torch.equal(saved["layer2.0.conv2.weight"], plain["layer2.0.conv2.weight"])
+
+
+def test_init_from_a_classification_run_checkpoint_and_detection_backbone(tmp_path) -> None:
+    """A train checkpoint (Lightning's, ``model.`` prefix) starts a network, and the detection
+    backbone reads the same sources through ``fasterrcnn(pretrained_backbone=...)``."""
+    from attnconv.models.detection import fasterrcnn
+
+    trained = create_model("resnet18_aw", channels=(8, 8, 16, 16), num_classes=3)
+    path = tmp_path / "best.ckpt"
+    torch.save({"epoch": 3, "state_dict": {f"model.{k}": v for k, v in
+                                           trained.state_dict().items()}}, path)
+    fresh = create_model("resnet18_aw", channels=(8, 8, 16, 16), num_classes=3)
+    report = init_from(fresh, str(path))
+    assert report.new == [] and report.skipped == []
+    for key, value in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    detector = fasterrcnn("resnet18_aw", num_classes=4, pretrained_backbone=path,
+                          backbone_args=dict(channels=(8, 8, 16, 16)), min_size=64,
+                          max_size=64)
+    body = detector.backbone.body
+    assert torch.equal(body.layer3[0].conv1.weight, trained.layer3[0].conv1.weight)
+    assert sorted(detector.backbone.load_report.skipped) == ["fc.bias", "fc.weight"]

@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 
+from attnconv.engine.config import ConfigError
 from attnconv.training.config import RunConfig, apply
 from attnconv.training.models import ModelNameError
 from attnconv.training.module import NonFiniteLossError
@@ -200,3 +201,168 @@ def test_comparison_table_has_mean_std_and_difference(finished_run) -> None:
     table = comparison_table({"resnet18": a, "other": b})
     assert "| resnet18 | 52.00 ± 2.00 | — |" in table
     assert "| other | 64.00 ± 4.00 | +12.00 [+3.69, +20.31] |" in table
+
+
+class _Probe(L.Callback):
+    """Records what the trainer of a run was built with."""
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.callbacks = list(trainer.callbacks)
+        self.limit_train_batches = trainer.limit_train_batches
+
+
+def test_one_run_has_one_throughput_callback_and_int_limits_are_batch_counts(
+        tmp_path: Path) -> None:
+    from attnconv.training.callbacks import Throughput
+
+    probe = _Probe()
+    # Before: two Throughput callbacks logged train_img_per_s, and an int limit of 1 became
+    # 1.0 (all batches) for Lightning.
+    result = train(tiny_config(tmp_path, name="probe", trainer={"max_epochs": 1,
+                                                                "limit_train_batches": 1}),
+                   callbacks=[probe])
+    assert sum(isinstance(c, Throughput) for c in probe.callbacks) == 1
+    assert probe.limit_train_batches == 1 and type(probe.limit_train_batches) is int
+    assert safe_load(result.run_dir / "checkpoints" / "last.ckpt")["global_step"] == 1
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: `--trainer.compile true` crashed at the first step for every model
+    # (truth-testing the compiled module asked AttnResNet for len()). Dynamo traces forward
+    # and backward as it would for inductor; aot_eager skips the C++ code generation, which
+    # took 6 minutes of the shared 2-core machine.
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    cfg = tiny_config(tmp_path, name="compiled", model="resnet18_aw",
+                      trainer={"max_epochs": 1, "compile": True, "limit_train_batches": 3,
+                               "limit_val_batches": 1, "deterministic": False})
+    result = train(cfg)
+    last = safe_load(result.run_dir / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 3 and math.isfinite(result.loss)
+    # The checkpoint keeps the plain model's names, so eval/export rebuild it uncompiled.
+    assert not any("_orig_mod" in k for k in last["state_dict"])
+    assert evaluate(result.best_checkpoint)["images"] == 360
+
+
+class _WorseAfterFirstEpoch(L.Callback):
+    """Reports val_top1 0 from the second epoch on (Lightning runs checkpoint callbacks last,
+    so they see it): every later epoch is worse than the first."""
+
+    def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.current_epoch >= 1:
+            trainer.callback_metrics["val_top1"] = torch.tensor(0.0)
+
+
+def test_last_checkpoint_is_the_last_epoch_even_when_it_got_worse(tmp_path: Path,
+                                                                  capsys) -> None:
+    # Before: last.ckpt was written only with a new best, so it held epoch 0 here.
+    cfg = tiny_config(tmp_path, name="worse", trainer={"max_epochs": 3,
+                                                       "limit_train_batches": 2})
+    train(cfg, callbacks=[_WorseAfterFirstEpoch()])
+    folder = tmp_path / "worse" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert safe_load(folder / "last.ckpt")["epoch"] == 2
+    assert safe_load(folder / "last.ckpt")["global_step"] == 6
+    assert safe_load(folder / "best.ckpt")["epoch"] == 0
+    # --resume last continues after epoch 2; a longer max_epochs is applied, and said.
+    capsys.readouterr()
+    train(apply(cfg, {"resume": "last", "trainer": {"max_epochs": 4}}),
+          callbacks=[_WorseAfterFirstEpoch()])
+    assert "resume: applying trainer.max_epochs: 3 -> 4" in capsys.readouterr().out
+    assert safe_load(folder / "last.ckpt")["global_step"] == 8
+
+
+class _HugeWeightsAtSecondValidation(L.Callback):
+    """Finite weights whose logits overflow: the training loss of epoch 0 was finite, the
+    validation loss of epoch 1 is not (the --optim.lr 1000000 case of the issue)."""
+
+    def on_validation_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            with torch.no_grad():
+                module.model.fc.weight.fill_(3e38)
+
+
+def _all_finite(path: Path) -> bool:
+    return all(torch.isfinite(t).all() for t in _weights(path).values() if t.is_floating_point())
+
+
+def test_a_non_finite_validation_loss_stops_before_anything_is_saved(tmp_path: Path) -> None:
+    # Before: only the training loss was checked, and the NaN state became best and last.
+    cfg = tiny_config(tmp_path, name="valnan", trainer={"max_epochs": 3,
+                                                        "limit_train_batches": 2})
+    with pytest.raises(NonFiniteLossError, match=r"val_loss is (nan|inf) after validation of "
+                                                 r"epoch 1.*last good checkpoint is .*last.ckpt "
+                                                 r"\(epoch 0"):
+        train(cfg, callbacks=[_HugeWeightsAtSecondValidation()])
+    folder = tmp_path / "valnan" / "checkpoints"
+    for name in ("best.ckpt", "last.ckpt"):
+        assert safe_load(folder / name)["epoch"] == 0 and _all_finite(folder / name)
+
+
+class _PoisonFirstStep(L.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        with torch.no_grad():
+            module.model.fc.weight.fill_(float("nan"))
+
+
+def test_a_stop_before_any_checkpoint_says_there_is_none(tmp_path: Path) -> None:
+    # Before: "the last good checkpoint is kept" also when no checkpoint existed.
+    with pytest.raises(NonFiniteLossError, match="no checkpoint was written"):
+        train(tiny_config(tmp_path, name="early"), callbacks=[_PoisonFirstStep()])
+    assert not (tmp_path / "early" / "checkpoints").exists()
+
+
+def test_an_enormous_learning_rate_never_leaves_a_non_finite_checkpoint(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, name="lr", optim={"name": "sgd", "lr": 1e6},
+                      trainer={"max_epochs": 3, "limit_train_batches": 3})
+    with pytest.raises(NonFiniteLossError):
+        train(cfg)
+    for path in (tmp_path / "lr").rglob("*.ckpt"):
+        state = safe_load(path)
+        assert _all_finite(path)
+        scores = [v.get("best_model_score") for k, v in state["callbacks"].items()
+                  if k.startswith("ModelCheckpoint") and v.get("best_model_score") is not None]
+        assert all(math.isfinite(float(s)) for s in scores)
+
+
+def test_resume_refuses_changed_options_it_cannot_apply(tmp_path: Path) -> None:
+    # Before: --optim.lr under --resume trained at the old lr and recorded the new one.
+    cfg = tiny_config(tmp_path, name="changed", trainer={"max_epochs": 2,
+                                                         "limit_train_batches": 2})
+    train(cfg, callbacks=[_StopAfterFirstEpoch()])
+    before = (tmp_path / "changed" / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(ConfigError, match=r"--resume continues .*optim.lr 0.01 -> 0.5, "
+                                          r"optim.scheduler 'cosine' -> 'constant'"):
+        train(apply(cfg, {"resume": "last", "optim": {"lr": 0.5, "scheduler": "constant"}}))
+    assert (tmp_path / "changed" / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_a_run_folder_belongs_to_one_run(tmp_path: Path) -> None:
+    # Before: a second run with the same name wrote best-v1.ckpt next to the first run's files.
+    cfg = tiny_config(tmp_path, name="same", trainer={"max_epochs": 1, "limit_train_batches": 1})
+    train(cfg)
+    with pytest.raises(ConfigError, match=r"run folder .*same holds an earlier run: pass "
+                                          r"--resume last .*--overwrite true"):
+        train(cfg)
+    train(apply(cfg, {"overwrite": True, "trainer": {"limit_train_batches": 2}}))
+    folder = tmp_path / "same"
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["best.ckpt",
+                                                                         "last.ckpt"]
+    assert [p.parent.name for p in folder.glob("logs*/metrics.csv")] == ["logs"]
+    assert safe_load(folder / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+def test_more_devices_than_gpus_is_refused_naming_what_exists(tmp_path: Path) -> None:
+    from attnconv.engine.trainer import check_devices
+
+    wanted = max(2, torch.cuda.device_count() + 1)
+    found = torch.cuda.device_count()
+    with pytest.raises(ConfigError, match=rf"trainer.devices {wanted}: this machine has "
+                                          rf"{found} GPU"):
+        train(tiny_config(tmp_path, name="dev", trainer={"devices": str(wanted),
+                                                         "accelerator": "auto"}))
+    assert not (tmp_path / "dev").exists()
+    cfg = tiny_config(tmp_path, trainer={"devices": str(wanted), "accelerator": "cpu"})
+    check_devices(cfg.trainer)  # CPU processes, asked for by name, are allowed

@@ -7,18 +7,11 @@ from pathlib import Path
 import pytest
 
 from attnconv.cli import build_parser
-from attnconv.demo import DEMO_RECIPE, demo_config
+from attnconv.demo import demo_config
+from attnconv.recipes import recipe_path
 from attnconv.training.config import ConfigError, RunConfig, apply, config_from_args, load_recipe
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
-
-def test_every_recipe_loads() -> None:
-    names = sorted(p.name for p in RECIPES.glob("*.yaml"))
-    assert names == ["cifar10.yaml", "cifar100.yaml", "demo.yaml", "imagenet_resnet_aw.yaml",
-                     "imagenet_rfaconv.yaml"]
-    for path in RECIPES.glob("*.yaml"):
-        assert isinstance(load_recipe(path), RunConfig)
+RECIPES = recipe_path("demo").parent
 
 
 def test_rfaconv_recipe_matches_the_papers_imagenet_recipe() -> None:
@@ -54,9 +47,14 @@ def test_cifar_recipes(name: str, classes: int) -> None:
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.trainer.max_epochs) == (0.1, 5e-4, 200)
 
 
-def test_demo_recipe_file_matches_the_demo() -> None:
-    assert load_recipe(RECIPES / "demo.yaml") == apply(RunConfig(), DEMO_RECIPE)
-    assert demo_config().data.image_size == DEMO_RECIPE["data"]["image_size"]
+def test_demo_runs_the_shipped_demo_recipe() -> None:
+    recipe = load_recipe("demo")
+    demo = demo_config(out_dir="elsewhere", max_epochs=2)
+    assert (demo.out_dir, demo.name, demo.trainer.max_epochs) == ("elsewhere", "compare", 2)
+    assert demo.overwrite  # `make demo` twice replaces the first demo's runs
+    assert apply(demo, {"out_dir": recipe.out_dir, "name": recipe.name, "overwrite": False,
+                        "trainer": {"max_epochs": recipe.trainer.max_epochs,
+                                    "progress_bar": recipe.trainer.progress_bar}}) == recipe
 
 
 def test_unknown_key_in_recipe_is_an_error_with_a_suggestion(tmp_path: Path) -> None:
@@ -70,7 +68,7 @@ def test_unknown_key_in_recipe_is_an_error_with_a_suggestion(tmp_path: Path) -> 
 
 
 def test_wrong_type_is_an_error() -> None:
-    with pytest.raises(ConfigError, match=r"trainer.max_epochs must be a int"):
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs must be an integer"):
         apply(RunConfig(), {"trainer": {"max_epochs": "ten"}})
 
 

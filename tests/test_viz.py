@@ -139,8 +139,10 @@ def test_visualize_cli_on_an_rfa_model(tmp_path, capsys):
           "--layer", "layer2.0.conv1", "--out", str(tmp_path)])
     assert f"wrote {tmp_path / 'rfa_attention.png'}" in capsys.readouterr().out
     assert png_size(tmp_path / "rfa_attention.png") == (800, 400)
-    with pytest.raises(ValueError, match="has no module 'layer9'"):
+    with pytest.raises(SystemExit) as exit_info:  # a refusal: one line, exit status 2
         main(["viz", "--model", "resnet18_rfcbam", "--layer", "layer9", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "has no module 'layer9'" in capsys.readouterr().err
 
 
 def test_effective_gate_is_blank_where_the_input_is_zero():

@@ -1,13 +1,28 @@
 """Object detection: Faster R-CNN over attention ResNet-FPN backbones
 (:mod:`attnconv.models.detection`), COCO-format data, pycocotools evaluation, Lightning
-training, and a generated shapes dataset for runs without downloads."""
+training over :mod:`attnconv.engine`, and a generated shapes dataset for runs without downloads.
 
-from attnconv.detection.coco_eval import COCO_METRICS, coco_box_metrics, metrics_table
-from attnconv.detection.data import coco_dataset, collate, detection_loader
-from attnconv.detection.module import Detector, DetOptim
-from attnconv.detection.run import DetConfig, DetResult, eval_det, load_det_recipe, train_det
-from attnconv.detection.synthetic import ShapesDataset, make_shapes_dataset
+Names are imported on first use, so that ``attnconv --help`` does not load Lightning.
+"""
 
-__all__ = ["COCO_METRICS", "DetConfig", "DetOptim", "DetResult", "Detector", "ShapesDataset",
-           "coco_box_metrics", "coco_dataset", "collate", "detection_loader", "eval_det",
-           "load_det_recipe", "make_shapes_dataset", "metrics_table", "train_det"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "COCO_METRICS": "coco_eval", "coco_box_metrics": "coco_eval", "metrics_table": "coco_eval",
+    "coco_dataset": "data", "collate": "data", "detection_loader": "data",
+    "Detector": "module", "DetOptim": "module",
+    "DetConfig": "config", "DetDataConfig": "config", "DetOptimConfig": "config",
+    "DetResult": "run", "eval_det": "run", "load_det_recipe": "run", "train_det": "run",
+    "ShapesDataset": "synthetic", "make_shapes_dataset": "synthetic",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'attnconv.detection' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"attnconv.detection.{_HOMES[name]}"), name)

@@ -3,8 +3,7 @@ and step decay (Detectron's 1x schedule), COCO evaluation of every validation ep
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from typing import Any
 
 import lightning as L
 import torch
@@ -13,23 +12,18 @@ from pycocotools.coco import COCO
 from torch import nn
 
 from attnconv.detection.coco_eval import COCO_METRICS, coco_box_metrics, to_coco_detections
+from attnconv.detection.config import DetOptimConfig
+from attnconv.engine.trainer import stop_if_not_finite
+
+#: The optimizer section of :class:`attnconv.detection.config.DetConfig`.
+DetOptim = DetOptimConfig
 
 
-@dataclass
-class DetOptim:
-    """SGD as in Detectron2's COCO recipes; ``lr`` is for the whole batch as configured."""
-
-    lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    milestones: list[int] = field(default_factory=lambda: [8, 11])  # epochs
-    gamma: float = 0.1
-    warmup_iters: int = 500
-    warmup_factor: float = 0.001
-
-
-def lr_factor(step: int, steps_per_epoch: int, optim: DetOptim) -> float:
-    """Multiplier of ``optim.lr`` at optimizer step ``step`` (0-based)."""
+def lr_factor(step: int, steps_per_epoch: int, optim: DetOptimConfig) -> float:
+    """Multiplier of ``optim.lr`` at optimizer step ``step`` (0-based): Detectron's linear
+    warm-up over ``warmup_iters`` steps, then x ``gamma`` after each milestone epoch.
+    (Detection schedules per step; classification's :func:`attnconv.training.module.lr_factor`
+    per epoch, as the papers' recipes state them.)"""
     factor = optim.gamma ** sum(step >= m * steps_per_epoch for m in optim.milestones)
     if step < optim.warmup_iters:
         alpha = step / optim.warmup_iters
@@ -41,10 +35,12 @@ class Detector(L.LightningModule):
     """Trains a torchvision detector on (images, targets) list batches; every validation epoch
     runs pycocotools on ``coco_gt`` and logs ``val/AP`` ... ``val/APl`` (percent)."""
 
-    def __init__(self, model: nn.Module, optim: DetOptim, coco_gt: COCO | None = None) -> None:
+    def __init__(self, model: nn.Module, optim: DetOptimConfig, coco_gt: COCO | None = None,
+                 meta: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.model = model
         self.optim = optim
+        self.meta = meta or {}
         self.coco_gt = coco_gt
         self.metrics: dict[str, float] = {}
         self._detections: list[dict] = []
@@ -58,9 +54,8 @@ class Detector(L.LightningModule):
                    for t in targets]
         losses = self.model(images, targets)
         loss = sum(losses.values())
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"detection loss is {loss.item()} at step "
-                                     f"{self.global_step}: {losses}")
+        parts = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
+        stop_if_not_finite(self, loss, f" ({parts})")
         batch_size = len(images)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=batch_size)
@@ -95,3 +90,7 @@ class Detector(L.LightningModule):
             optimizer, lambda step: lr_factor(step, steps_per_epoch, self.optim))
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What `attnconv eval-det` needs to rebuild the detector without other input.
+        checkpoint["attnconv"] = self.meta

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -14,6 +15,25 @@ from attnconv.models.resnet import (
     build_resnet,
     load_official_rfa_checkpoint,
 )
+
+
+class ModelNameError(ValueError):
+    """A model name that the zoo (or, where asked, timm) does not have."""
+
+
+def check_model_name(name: str, extra: Sequence[str] = ()) -> None:
+    """ModelNameError naming close names when ``name`` is neither in the zoo nor in ``extra``.
+
+    The one model-name lookup: training, detection, the benchmark and export all call it.
+    """
+    if name in MODEL_ARGS or name in extra:
+        return
+    names = [*sorted(MODEL_ARGS), *extra]
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    hint = f"; close names: {', '.join(close)}" if close else ""
+    shown = ", ".join(sorted(MODEL_ARGS))
+    raise ModelNameError(f"unknown model '{name}'{hint} (zoo: {shown}"
+                         f"{'; or any timm model' if extra else ''})")
 
 
 def list_models() -> list[str]:
@@ -28,10 +48,7 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
 
     Zoo names also work with ``timm.create_model`` once ``attnconv`` is imported.
     """
-    if name not in MODEL_ARGS:
-        close = difflib.get_close_matches(name, MODEL_ARGS, n=3)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown model {name!r}: expected one of {list_models()}{hint}")
+    check_model_name(name)
     return build_resnet(name, pretrained, **kwargs)
 
 
@@ -39,6 +56,8 @@ __all__ = [
     "MODEL_ARGS",
     "ZOO_MODELS",
     "AttnResNet",
+    "ModelNameError",
+    "check_model_name",
     "create_model",
     "list_models",
     "load_official_rfa_checkpoint",

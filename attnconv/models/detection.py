@@ -3,7 +3,7 @@ RFA family), built from torchvision's detection parts.
 
 * AW-convolution: Zhu, Hofstee, Lee, Al-Ars, ICANN 2021, arXiv:2108.08205 -- the paper's COCO
   experiment is Faster R-CNN ResNet-101-FPN, 1x schedule
-  (``recipes/detection/fasterrcnn_r101_aw_coco_1x.yaml``).
+  (the shipped recipe ``fasterrcnn_r101_aw_coco_1x``).
 * RFAConv: Zhang et al., arXiv:2304.03198.
 
 :func:`resnet_fpn_backbone` is torchvision's function of the same name for networks of
@@ -15,10 +15,9 @@ checkpoints load into it.
 
 from __future__ import annotations
 
-import re
-import warnings
+import difflib
+import inspect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +26,18 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from attnconv.weights import read_state_dict
+from attnconv.pretrained import InitReport, init_from
+
+#: Keyword arguments FasterRCNN takes (its **kwargs go to the transform, which ignores them).
+_FASTERRCNN_ARGS = frozenset(inspect.signature(FasterRCNN.__init__).parameters) - {
+    "self", "backbone", "num_classes", "kwargs"}
 
 #: Stages from the top, in torchvision's order for ``trainable_layers``.
 _STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")
-
-#: State-dict keys every plain torchvision/timm ResNet has. A checkpoint must provide these;
-#: anything else a backbone has (SE/CBAM modules, AW's pointconvs, RFA's inner layers) is
-#: attention and may be missing from a plain ImageNet checkpoint.
-_PLAIN_KEY = re.compile(
-    r"^(conv1|bn1)\.[a-z_]+$|^layer\d\.\d+\.(conv\d|bn\d|downsample\.\d)\.[a-z_]+$")
 
 
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
@@ -49,44 +47,11 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     return create_model(name, num_classes=0, **kwargs)
 
 
-@dataclass
-class BackboneLoadReport:
-    """What :func:`load_backbone_weights` did not fill: the new attention parameters (kept at
-    their initialisation, where AW and RFA compute the plain conv's job) and ignored keys."""
-
-    path: str
-    loaded: int
-    missing_attention: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        text = f"{self.path}: {self.loaded} tensors loaded"
-        if self.missing_attention:
-            shown = ", ".join(self.missing_attention[:4])
-            more = len(self.missing_attention) - 4
-            text += (f"; {len(self.missing_attention)} attention tensors not in the checkpoint "
-                     f"({shown}{f', ... {more} more' if more > 0 else ''})")
-        if self.unexpected:
-            text += (f"; {len(self.unexpected)} checkpoint tensors unused "
-                     f"({self.unexpected[0]}, ...)")
-        return text
-
-
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> BackboneLoadReport:
-    """Load ImageNet weights for ``backbone`` from ``path`` (``torch.load(weights_only=True)``).
-
-    The classifier (``fc.*``) is dropped. Only attention parameters may be missing: a checkpoint
-    that lacks a plain conv/BN tensor belongs to another network and raises ValueError.
-    """
-    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("fc.")}
-    result = backbone.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
-    plain_missing = [k for k in missing if _PLAIN_KEY.match(k)]
-    if plain_missing:
-        raise ValueError(f"{path} does not fit this backbone: {len(plain_missing)} conv/BN tensors "
-                         f"missing ({', '.join(plain_missing[:4])}, ...)")
-    return BackboneLoadReport(str(path), len(state) - len(result.unexpected_keys),
-                              missing, list(result.unexpected_keys))
+def load_backbone_weights(backbone: nn.Module, source: str | Path) -> InitReport:
+    """Fill ``backbone`` from ImageNet weights (``torchvision:NAME``, ``timm:NAME`` or a weights
+    file, as :func:`attnconv.pretrained.init_from`): the classifier is skipped, attention tensors
+    keep their neutral start, and a checkpoint of another network raises InitError."""
+    return init_from(backbone, str(source))
 
 
 def _check_trainable_layers(trainable_layers: int | None, pretrained: bool) -> int:
@@ -110,7 +75,8 @@ def resnet_fpn_backbone(
     backbone_args: Mapping[str, Any] | None = None,
 ) -> BackboneWithFPN:
     """A zoo ResNet (by name, or built) with torchvision's FPN on ``returned_layers``;
-    ``.load_report`` says what ``pretrained_backbone`` did not fill.
+    ``.load_report`` (an :class:`attnconv.pretrained.InitReport`) says what
+    ``pretrained_backbone`` filled.
 
     ``norm_layer`` None follows torchvision's Faster R-CNN builders: FrozenBatchNorm2d when
     weights load (detection batches are too small for batch statistics), BatchNorm2d when the
@@ -130,8 +96,6 @@ def resnet_fpn_backbone(
         backbone = create_backbone(backbone, **args)
     if pretrained:
         report = load_backbone_weights(backbone, pretrained_backbone)
-        if report.missing_attention or report.unexpected:
-            warnings.warn(f"backbone weights: {report}", stacklevel=2)
     if frozen:
         # The checkpoint loads into ordinary BNs first, then every BN is frozen with its
         # statistics (timm builds norm layers with device/dtype, which FrozenBatchNorm2d lacks).
@@ -156,6 +120,16 @@ def resnet_fpn_backbone(
     return fpn
 
 
+def check_fasterrcnn_args(kwargs: Mapping[str, Any]) -> None:
+    """TypeError naming close names for a keyword :func:`fasterrcnn` does not take."""
+    known = _FASTERRCNN_ARGS | set(inspect.signature(fasterrcnn).parameters) - {"kwargs"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise TypeError(f"fasterrcnn() got unknown argument(s) {', '.join(unknown)}{hint}")
+
+
 def fasterrcnn(
     backbone: str | nn.Module = "resnet101_aw",
     num_classes: int = 91,
@@ -166,6 +140,7 @@ def fasterrcnn(
     returned_layers: Sequence[int] = (1, 2, 3, 4),
     fpn_channels: int = 256,
     anchor_sizes: Sequence[int] | None = None,
+    representation_size: int = 1024,
     backbone_args: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> FasterRCNN:
@@ -175,15 +150,20 @@ def fasterrcnn(
         backbone: zoo name (``'resnet50'``, ``'resnet101_aw'``, ``'resnet50_se_aw'``,
             ``'resnet18_rfa'``...) or a built zoo ResNet.
         num_classes: classes including background (91 for COCO's category ids).
-        pretrained_backbone: ImageNet checkpoint of the backbone (a weights-only file).
+        pretrained_backbone: ImageNet weights of the backbone: ``torchvision:NAME``,
+            ``timm:NAME`` or a weights file (see :func:`attnconv.pretrained.init_from`).
         trainable_layers, norm_layer, returned_layers, fpn_channels: as torchvision's
             ``resnet_fpn_backbone`` (see :func:`resnet_fpn_backbone` for the defaults).
         anchor_sizes: one anchor size per pyramid level (default torchvision's 32..512),
             each with aspect ratios 0.5, 1, 2.
+        representation_size: width of the box head's two fully connected layers
+            (torchvision's TwoMLPHead; 1024 in torchvision and Detectron).
         backbone_args: keyword arguments of :func:`attnconv.create_model` (``channels``...).
         **kwargs: FasterRCNN's arguments (``min_size``, ``max_size``,
-            ``box_detections_per_img``...).
+            ``box_detections_per_img``...); a name FasterRCNN does not take raises TypeError
+            (FasterRCNN itself would pass it on to its transform, which ignores it).
     """
+    check_fasterrcnn_args(kwargs)
     body = resnet_fpn_backbone(backbone, pretrained_backbone=pretrained_backbone,
                                trainable_layers=trainable_layers, norm_layer=norm_layer,
                                returned_layers=returned_layers, fpn_channels=fpn_channels,
@@ -195,8 +175,15 @@ def fasterrcnn(
                              f"got {list(anchor_sizes)}")
         kwargs["rpn_anchor_generator"] = AnchorGenerator(
             tuple((s,) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * levels)
-    return FasterRCNN(body, num_classes=num_classes, **kwargs)
+    if "box_head" not in kwargs:
+        pool = kwargs.get("box_roi_pool")
+        resolution = pool.output_size[0] if pool is not None else 7  # FasterRCNN's default pool
+        kwargs["box_head"] = TwoMLPHead(body.out_channels * resolution**2, representation_size)
+    if "box_predictor" not in kwargs:
+        kwargs["box_predictor"] = FastRCNNPredictor(representation_size, num_classes)
+    # FasterRCNN wants num_classes None when a box predictor is given.
+    return FasterRCNN(body, num_classes=None, **kwargs)
 
 
-__all__ = ["BackboneLoadReport", "create_backbone", "fasterrcnn", "load_backbone_weights",
-           "resnet_fpn_backbone"]
+__all__ = ["check_fasterrcnn_args", "create_backbone", "fasterrcnn",
+           "load_backbone_weights", "resnet_fpn_backbone"]

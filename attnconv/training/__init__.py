@@ -15,7 +15,7 @@ _HOMES = {
     "ModelNameError": "models", "build_model": "models",
     "Classifier": "module", "NonFiniteLossError": "module",
     "compare": "run", "evaluate": "run", "summary_table": "run", "train": "run",
-    "load_model": "run", "load_trained": "run",
+    "load_model": "run", "load_trained": "run",  # defined in attnconv.loading
 }
 
 __all__ = sorted(_HOMES)

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 from torch import nn
 
+from attnconv.models import ModelNameError, check_model_name, list_models
 
-class ModelNameError(ValueError):
-    """A model name that the zoo does not have."""
+__all__ = ["ModelNameError", "build_model", "check_model_name", "model_names"]
 
 
 def model_names() -> list[str]:
-    from attnconv.models import list_models
     return list_models()
-
-
-def check_model_name(name: str) -> None:
-    """ModelNameError listing close names when ``name`` is not in the zoo."""
-    names = model_names()
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
-        hint = f"; close names: {', '.join(close)}" if close else ""
-        raise ModelNameError(f"unknown model '{name}'{hint} (all: {', '.join(names)})")
 
 
 def build_model(name: str, num_classes: int = 1000, in_chans: int = 3, **kwargs: Any

@@ -11,11 +11,10 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from attnconv.engine.trainer import NonFiniteLossError, stop_if_not_finite
 from attnconv.training.config import OptimConfig
 
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the weights of that step are not applied."""
+__all__ = ["Classifier", "NonFiniteLossError", "lr_factor"]
 
 
 def lr_factor(epoch: int, optim: OptimConfig, max_epochs: int) -> float:
@@ -66,19 +65,14 @@ class Classifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return (self._compiled or self.model)(x)
+        # `is None`, not `or`: truth-testing a compiled module asks the network for len().
+        return (self.model if self._compiled is None else self._compiled)(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         loss = self.criterion(logits, y)
-        # All processes decide together, so that no DDP rank waits for one that stopped.
-        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)),
-                                                             all=True):
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at epoch {self.current_epoch}, step "
-                f"{self.global_step}; the run stopped and the last good checkpoint is kept "
-                "(lower optim.lr, add optim.warmup_epochs, or use precision 32-true)")
+        stop_if_not_finite(self, loss)
         self.train_top1(logits, y)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train_top1", self.train_top1, on_step=False, on_epoch=True)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import statistics
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +12,22 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from attnconv.engine.trainer import (
+    NonFiniteLossError,
+    check_devices,
+    evaluation_trainer,
+    make_trainer,
+    prepare_run_dir,
+    quiet_lightning,
+    resume_notes,
+    resume_path,
+    stopped_note,
+)
+from attnconv.loading import Trained, is_trained_checkpoint, load_model, load_trained
+from attnconv.pretrained import init_from
 from attnconv.profiling import count_macs, count_params, markdown_table
-from attnconv.training.callbacks import RNGState, Throughput
-from attnconv.training.checkpoint import SafeCheckpointIO
+from attnconv.training.callbacks import Throughput
 from attnconv.training.config import RunConfig, apply
 from attnconv.training.data import ClassificationData, Datasets, build_datasets
 from attnconv.training.models import build_model, check_model_name
@@ -30,7 +38,10 @@ from attnconv.training.report import (
     plot_comparison,
     plot_training_curves,
 )
-from attnconv.weights import read_state_dict, safe_load
+
+# Re-exported: they lived here before attnconv.loading.
+__all__ = ["Comparison", "RunResult", "Trained", "compare", "comparison_table", "evaluate",
+           "is_trained_checkpoint", "load_model", "load_trained", "summary_table", "train"]
 
 SUMMARY_HEADERS = ("model", "top-1 (%)", "top-5 (%)", "val loss", "params (M)", "MACs (M)",
                    "train img/s")
@@ -55,23 +66,6 @@ class RunResult:
                 self.macs / 1e6, self.img_per_s)
 
 
-def quiet_lightning() -> None:
-    """Keep Lightning's start-up notices and small-data warnings out of the user's output."""
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    for message in (".*does not have many workers.*", ".*smaller than the logging interval.*",
-                    ".*LeafSpec.*", ".*isinstance.*treespec.*"):
-        warnings.filterwarnings("ignore", message=message)
-
-
-def _resume_path(cfg: RunConfig, run_dir: Path) -> Path | None:
-    if not cfg.resume:
-        return None
-    path = run_dir / "checkpoints" / "last.ckpt" if cfg.resume == "last" else Path(cfg.resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"resume checkpoint {path} does not exist")
-    return path
-
-
 def _meta(cfg: RunConfig, sets: Datasets) -> dict[str, Any]:
     return {"config": cfg.to_dict(), "num_classes": sets.num_classes, "in_chans": sets.in_chans,
             "image_size": sets.image_size}
@@ -86,58 +80,35 @@ def _model_cost(model: torch.nn.Module, sets: Datasets) -> tuple[int, int]:
     return count_params(model), macs
 
 
-def _csv_version(run_dir: Path, resuming: bool) -> str:
-    # CSVLogger empties a folder it reuses: a resumed run writes next to the earlier part.
-    if not resuming:
-        return "logs"
-    n = 1
-    while (run_dir / f"logs-{n}").exists():
-        n += 1
-    return f"logs-{n}"
-
-
-def make_trainer(cfg: RunConfig, run_dir: Path, callbacks: Sequence[L.Callback] = (),
-                 loggers: bool = True) -> L.Trainer:
-    t = cfg.trainer
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
-                                 monitor="val_top1", mode="max", save_top_k=1, save_last=True,
-                                 every_n_epochs=1, auto_insert_metric_name=False)
-    all_callbacks: list[L.Callback] = [checkpoint, RNGState(), Throughput(), *callbacks]
-    if t.progress_bar:
-        all_callbacks.append(TQDMProgressBar(leave=True))  # one bar kept per epoch
-    return L.Trainer(
-        default_root_dir=run_dir, max_epochs=t.max_epochs, accelerator=t.accelerator,
-        devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
-        deterministic=t.deterministic, log_every_n_steps=t.log_every_n_steps,
-        limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
-        enable_progress_bar=t.progress_bar, enable_model_summary=False,
-        # The sanity check would draw random numbers a resumed run must not draw.
-        num_sanity_val_steps=0,
-        callbacks=all_callbacks, plugins=[SafeCheckpointIO()],
-        logger=[CSVLogger(run_dir, name="", version=_csv_version(run_dir, bool(cfg.resume))),
-                TensorBoardLogger(run_dir, name="", version="tensorboard")] if loggers else False,
-    )
-
-
 def train(cfg: RunConfig, callbacks: Sequence[L.Callback] = ()) -> RunResult:
     """Train ``cfg.model`` as ``cfg`` says; checkpoints, logs and plot go to the run folder.
 
     Bad input (data, model name, resume path) raises before any training step.
     """
     quiet_lightning()
-    sets = build_datasets(cfg.data)
+    check_devices(cfg.trainer)
     check_model_name(cfg.model)
+    sets = build_datasets(cfg.data)
     run_dir = Path(cfg.out_dir) / (cfg.name or f"{cfg.model}-s{cfg.seed}")
-    resume = _resume_path(cfg, run_dir)
+    resume = resume_path(cfg.resume, run_dir)
+    for note in resume_notes(resume, cfg.to_dict()):
+        print(f"resume: applying {note}")
+    prepare_run_dir(run_dir, resuming=resume is not None, overwrite=cfg.overwrite)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg.model, sets.num_classes, sets.in_chans, **cfg.model_args)
+    if cfg.init and resume is None:  # a resumed run's checkpoint holds the weights
+        print(init_from(model, cfg.init))
     params, macs = _model_cost(model, sets)
     module = Classifier(model, sets.num_classes, cfg.optim, cfg.trainer.max_epochs,
                         channels_last=cfg.trainer.channels_last, compile=cfg.trainer.compile,
                         meta=_meta(cfg, sets))
-    throughput = Throughput()
-    trainer = make_trainer(cfg, run_dir, [throughput, *callbacks])
-    trainer.fit(module, datamodule=ClassificationData(cfg.data, sets), ckpt_path=resume)
+    trainer = make_trainer(cfg.trainer, run_dir, monitor="val_top1", mode="max",
+                           val_loss="val_loss", callbacks=[Throughput(), *callbacks],
+                           resuming=resume is not None)
+    try:
+        trainer.fit(module, datamodule=ClassificationData(cfg.data, sets), ckpt_path=resume)
+    except NonFiniteLossError as err:
+        raise NonFiniteLossError(f"{err}; {stopped_note(run_dir)}") from None
     m = trainer.callback_metrics
     plot = None
     if trainer.is_global_zero:
@@ -150,59 +121,6 @@ def train(cfg: RunConfig, callbacks: Sequence[L.Callback] = ()) -> RunResult:
                      float(m.get("val_loss", float("nan"))), params, macs,
                      float(m.get("train_img_per_s", float("nan"))), run_dir,
                      Path(best) if best else None, plot)
-
-
-@dataclass
-class Trained:
-    """A network restored from an ``attnconv train`` checkpoint, with its run's settings."""
-    model: torch.nn.Module
-    config: RunConfig
-    meta: dict[str, Any]
-
-    @property
-    def input_size(self) -> tuple[int, int, int]:
-        return (self.meta["in_chans"], self.meta["image_size"], self.meta["image_size"])
-
-
-def is_trained_checkpoint(state: Any) -> bool:
-    return isinstance(state, dict) and "attnconv" in state and "state_dict" in state
-
-
-def load_trained(checkpoint: str | Path, state: dict[str, Any] | None = None) -> Trained:
-    """Rebuild the network of an ``attnconv train`` checkpoint (read weights-only, unless its
-    already loaded ``state`` is given)."""
-    state = safe_load(checkpoint) if state is None else state
-    if not is_trained_checkpoint(state):
-        raise ValueError(f"{checkpoint} is not a checkpoint written by `attnconv train`")
-    meta = state["attnconv"]
-    cfg = apply(RunConfig(), meta["config"], where=str(checkpoint))
-    model = build_model(cfg.model, meta["num_classes"], meta["in_chans"], **cfg.model_args)
-    # Classifier keeps the network as `model`: its state-dict keys are `model.<name>`.
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()
-                           if k.startswith("model.")})
-    return Trained(model, cfg, meta)
-
-
-def load_model(name: str, checkpoint: str | Path | None = None, **kwargs: Any
-               ) -> tuple[torch.nn.Module, tuple[int, int, int] | None]:
-    """The zoo network ``name`` with the weights of ``checkpoint``, and its input size when the
-    checkpoint says it.
-
-    ``checkpoint`` may be an ``attnconv train`` checkpoint (its run's model and head are
-    rebuilt; ``name`` must match) or a plain state dict (``{'state_dict': ...}`` accepted),
-    loaded strictly into ``create_model(name, **kwargs)``. Files are read weights-only.
-    """
-    if checkpoint is None:
-        return build_model(name, **kwargs), None
-    state = safe_load(checkpoint)
-    if is_trained_checkpoint(state):
-        trained = load_trained(checkpoint, state)
-        if trained.config.model != name:
-            raise ValueError(f"{checkpoint} holds a {trained.config.model!r}, not {name!r}")
-        return trained.model, trained.input_size
-    model = build_model(name, **kwargs)
-    model.load_state_dict(read_state_dict(state))
-    return model, None
 
 
 def evaluate(checkpoint: str | Path, data_overrides: dict[str, Any] | None = None,
@@ -218,9 +136,7 @@ def evaluate(checkpoint: str | Path, data_overrides: dict[str, Any] | None = Non
         cfg = apply(cfg, {"data": data_overrides}, where="data overrides")
     sets = build_datasets(cfg.data)
     module = Classifier(trained.model, meta["num_classes"], cfg.optim, cfg.trainer.max_epochs)
-    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False,
-                        enable_model_summary=False, enable_progress_bar=False,
-                        enable_checkpointing=False)
+    trainer = evaluation_trainer(accelerator)
     start = time.perf_counter()
     (m,) = trainer.validate(module, datamodule=ClassificationData(cfg.data, sets), verbose=False)
     seconds = time.perf_counter() - start
@@ -248,6 +164,10 @@ def compare(models: Sequence[str], seeds: int, cfg: RunConfig) -> Comparison:
         check_model_name(name)
     build_datasets(cfg.data)
     folder = Path(cfg.out_dir) / (cfg.name or "compare")
+    if not cfg.overwrite:  # every run folder is checked before the first model trains
+        for name in models:
+            for seed in range(cfg.seed, cfg.seed + seeds):
+                prepare_run_dir(folder / f"{name}-s{seed}", resuming=False, overwrite=False)
     results: dict[str, list[RunResult]] = {}
     for name in models:
         for seed in range(cfg.seed, cfg.seed + seeds):

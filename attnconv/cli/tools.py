@@ -1,16 +1,14 @@
-"""The ``attnconv`` command: a thin layer over the library's functions of the same names."""
+"""``attnconv bench``, ``export`` and ``viz``: the complexity table, ONNX export and attention
+figures of zoo networks (none of them imports the training wing)."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
-
-import torch
-
-from attnconv.training.commands import add_training_commands, run_command
 
 
 def _bench(args: argparse.Namespace) -> None:
+    import torch
+
     from attnconv.bench import benchmark_models, complexity_table, describe, memory_label
 
     torch.set_num_threads(args.threads)
@@ -23,7 +21,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from attnconv.export import export_onnx
-    from attnconv.training import load_model
+    from attnconv.loading import load_model
 
     model, size = load_model(args.model, args.checkpoint, num_classes=args.num_classes)
     report = export_onnx(model, args.output or f"{args.model}.onnx",
@@ -33,7 +31,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _viz(args: argparse.Namespace) -> None:
-    from attnconv.training import load_model
+    from attnconv.loading import load_model
     from attnconv.viz import visualize
 
     model, size = load_model(args.model, args.checkpoint, num_classes=args.num_classes)
@@ -43,14 +41,11 @@ def _viz(args: argparse.Namespace) -> None:
         print(f"wrote {figure.path}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnconv", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    add_training_commands(sub)
-
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``bench``, ``export`` and ``viz``."""
     bench = sub.add_parser("bench", help="complexity table: params, MACs, speed, memory",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           allow_abbrev=False)
     bench.add_argument("models", nargs="+", metavar="MODEL",
                        help="zoo, baseline or timm model names; ratios are to the first")
     bench.add_argument("--input-size", type=int, nargs=3, default=[3, 224, 224],
@@ -63,13 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     bench.set_defaults(func=_bench)
 
-    from attnconv.detection.cli import add_detection_parsers
-    add_detection_parsers(sub)  # train-det, eval-det
-    from attnconv.segmentation.commands import add_segmentation_parsers
-    add_segmentation_parsers(sub)  # train-seg, eval-seg
-
     export = sub.add_parser("export", help="ONNX with a dynamic batch, checked by onnxruntime",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           allow_abbrev=False)
     export.add_argument("model", metavar="MODEL", help="zoo model name")
     export.add_argument("--output", help="ONNX file (default: MODEL.onnx)")
     export.add_argument("--checkpoint", help="`attnconv train` checkpoint or state dict")
@@ -84,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=_export)
 
     viz = sub.add_parser("viz", help="figures of the attention of a model on one image",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           allow_abbrev=False)
     viz.add_argument("--model", required=True, help="zoo model name")
     viz.add_argument("--checkpoint", help="`attnconv train` checkpoint or state dict")
     viz.add_argument("--image", help="image file (default: a portrait shipped with matplotlib)")
@@ -93,13 +85,3 @@ def build_parser() -> argparse.ArgumentParser:
     viz.add_argument("--size", type=int, help="image side (default: the model's input size)")
     viz.add_argument("--num-classes", type=int, default=1000, help="classifier width")
     viz.set_defaults(func=_viz)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    run_command(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,14 +1,12 @@
-"""Sub-commands ``train``, ``eval``, ``compare`` and ``demo`` of the ``attnconv`` command."""
+"""``attnconv train``, ``eval``, ``compare``, ``demo`` and ``recipes``: classification."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 import time
 
-import torch
-
-from attnconv.training.config import ConfigError, add_config_arguments, config_from_args
+from attnconv.training.config import add_config_arguments, config_from_args
 
 _FORMATTER = argparse.RawDescriptionHelpFormatter
 
@@ -39,16 +37,20 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
+    import torch
+
     from attnconv.demo import DEMO_MODELS, demo_config
     from attnconv.training.run import compare
 
-    torch.set_num_threads(args.threads)
-    cfg = demo_config(out_dir=args.out_dir, progress_bar=args.progress)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = demo_config(out_dir=args.out_dir, progress_bar=args.progress,
+                      max_epochs=args.epochs)
     models = list(DEMO_MODELS)
     print(f"Training {', '.join(models)} on the embedded digits "
           f"(scikit-learn, {cfg.data.image_size}x{cfg.data.image_size}), "
-          f"{cfg.trainer.max_epochs} epochs, {args.seeds} seeds each, {args.threads} CPU "
-          "thread(s)...", flush=True)
+          f"{cfg.trainer.max_epochs} epochs, {args.seeds} seeds each, "
+          f"{torch.get_num_threads()} CPU thread(s)...", flush=True)
     start = time.perf_counter()
     result = compare(models, args.seeds, cfg)
     print(f"\n{result.table}\n\nΔ: difference in mean top-1 to {models[0]} with a Welch t "
@@ -56,18 +58,29 @@ def _demo(args: argparse.Namespace) -> None:
           f"{result.plot.parent}/*/curves.png\ntook {time.perf_counter() - start:.0f} s")
 
 
-def add_training_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``train``, ``eval``, ``compare`` and ``demo`` to the ``attnconv`` parser."""
+def _recipes(args: argparse.Namespace) -> None:
+    from attnconv.recipes import describe, list_recipes, recipe_path
+
+    for name in list_recipes():
+        print(f"{name:28s} {describe(name)}")
+    print(f"\n(in {recipe_path(list_recipes()[0]).parent}; use: attnconv train --config NAME, "
+          "attnconv train-det --config NAME)")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``train``, ``eval``, ``compare``, ``demo`` and ``recipes``."""
     train = sub.add_parser(
-        "train", formatter_class=_FORMATTER, help="train a classifier (Lightning)",
-        description="Train a model from the zoo. With no option: resnet18 (CIFAR stem, narrow) "
-        "on the embedded digits.\nExample: attnconv train --config recipes/cifar10.yaml "
-        "--model resnet18_rfa --data.root ~/data\nDistributed: torchrun --nproc-per-node 4 "
-        "-m attnconv.cli train --trainer.devices 4 ...")
+        "train", formatter_class=_FORMATTER, allow_abbrev=False,
+        help="train a classifier (Lightning)",
+        description="Train a model from the zoo. With no option: resnet18 on the embedded "
+        "digits.\nExamples: attnconv train --config demo\n          attnconv train --config "
+        "cifar10 --model resnet18_rfa --data.root ~/data\nDistributed: torchrun "
+        "--nproc-per-node 4 -m attnconv.cli train --trainer.devices 4 ...")
     add_config_arguments(train)
     train.set_defaults(func=_train)
 
-    ev = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on its validation set")
+    ev = sub.add_parser("eval", allow_abbrev=False,
+                        help="top-1/top-5 of a checkpoint on its validation set")
     ev.add_argument("--checkpoint", required=True,
                     help="a .ckpt written by `attnconv train` (read with weights_only=True)")
     ev.add_argument("--data-root", default=None,
@@ -76,7 +89,7 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
     ev.set_defaults(func=_eval)
 
     cmp = sub.add_parser(
-        "compare", formatter_class=_FORMATTER,
+        "compare", formatter_class=_FORMATTER, allow_abbrev=False,
         help="train several models with several seeds; mean ± std and Δ with a 95%% CI",
         description="Train each MODEL with --seeds seeds under one recipe; print mean ± std of "
         "top-1 and the difference to the first model with a Welch t 95% interval, and save a "
@@ -84,32 +97,22 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:
     cmp.add_argument("models", nargs="+", metavar="MODEL", help="model names; the first is the "
                      "reference")
     cmp.add_argument("--seeds", type=int, default=3, help="seeds per model (default: 3)")
-    add_config_arguments(cmp)
+    # The models are the positional MODELs: a --model option would be ignored.
+    add_config_arguments(cmp, exclude=("model", "resume"))
     cmp.set_defaults(func=_compare)
 
-    demo = sub.add_parser("demo", help="compare resnet18, resnet18_aw and resnet18_rfa on the "
+    demo = sub.add_parser("demo", allow_abbrev=False,
+                          help="compare resnet18, resnet18_aw and resnet18_rfa on the "
                           "embedded digits (a few minutes on 2 CPU cores)")
     demo.add_argument("--seeds", type=int, default=2, help="seeds per model (default: 2)")
-    demo.add_argument("--threads", type=int, default=torch.get_num_threads(),
+    demo.add_argument("--epochs", type=int, default=None,
+                      help="epochs per run (default: the demo recipe's)")
+    demo.add_argument("--threads", type=int, default=0,
                       help="torch CPU threads; on a machine busy with other work 1 can be "
-                      f"faster (default: torch's, here {torch.get_num_threads()})")
+                      f"faster (default: torch's, here up to {os.cpu_count()})")
     demo.add_argument("--out-dir", default="runs/demo", help="run folder (default: runs/demo)")
     demo.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
     demo.set_defaults(func=_demo)
 
-
-def run_command(args: argparse.Namespace) -> None:
-    """Run a parsed command; bad input ends with one clear line and exit status 2."""
-    from attnconv.export import ExportError
-    from attnconv.training.data import DataError
-    from attnconv.training.models import ModelNameError
-    from attnconv.training.module import NonFiniteLossError
-
-    try:
-        args.func(args)
-    except (ConfigError, DataError, ModelNameError, FileNotFoundError) as err:
-        sys.exit(f"attnconv {args.command}: error: {err}")
-    except ExportError as err:
-        sys.exit(f"attnconv {args.command}: failed: {err}")
-    except NonFiniteLossError as err:
-        sys.exit(f"attnconv {args.command}: stopped: {err}")
+    recipes = sub.add_parser("recipes", help="list the shipped recipes (--config NAME)")
+    recipes.set_defaults(func=_recipes)

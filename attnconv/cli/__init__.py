@@ -1,0 +1,54 @@
+"""The ``attnconv`` command: a thin layer over the library's functions of the same names.
+
+One parser per command group (:mod:`.training`, :mod:`.detection`, :mod:`.tools`), one map
+from library errors to messages and exit statuses (:mod:`.errors`). Building the parser imports
+neither Lightning nor the training code: ``attnconv --help`` is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from attnconv.cli import detection, tools, training
+from attnconv.cli.errors import classify, one_line
+
+__all__ = ["build_parser", "main", "run_command"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnconv", allow_abbrev=False,
+        description="AW-convolution and RFAConv: layers, the papers' networks, training, "
+        "detection, export and figures. Every refusal is one line on stderr with exit status "
+        "2; --debug (anywhere) shows the traceback.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    training.add_parsers(sub)
+    detection.add_parsers(sub)
+    tools.add_parsers(sub)
+    return parser
+
+
+def run_command(args: argparse.Namespace, debug: bool = False) -> None:
+    """Run a parsed command; a known error ends with one clear line on stderr and the exit
+    status of :data:`attnconv.cli.errors.ERRORS` (2 for bad input)."""
+    try:
+        args.func(args)
+    except Exception as err:
+        kind = classify(err)
+        if kind is None or debug or getattr(args, "debug", False):
+            raise
+        word, status = kind
+        print(f"attnconv {args.command}: {word}: {one_line(err)}", file=sys.stderr)
+        sys.exit(status)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    args = build_parser().parse_args(argv)
+    run_command(args, debug=debug)

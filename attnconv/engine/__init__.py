@@ -1,0 +1,17 @@
+"""What every task (classification, detection, ...) shares.
+
+* :mod:`attnconv.engine.config` -- typed dataclass configs, recipes, ``--section.key value``
+  options, :class:`ConfigError` (no Lightning import).
+* :mod:`attnconv.engine.trainer` -- Lightning trainer construction, quiet logging, the DDP-safe
+  non-finite stop, resume.
+* :mod:`attnconv.training.checkpoint`, :mod:`attnconv.training.callbacks` -- atomic
+  weights-only checkpoint I/O, RNG state in checkpoints, throughput (task-independent; they
+  stay where they were so that concurrent changes to them merge).
+
+A task is a config dataclass (sections over :class:`TrainerConfig`), a LightningModule and a
+``train``/``evaluate`` pair of functions that call :func:`make_trainer`.
+"""
+
+from attnconv.engine.config import ConfigError, TrainerConfig, apply, load_recipe
+
+__all__ = ["ConfigError", "TrainerConfig", "apply", "load_recipe"]

@@ -1,0 +1,170 @@
+"""The command line as a whole: options parse as their types say, no abbreviations, every
+refusal is one line on stderr with exit status 2 (``--debug`` shows the traceback), and
+``--help`` does not import Lightning."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attnconv.cli import build_parser, main
+from attnconv.convert import convert_model
+from attnconv.detection.config import DetConfig
+from attnconv.engine.config import config_from_args
+from attnconv.models import create_model
+from attnconv.training.config import ClassifierTrainerConfig, RunConfig
+from attnconv.training.config import config_from_args as run_config_from_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(argv: list[str]) -> RunConfig:
+    return run_config_from_args(build_parser().parse_args(["train", *argv]))
+
+
+def test_numbers_parse_as_their_fields_types() -> None:
+    cfg = _config(["--optim.lr", "1e-3", "--data.image_size", "16",
+                   "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0.5",
+                   "--trainer.devices", "2", "--name", "1e-3", "--optim.milestones", "[2, 4]"])
+    assert cfg.optim.lr == 0.001 and isinstance(cfg.optim.lr, float)  # YAML 1.1: a string
+    assert cfg.data.image_size == 16 and isinstance(cfg.data.image_size, int)
+    # An int is a number of batches for Lightning (1 = one batch), a float a share.
+    assert cfg.trainer.limit_train_batches == 1 and type(cfg.trainer.limit_train_batches) is int
+    assert cfg.trainer.limit_val_batches == 0.5
+    assert cfg.trainer.devices == "2" and cfg.name == "1e-3"
+    assert cfg.optim.milestones == [2, 4]
+
+
+def test_a_recipe_value_like_1e_3_is_a_float(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim: {lr: 1e-3}\ntrainer: {limit_train_batches: 3}\n")
+    cfg = _config(["--config", str(recipe)])
+    assert cfg.optim.lr == 0.001 and cfg.trainer.limit_train_batches == 3
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--trainer.max_epoch", "3"],  # was run as --trainer.max_epochs
+    ["train", "--optim.l", "0.1"],
+    ["compare", "resnet18", "--model", "resnet50"],  # was accepted and ignored
+    ["compare", "resnet18", "--mod", "resnet50"],
+    ["train-det", "--data.batch", "2"],
+])
+def test_abbreviations_and_options_a_command_ignores_are_refused(
+        argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--model", "resnet18_wa"], "unknown model 'resnet18_wa'; close names: resnet18_aw"),
+    (["train", "--data.name", "cifar10"], "data.root is required for data.name=cifar10"),
+    (["train", "--optim.lr", "fast"], "optim.lr must be a number, not 'fast'"),
+    (["train", "--trainer.max_epochs", "0"], "trainer.max_epochs must be >= 1, not 0"),
+    (["train", "--trainer.max_epochs", "-1"], "trainer.max_epochs must be >= 1, not -1"),
+    (["train", "--optim.scheduler", "cosin"], "optim.scheduler must be one of multistep, cosine"),
+    (["train", "--data.batch_size", "1.5"], "data.batch_size must be an integer, not 1.5"),
+    (["train", "--config", "cifar1O"], "recipe cifar1O is neither a file nor a shipped recipe"),
+    (["train", "--model_args", "[1, 2]"], "model_args must be a mapping"),
+    (["compare", "resnet18", "resnt50"], "unknown model 'resnt50'; close names: resnet50"),
+    (["eval", "--checkpoint", "nowhere.ckpt"], "checkpoint nowhere.ckpt does not exist"),
+    (["train-det", "--data.batch_size", "two"], "data.batch_size must be an integer"),
+    (["train-det", "--model", "resnet18_wa"], "unknown model 'resnet18_wa'"),
+    (["train-det", "--config", "imagenet_rfaconv"], "unknown config key 'data.name'"),
+    (["train-det", "--model_args", "{representation_sise: 8}"],
+     "did you mean representation_size"),
+    (["train-det", "--data.train_images", "x"], "give all four of data.train_images"),
+    (["export", "resnet18_wa"], "unknown model 'resnet18_wa'"),
+    (["bench", "resnet18_wa"], "unknown model 'resnet18_wa'; close names: resnet18_aw"),
+])
+def test_refusals_are_one_line_on_stderr_with_status_2(
+        argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    out_dir = ["--out_dir", str(tmp_path / "runs")] if argv[0] in ("train", "train-det",
+                                                                    "compare") else []
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, *out_dir])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith(f"attnconv {argv[0]}: ")
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    from attnconv.models import ModelNameError
+
+    with pytest.raises(ModelNameError, match="resnet18_wa"):
+        main(["--debug", "train", "--model", "resnet18_wa", "--out_dir", str(tmp_path)])
+    with pytest.raises(ModelNameError):
+        main(["train", "--model", "resnet18_wa", "--out_dir", str(tmp_path), "--debug"])
+
+
+def test_a_checkpoint_that_is_not_one_is_refused_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint at all")
+    state = tmp_path / "state.pt"
+    torch.save({"a": torch.zeros(1)}, state)
+    for argv in (["eval", "--checkpoint", str(junk)],
+                 ["eval", "--checkpoint", str(state)],
+                 ["export", "resnet18", "--checkpoint", str(state), "--output",
+                  str(tmp_path / "m.onnx")]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_detection_uses_the_same_config_system() -> None:
+    args = build_parser().parse_args(
+        ["train-det", "--config", "fasterrcnn_r101_aw_coco_1x", "--optim.lr", "1e-2",
+         "--trainer.limit_train_batches", "2", "--model_args", "{min_size: 600}"])
+    cfg = config_from_args(args, DetConfig())
+    assert cfg.optim.lr == 0.01 and cfg.trainer.limit_train_batches == 2
+    assert cfg.model_args["min_size"] == 600 and cfg.model_args["max_size"] == 1333
+    assert cfg.model == "resnet101_aw"
+
+
+def test_trainer_options_are_the_shared_ones_plus_the_tasks() -> None:
+    from attnconv.engine.config import TrainerConfig
+
+    assert issubclass(ClassifierTrainerConfig, TrainerConfig)
+    assert type(DetConfig().trainer) is TrainerConfig
+
+
+def test_help_does_not_import_lightning() -> None:
+    code = ("import sys\nfrom attnconv.cli import main\n"
+            "for cmd in ([], ['train'], ['train-det'], ['compare'], ['export'], ['viz']):\n"
+            "    try:\n        main([*cmd, '--help'])\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('lightning', 'pytorch_lightning', 'pycocotools', 'sklearn', 'matplotlib')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_layers_and_the_zoo_import_without_the_training_extras() -> None:
+    code = ("import sys, attnconv\nfrom attnconv.loading import load_model\n"
+            "attnconv.create_model('resnet18_aw', num_classes=3)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'torchmetrics', "
+            "'pycocotools', 'sklearn', 'tensorboard', 'matplotlib'}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
+def test_convert_model_refuses_an_unknown_conv_name() -> None:
+    # Before: every conv was skipped with the error as its reason and the model came back.
+    with pytest.raises(ValueError, match="bogus"):
+        convert_model(create_model("resnet18", num_classes=2), conv="bogus")
