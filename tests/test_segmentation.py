@@ -19,6 +19,7 @@ from torchvision.models.segmentation.fcn import FCNHead
 
 from attnconv.cli import main
 from attnconv.detection.synthetic import make_shapes_dataset
+from attnconv.engine.config import ConfigError
 from attnconv.layers import AWConv2d, RFAConv2d, RFCAConv2d, RFCBAMConv2d
 from attnconv.models.segmentation import (
     deeplabv3,
@@ -35,7 +36,7 @@ from attnconv.segmentation import (
     build_segmentation_sets,
     eval_seg,
     iou_table,
-    load_recipe,
+    load_seg_recipe,
     shapes_segmentation,
 )
 from attnconv.segmentation.config import SegConfig, SegOptimConfig, apply
@@ -47,11 +48,8 @@ from attnconv.segmentation.data import (
 )
 from attnconv.segmentation.module import Segmenter, poly_factor
 from attnconv.segmentation.run import build_model
-from attnconv.training.config import ConfigError
 from attnconv.training.data import DataError
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "segmentation" / \
-    "deeplabv3_voc_aug.yaml"
 NARROW = {"channels": (8, 16, 32, 64)}
 DILATIONS = [(False, False, False), (False, False, True), (False, True, True)]
 
@@ -135,7 +133,8 @@ def test_where_the_rfa_layers_go(name, layer, dilation, one_thread):
             assert type(conv) is layer
             assert conv.bias is not None  # the paper's layers keep their final conv's bias
         else:
-            assert type(conv) is nn.Conv2d and conv.dilation[0] > 1 and conv.bias is not None
+            # Kept plain as a plain ResNet's conv (no bias): ImageNet weights fit it.
+            assert type(conv) is nn.Conv2d and conv.dilation[0] > 1 and conv.bias is None
     # The second conv of every block stays plain, as in the paper's ResNets.
     assert all(type(model.get_submodule(f"layer{s}.{b}.conv2")) is nn.Conv2d
                for s in (1, 2, 3, 4) for b in (0, 1))
@@ -165,15 +164,19 @@ def test_aw_backbones_dilate_and_start_as_the_plain_network(name, one_thread):
     torch.testing.assert_close(model.forward_features(x), plain.forward_features(x))
 
 
-def test_pretrained_backbone_loads_and_reports_attention(tmp_path):
-    plain, _ = segmentation_backbone("resnet18", backbone_args=NARROW)
+@pytest.mark.parametrize(("name", "dilated_convs"), [("resnet18_aw", "error"),
+                                                    ("resnet18_rfa", "plain")])
+def test_plain_imagenet_weights_start_the_backbone(name, dilated_convs, tmp_path):
+    plain = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2])
     torch.save(plain.state_dict(), tmp_path / "r18.pth")
-    model = deeplabv3("resnet18_aw", 3, pretrained_backbone=tmp_path / "r18.pth",
-                      backbone_args=NARROW)
-    assert model.load_report.missing_attention  # AW's pointwise convs are not in the file
-    assert all("conv1." in k for k in model.load_report.missing_attention)
-    torch.testing.assert_close(model.backbone["layer2"][0].conv1.weight,
-                               plain.layer2[0].conv1.weight)
+    model = deeplabv3(name, 3, pretrained_backbone=tmp_path / "r18.pth",
+                      dilated_convs=dilated_convs)
+    assert model.load_report.new  # the attention tensors are not in the file
+    assert all(".conv1." in k for k in model.load_report.new)
+    assert model.load_report.skipped == ["fc.weight", "fc.bias"]
+    for stage in ("layer2", "layer4"):  # attention conv, and (RFA) a conv kept plain
+        torch.testing.assert_close(model.backbone[stage][1].conv1.weight,
+                                   getattr(plain, stage)[1].conv1.weight)
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -363,10 +366,12 @@ def test_poly_schedule_and_aux_lr_reach_the_optimizer():
 def test_config_refuses_unknown_keys_and_wrong_types():
     with pytest.raises(ConfigError, match=r"unknown config key 'data.crop' .*data\.crop_size"):
         apply(SegConfig(), {"data": {"crop": 3}})
-    with pytest.raises(ConfigError, match=r"data\.batch_size must be an int"):
+    with pytest.raises(ConfigError, match=r"data\.batch_size must be an integer"):
         apply(SegConfig(), {"data": {"batch_size": "x"}})
+    with pytest.raises(ConfigError, match=r"head must be one of deeplabv3, fcn"):
+        apply(SegConfig(), {"head": "pspnet"})
     cfg = apply(SegConfig(), {"optim": {"lr": 1}, "model_args": {"aux_loss": True}},
-                replace_model_args=False)
+                merge_mappings=True)
     assert cfg.optim.lr == 1.0 and cfg.model_args["aux_loss"] is True
     assert cfg.model_args["backbone_args"] == {"channels": [16, 32, 64, 128]}
 
@@ -394,7 +399,7 @@ def test_options_reach_the_data_and_the_model(shapes):
 def test_recipe_builds_the_papers_network():
     """The VOC recipe: DeepLabV3 at output stride 16 over resnet101_aw; over the plain ResNet-101
     it is exactly torchvision's deeplabv3_resnet101 (same parameter count)."""
-    cfg = load_recipe(RECIPE)
+    cfg = load_seg_recipe("deeplabv3_voc_aug")
     assert (cfg.model, cfg.head, cfg.data.name, cfg.data.crop_size) == \
         ("resnet101_aw", "deeplabv3", "voc_aug", 513)
     assert (cfg.optim.lr, cfg.optim.power, cfg.trainer.max_epochs) == (0.007, 0.9, 46)
@@ -437,19 +442,42 @@ def test_train_seg_and_eval_seg_from_the_command_line(tmp_path, capsys, one_thre
 @pytest.mark.parametrize(("argv", "message"), [
     (["train-seg", "--data.name", "voc", "--data.root", "/nonexistent/voc"],
      "no VOC2012 segmentation data under /nonexistent/voc"),
+    (["train-seg", "--data.crop", "3"], "unrecognized arguments: --data.crop 3"),
+    (["train-seg", "--data.name", "vocc"], "data.name must be one of shapes, voc, voc_aug"),
     (["train-seg", "--model", "resnet18_rfx"], "resnet18_rfx"),
+    (["train-seg", "--model_args", "{replace_stride_with_dilation: [true, true, true]}"],
+     "replace_stride_with_dilation must be one of"),
     (["eval-seg", "/nonexistent.ckpt"], "checkpoint /nonexistent.ckpt does not exist"),
 ])
-def test_command_refusals_are_one_line(argv, message, tmp_path, capsys):
+def test_command_refusals_are_one_line_with_status_2(argv, message, tmp_path, capsys):
+    """Abbreviations are refused too: --data.crop never means --data.crop_size."""
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--out_dir", str(tmp_path)] if argv[0] == "train-seg" else argv)
-    text = str(exit_info.value.code)
-    assert message in text and "\n" not in text
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.strip().splitlines()
+             if not line.startswith("usage:")]  # argparse's own refusals show the usage
+    assert len(lines) == 1 and message in lines[0]
 
 
-def test_abbreviated_or_unknown_options_are_refused(capsys):
-    for option in ("--data.crop", "--data.crop_sizes"):  # no prefix matching of crop_size
-        with pytest.raises(SystemExit) as exit_info:
-            main(["train-seg", option, "3"])
-        assert exit_info.value.code == 2
-        assert f"unrecognized arguments: {option} 3" in capsys.readouterr().err
+def test_eval_seg_refuses_another_kind_of_checkpoint(tmp_path, capsys):
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval-seg", str(tmp_path / "other.ckpt")])
+    assert exit_info.value.code == 2
+    assert "is not a checkpoint written by `attnconv train-seg`" in capsys.readouterr().err
+
+
+def test_help_does_not_import_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom attnconv.cli import main\n"
+            "for cmd in (['train-seg'], ['eval-seg']):\n"
+            "    try:\n        main([*cmd, '--help'])\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('lightning', 'torchmetrics', 'matplotlib')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--data.crop_size" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -41,7 +41,8 @@ from torchvision.models.segmentation.fcn import FCN, FCNHead
 
 from attnconv.convert import conv_like
 from attnconv.layers import create_conv
-from attnconv.models.detection import BackboneLoadReport, load_backbone_weights
+from attnconv.models.detection import load_backbone_weights
+from attnconv.pretrained import InitReport
 
 DilatedConvs = Literal["error", "plain"]
 
@@ -82,9 +83,11 @@ def segmentation_backbone(
     dilated_convs: DilatedConvs = "error",
     pretrained_backbone: str | Path | None = None,
     backbone_args: Mapping[str, Any] | None = None,
-) -> tuple[nn.Module, BackboneLoadReport | None]:
+) -> tuple[nn.Module, InitReport | None]:
     """The zoo ResNet ``name`` without classifier, dilated as torchvision's segmentation models
-    are, and what ``pretrained_backbone`` did not fill (None without one)."""
+    are, and what ``pretrained_backbone`` filled (None without one): ImageNet weights as
+    ``torchvision:NAME``, ``timm:NAME`` or a weights file (:func:`attnconv.pretrained.init_from`:
+    attention tensors keep their neutral start)."""
     from attnconv.models import MODEL_ARGS, create_model
 
     if dilated_convs not in ("error", "plain"):
@@ -97,8 +100,9 @@ def segmentation_backbone(
         model = create_model(name, num_classes=0, output_stride=stride, **args)
     else:
         conv_args = dict(args.pop("conv_args", spec.get("conv_args")) or {})
-        # Built plain (same biases), then the layer goes where the conv is undilated.
-        args.update(conv_layer="conv", conv_args=conv_args)
+        # Built plain (bias-free, as a plain ResNet's convs, so ImageNet weights fit the convs
+        # that stay plain), then the layer goes where the conv is undilated.
+        args.update(conv_layer="conv", conv_args={})
         model = create_model(name, num_classes=0, output_stride=stride, **args)
         keep = set(undilated_block_convs(model))
         dilated = [n for n in model.block_conv_names() if n not in keep]
@@ -164,8 +168,8 @@ def deeplabv3(
         num_classes: classes including background (21 for Pascal VOC).
         replace_stride_with_dilation: as torchvision's ResNet, for layer2..4.
         dilated_convs: RFA family only: ``'error'`` or ``'plain'`` (see the module docstring).
-        pretrained_backbone: ImageNet checkpoint of the backbone (weights-only file);
-            ``model.load_report`` says which attention tensors it lacked.
+        pretrained_backbone: ImageNet weights of the backbone: ``torchvision:NAME``,
+            ``timm:NAME`` or a weights file; ``model.load_report`` says what it filled.
         backbone_args: keyword arguments of :func:`attnconv.create_model`.
     """
     return _build("deeplabv3", backbone, num_classes, aux_loss, replace_stride_with_dilation,

@@ -1,19 +1,28 @@
 """Semantic segmentation: torchvision's DeepLabV3 / FCN over the zoo's ResNets
 (:mod:`attnconv.models.segmentation`), VOC / SBD / folder / generated data, torchmetrics mean
-IoU, pixel accuracy and per-class IoU, and Lightning training (``attnconv train-seg``)."""
+IoU, pixel accuracy and per-class IoU, and Lightning training (``attnconv train-seg``).
 
-from attnconv.segmentation.config import SegConfig, load_recipe
-from attnconv.segmentation.data import (
-    IGNORE_INDEX,
-    VOC_CLASSES,
-    MaskFolder,
-    build_segmentation_sets,
-    shapes_segmentation,
-)
-from attnconv.segmentation.metrics import SegmentationMetrics, iou_table
-from attnconv.segmentation.module import Segmenter
-from attnconv.segmentation.run import SegResult, eval_seg, load_segmenter, train_seg
+Names are imported on first use, so that ``attnconv --help`` does not load Lightning.
+"""
 
-__all__ = ["IGNORE_INDEX", "VOC_CLASSES", "MaskFolder", "SegConfig", "SegResult",
-           "SegmentationMetrics", "Segmenter", "build_segmentation_sets", "eval_seg",
-           "iou_table", "load_recipe", "load_segmenter", "shapes_segmentation", "train_seg"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "SegConfig": "config", "load_seg_recipe": "config",
+    "IGNORE_INDEX": "data", "VOC_CLASSES": "data", "MaskFolder": "data",
+    "build_segmentation_sets": "data", "shapes_segmentation": "data",
+    "SegmentationMetrics": "metrics", "iou_table": "metrics",
+    "Segmenter": "module",
+    "SegResult": "run", "eval_seg": "run", "load_segmenter": "run", "train_seg": "run",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'attnconv.segmentation' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"attnconv.segmentation.{_HOMES[name]}"), name)

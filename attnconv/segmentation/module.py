@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnconv.engine.trainer import stop_if_not_finite
 from attnconv.segmentation.config import SegOptimConfig
 from attnconv.segmentation.data import IGNORE_INDEX
 from attnconv.segmentation.metrics import SegmentationMetrics
-from attnconv.training.module import NonFiniteLossError
 
 
 def poly_factor(step: int, optim: SegOptimConfig, total_steps: int) -> float:
@@ -52,13 +52,7 @@ class Segmenter(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
         x, y = batch
         loss = self._loss(self(x), y)
-        # All processes decide together, so that no DDP rank waits for one that stopped.
-        if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)),
-                                                             all=True):
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at epoch {self.current_epoch}, step "
-                f"{self.global_step}; the run stopped and the last good checkpoint is kept "
-                "(lower optim.lr or add optim.warmup_iters)")
+        stop_if_not_finite(self, loss)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True,
                  batch_size=len(x))
         return loss

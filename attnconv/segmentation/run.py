@@ -4,26 +4,36 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
+import yaml
 from torch.utils.data import DataLoader
 
+from attnconv.engine.config import apply, to_dict
+from attnconv.engine.trainer import (
+    NonFiniteLossError,
+    check_devices,
+    evaluation_trainer,
+    make_trainer,
+    prepare_run_dir,
+    quiet_lightning,
+    resume_notes,
+    resume_path,
+    stopped_note,
+)
+from attnconv.loading import CheckpointError
+from attnconv.models import check_model_name
 from attnconv.models.segmentation import create_segmentation_model
 from attnconv.profiling import count_params
-from attnconv.segmentation.config import SegConfig, apply
+from attnconv.segmentation.config import SegConfig
 from attnconv.segmentation.data import SegmentationSets, build_segmentation_sets, pad_collate
 from attnconv.segmentation.metrics import iou_table
 from attnconv.segmentation.module import Segmenter
-from attnconv.training.callbacks import RNGState
-from attnconv.training.checkpoint import SafeCheckpointIO
-from attnconv.training.models import check_model_name
-from attnconv.training.run import quiet_lightning
 from attnconv.weights import safe_load
 
 
@@ -52,7 +62,7 @@ class SegResult:
 
 def build_sets(cfg: SegConfig, run_dir: Path) -> SegmentationSets:
     d = cfg.data
-    root = d.root if d.root is not None or d.name != "shapes" else str(run_dir / "shapes")
+    root = d.root if d.root is not None or d.name != "shapes" else str(run_dir / "data")
     return build_segmentation_sets(
         d.name, root, crop_size=d.crop_size, base_size=d.base_size, eval_size=d.eval_size,
         sbd_root=d.sbd_root,
@@ -61,11 +71,16 @@ def build_sets(cfg: SegConfig, run_dir: Path) -> SegmentationSets:
                     seed=cfg.seed))
 
 
-def build_model(cfg: SegConfig, num_classes: int, pretrained: bool = True) -> torch.nn.Module:
+def build_model(cfg: SegConfig, num_classes: int, load_init: bool = True) -> torch.nn.Module:
+    """The network ``cfg`` describes, its backbone started from ``cfg.init``; without
+    ``load_init`` the same network without reading those weights, for a checkpoint to fill."""
     args = dict(cfg.model_args)
-    if not pretrained:
-        args.pop("pretrained_backbone", None)
-    return create_segmentation_model(cfg.head, cfg.model, num_classes, **args)
+    if cfg.init and load_init:
+        args["pretrained_backbone"] = cfg.init
+    model = create_segmentation_model(cfg.head, cfg.model, num_classes, **args)
+    if cfg.init and load_init:
+        print(f"backbone {model.load_report}")
+    return model
 
 
 def loaders(cfg: SegConfig, sets: SegmentationSets) -> tuple[DataLoader, DataLoader]:
@@ -77,49 +92,39 @@ def loaders(cfg: SegConfig, sets: SegmentationSets) -> tuple[DataLoader, DataLoa
             DataLoader(sets.val, d.batch_size, shuffle=False, **common))
 
 
-def _trainer(cfg: SegConfig, run_dir: Path, resuming: bool) -> L.Trainer:
-    t = cfg.trainer
-    callbacks: list[L.Callback] = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_miou",
-                        mode="max", save_top_k=1, save_last=True, every_n_epochs=1,
-                        auto_insert_metric_name=False),
-        RNGState()]
-    if t.progress_bar:
-        callbacks.append(TQDMProgressBar(leave=True))
-    version = "logs" if not resuming else f"logs-{len(list(run_dir.glob('logs*')))}"
-    return L.Trainer(
-        default_root_dir=run_dir, max_epochs=t.max_epochs, accelerator=t.accelerator,
-        devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
-        deterministic=t.deterministic, log_every_n_steps=t.log_every_n_steps,
-        limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
-        enable_progress_bar=t.progress_bar, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=callbacks, plugins=[SafeCheckpointIO()],
-        logger=[CSVLogger(run_dir, name="", version=version)])
+def _plain(cfg: SegConfig) -> dict[str, Any]:
+    # Only builtins, so that eval-seg reads the checkpoint with torch.load(weights_only=True).
+    return yaml.safe_load(yaml.safe_dump(to_dict(cfg)))
 
 
-def train_seg(cfg: SegConfig) -> SegResult:
-    """Train ``cfg.head`` over ``cfg.model`` as ``cfg`` says; checkpoints, logs and the
-    metrics (``seg_metrics.json``, ``seg_metrics.md``) go to the run folder.
+def train_seg(cfg: SegConfig, callbacks: Sequence[L.Callback] = ()) -> SegResult:
+    """Train ``cfg.head`` over ``cfg.model`` as ``cfg`` says; checkpoints
+    (``RUN/checkpoints/{best,last}.ckpt``, best by val mean IoU), logs and the metrics
+    (``seg_metrics.json``, ``seg_metrics.md``) go to the run folder.
 
     Bad input (data, model name, options of the model, resume path) raises before training.
     """
     quiet_lightning()
     check_model_name(cfg.model)
-    run_dir = Path(cfg.out_dir) / cfg.run_name()
-    resume = None
-    if cfg.resume:
-        resume = run_dir / "checkpoints" / "last.ckpt" if cfg.resume == "last" \
-            else Path(cfg.resume)
-        if not resume.is_file():
-            raise FileNotFoundError(f"resume checkpoint {resume} does not exist")
+    check_devices(cfg.trainer)
+    run_dir = Path(cfg.out_dir) / cfg.run_name
+    resume = resume_path(cfg.resume, run_dir)
+    for note in resume_notes(resume, _plain(cfg)):
+        print(f"resume: applying {note}")
+    prepare_run_dir(run_dir, resuming=resume is not None, overwrite=cfg.overwrite)
     sets = build_sets(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = build_model(cfg, sets.num_classes)
-    meta = {"config": cfg.to_dict(), "class_names": list(sets.class_names)}
+    model = build_model(cfg, sets.num_classes, load_init=resume is None)
+    meta = {"config": _plain(cfg), "class_names": list(sets.class_names)}
     module = Segmenter(model, sets.num_classes, cfg.optim, meta=meta)
-    trainer = _trainer(cfg, run_dir, resume is not None)
+    trainer = make_trainer(cfg.trainer, run_dir, monitor="val_miou", mode="max",
+                           val_loss="val_loss", callbacks=callbacks, tensorboard=False,
+                           resuming=resume is not None)
     train_loader, val_loader = loaders(cfg, sets)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=resume)
+    try:
+        trainer.fit(module, train_loader, val_loader, ckpt_path=resume)
+    except NonFiniteLossError as err:
+        raise NonFiniteLossError(f"{err}; {stopped_note(run_dir)}") from None
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     result = _result(cfg, module, trainer.callback_metrics, sets.class_names)
     result.run_dir, result.best_checkpoint = run_dir, Path(best) if best else None
@@ -148,15 +153,13 @@ def load_segmenter(checkpoint: str | Path) -> tuple[torch.nn.Module, SegConfig, 
     """The network of an ``attnconv train-seg`` checkpoint (read weights-only), its config and
     its metadata."""
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
     state = safe_load(path)
     if not (isinstance(state, dict) and "state_dict" in state
-            and "class_names" in state.get("attnconv", {})):
-        raise ValueError(f"{path} is not a checkpoint written by `attnconv train-seg`")
+            and "class_names" in (state.get("attnconv") or {})):
+        raise CheckpointError(f"{path} is not a checkpoint written by `attnconv train-seg`")
     meta = state["attnconv"]
     cfg = apply(SegConfig(), meta["config"], where=str(path))
-    model = build_model(cfg, len(meta["class_names"]), pretrained=False)
+    model = build_model(cfg, len(meta["class_names"]), load_init=False)
     model.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()
                            if k.startswith("model.")})
     return model, cfg, meta
@@ -173,12 +176,10 @@ def eval_seg(checkpoint: str | Path, data_overrides: dict[str, Any] | None = Non
     run_dir = Path(checkpoint).resolve().parent.parent
     sets = build_sets(cfg, run_dir)
     if list(sets.class_names) != list(meta["class_names"]):
-        raise ValueError(f"{checkpoint} was trained on classes {meta['class_names']}, the data "
-                         f"has {list(sets.class_names)}")
+        raise CheckpointError(f"{checkpoint} was trained on classes {meta['class_names']}, "
+                              f"the data has {list(sets.class_names)}")
     module = Segmenter(model, sets.num_classes, cfg.optim, meta=meta)
-    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=False,
-                        enable_model_summary=False, enable_progress_bar=False,
-                        enable_checkpointing=False)
+    trainer = evaluation_trainer(accelerator)
     (metrics,) = trainer.validate(module, loaders(cfg, sets)[1], verbose=False)
     return _result(cfg, module, metrics, sets.class_names)
 
