@@ -141,6 +141,7 @@ def test_trainer_options_are_the_shared_ones_plus_the_tasks() -> None:
     assert type(DetConfig().trainer) is TrainerConfig
 
 
+@pytest.mark.slow
 def test_help_does_not_import_lightning() -> None:
     code = ("import sys\nfrom attnconv.cli import main\n"
             "for cmd in ([], ['train'], ['train-det'], ['compare'], ['export'], ['viz']):\n"
@@ -153,6 +154,7 @@ def test_help_does_not_import_lightning() -> None:
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.slow
 def test_the_layers_and_the_zoo_import_without_the_training_extras() -> None:
     code = ("import sys, attnconv\nfrom attnconv.loading import load_model\n"
             "attnconv.create_model('resnet18_aw', num_classes=3)\n"

@@ -56,6 +56,7 @@ def test_unknown_key_in_recipe_exits_before_training(tmp_path: Path,
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_viz_of_a_checkpoint_trained_on_the_grayscale_digits(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture
                                                              ) -> None:
@@ -67,3 +68,39 @@ def test_viz_of_a_checkpoint_trained_on_the_grayscale_digits(tmp_path: Path,
           str(tmp_path / "d" / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "viz")])
     assert "aw_attention.png" in capsys.readouterr().out
     assert (tmp_path / "viz" / "aw_attention.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_and_its_folder_is_not_taken_by_a_new_run(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from attnconv.weights import safe_load
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    run = [sys.executable, "-m", "attnconv.cli", "train", *TINY, "--out_dir", str(tmp_path),
+           "--name", "k"]
+    last = tmp_path / "k" / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen([*run, "--trainer.max_epochs", "100"], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert last.is_file(), proc.stderr.read().decode()[-2000:] if proc.poll() else "slow"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # mid-run, possibly mid-write
+        proc.wait()
+    epoch = safe_load(last)["epoch"]  # the file is whole: written atomically
+    again = subprocess.run([*run, "--trainer.max_epochs", "100"], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=240)
+    assert again.returncode == 2 and "holds an earlier run" in again.stderr
+    resumed = subprocess.run([*run, "--resume", "last", "--trainer.max_epochs", str(epoch + 2)],
+                             cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resume: applying trainer.max_epochs: 100 -> {epoch + 2}" in resumed.stdout
+    assert safe_load(last)["epoch"] == epoch + 1

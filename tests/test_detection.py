@@ -99,10 +99,10 @@ def test_backbone_weights_load_with_only_attention_missing(tmp_path, one_thread)
                        **SMALL_DET)
     body = model.backbone.body
     report = model.backbone.load_report
-    assert report.missing_attention, "AW's pointconvs are not in a plain checkpoint"
-    assert all(".conv1." in k for k in report.missing_attention)  # BasicBlock.conv1 is AW
-    assert report.unexpected == []
-    assert report.loaded == len(plain.state_dict())
+    assert report.new, "AW's pointconvs are not in a plain checkpoint"
+    assert all(".conv1." in k for k in report.new)  # BasicBlock.conv1 is AW
+    assert report.skipped == ["fc.weight"]  # the classifier, which a backbone lacks
+    assert len(report.loaded) == len(plain.state_dict())
     torch.testing.assert_close(body.layer3[0].conv1.weight, plain.layer3[0].conv1.weight)
     # Pretrained: frozen BN everywhere, stem and layer1 frozen (trainable_layers=3).
     assert not any(isinstance(m, nn.BatchNorm2d) for m in body.modules())
@@ -192,6 +192,14 @@ def test_train_det_runs_on_the_shared_engine_and_eval_det_keeps_the_log(
     assert log.read_text() == before
     assert "| model | AP | AP50 |" in capsys.readouterr().out
     assert json.loads((run / "coco_metrics.json").read_text())["model"] == "resnet18"
+    # The same engine rules as classification: the folder belongs to this run and its resumes.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-det", "--out_dir", str(tmp_path), "--name", "tiny", *TINY_DET])
+    assert exit_info.value.code == 2 and "holds an earlier run" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-det", "--out_dir", str(tmp_path), "--name", "tiny", *TINY_DET,
+              "--resume", "last", "--optim.lr", "0.5"])
+    assert exit_info.value.code == 2 and "optim.lr 0.02 -> 0.5" in capsys.readouterr().err
 
 
 def test_train_det_config_errors_are_one_line(tmp_path, capsys):

@@ -207,7 +207,7 @@ def test_torch_compile_matches_eager() -> None:
 
 
 def test_unknown_model_name_suggests_close_names() -> None:
-    with pytest.raises(ValueError, match="did you mean 'resnet50_aw'"):
+    with pytest.raises(ValueError, match="unknown model 'resnet50_wa'; close names: resnet50_aw"):
         attnconv.create_model("resnet50_wa")
 
 

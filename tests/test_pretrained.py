@@ -245,3 +245,27 @@ def test_init_from_a_classification_run_checkpoint_and_detection_backbone(tmp_pa
     body = detector.backbone.body
     assert torch.equal(body.layer3[0].conv1.weight, trained.layer3[0].conv1.weight)
     assert sorted(detector.backbone.load_report.skipped) == ["fc.bias", "fc.weight"]
+
+
+def test_detection_init_reaches_the_backbone_and_pretrained_backbone_points_to_it(tmp_path
+                                                                                  ) -> None:
+    from attnconv.detection.config import DetConfig
+    from attnconv.detection.run import build_detector
+    from attnconv.engine.config import ConfigError
+    from attnconv.training.config import apply
+
+    plain = create_model("resnet18", channels=(8, 8, 16, 16), num_classes=0)
+    path = tmp_path / "plain.pth"
+    torch.save(plain.state_dict(), path)
+    cfg = apply(DetConfig(), {"init": str(path), "model": "resnet18_rfa",
+                              "model_args": {"backbone_args": {"channels": [8, 8, 16, 16]}}},
+                merge_mappings=True)
+    detector = build_detector(cfg, 3)
+    body = detector.backbone.body
+    assert torch.equal(body.layer4[1].conv1.weight, plain.layer4[1].conv1.weight)
+    assert body.layer4[1].conv2.weight.requires_grad  # trainable_layers 3 with weights
+    assert not body.layer1[0].conv2.weight.requires_grad
+    bad = apply(DetConfig(), {"model_args": {"pretrained_backbone": str(path)}},
+                merge_mappings=True)
+    with pytest.raises(ConfigError, match="give the backbone's weights as init"):
+        build_detector(bad, 3)

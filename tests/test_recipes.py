@@ -81,6 +81,7 @@ def test_imagenet_rfaconv_builds_the_papers_resnet18_rfa() -> None:
     assert sum(isinstance(m, RFAConv2d) for m in model.modules()) == 8  # one per BasicBlock
 
 
+@pytest.mark.slow
 def test_imagenet_resnet_aw_builds_the_full_width_resnet101_aw() -> None:
     model = _network("imagenet_resnet_aw", 1000)
     reference = create_model("resnet101_aw", num_classes=1000)
@@ -112,6 +113,7 @@ def test_demo_recipe_builds_the_narrow_digits_network() -> None:
     assert model.num_features == 64
 
 
+@pytest.mark.slow
 def test_coco_recipe_builds_a_detector_whose_box_head_has_the_recipes_width() -> None:
     cfg = load_det_recipe("fasterrcnn_r101_aw_coco_1x")
     torch.manual_seed(0)

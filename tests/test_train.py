@@ -255,6 +255,7 @@ class _WorseAfterFirstEpoch(L.Callback):
             trainer.callback_metrics["val_top1"] = torch.tensor(0.0)
 
 
+@pytest.mark.slow
 def test_last_checkpoint_is_the_last_epoch_even_when_it_got_worse(tmp_path: Path,
                                                                   capsys) -> None:
     # Before: last.ckpt was written only with a new best, so it held epoch 0 here.
@@ -366,3 +367,41 @@ def test_more_devices_than_gpus_is_refused_naming_what_exists(tmp_path: Path) ->
     assert not (tmp_path / "dev").exists()
     cfg = tiny_config(tmp_path, trainer={"devices": str(wanted), "accelerator": "cpu"})
     check_devices(cfg.trainer)  # CPU processes, asked for by name, are allowed
+
+
+def test_one_schedule_serves_both_tasks_in_their_units() -> None:
+    # The two former lr_factors (epochs for classification, steps for detection), written out
+    # as they were, against the engine's one schedule behind both.
+    from attnconv.detection.config import DetOptimConfig
+    from attnconv.detection.module import lr_factor as det_factor
+    from attnconv.training.config import OptimConfig
+    from attnconv.training.module import lr_factor as cls_factor
+
+    def old_cls(epoch: int, o: OptimConfig, max_epochs: int) -> float:
+        if epoch < o.warmup_epochs:
+            return (epoch + 1) / (o.warmup_epochs + 1)
+        if o.scheduler == "multistep":
+            return o.gamma ** sum(epoch >= m for m in o.milestones)
+        if o.scheduler == "cosine":
+            span = max(1, max_epochs - o.warmup_epochs)
+            return 0.5 * (1 + math.cos(math.pi * (epoch - o.warmup_epochs) / span))
+        return 1.0
+
+    def old_det(step: int, per_epoch: int, o: DetOptimConfig) -> float:
+        factor = o.gamma ** sum(step >= m * per_epoch for m in o.milestones)
+        if step < o.warmup_iters:
+            alpha = step / o.warmup_iters
+            factor *= o.warmup_factor * (1 - alpha) + alpha
+        return factor
+
+    for scheduler in ("multistep", "cosine", "constant"):
+        for warmup in (0, 1, 3):
+            o = OptimConfig(scheduler=scheduler, warmup_epochs=warmup, milestones=[5, 8])
+            for epoch in range(12):
+                assert cls_factor(epoch, o, 12) == pytest.approx(old_cls(epoch, o, 12),
+                                                                 rel=1e-12), (o, epoch)
+    d = DetOptimConfig(milestones=[2, 3], warmup_iters=50, warmup_factor=0.001)
+    for per_epoch in (7, 23, 100):
+        for step in range(4 * per_epoch):
+            assert det_factor(step, per_epoch, d) == pytest.approx(old_det(step, per_epoch, d),
+                                                                   rel=1e-12), (per_epoch, step)

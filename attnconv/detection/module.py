@@ -13,6 +13,7 @@ from torch import nn
 
 from attnconv.detection.coco_eval import COCO_METRICS, coco_box_metrics, to_coco_detections
 from attnconv.detection.config import DetOptimConfig
+from attnconv.engine import schedule
 from attnconv.engine.trainer import stop_if_not_finite
 
 #: The optimizer section of :class:`attnconv.detection.config.DetConfig`.
@@ -20,15 +21,14 @@ DetOptim = DetOptimConfig
 
 
 def lr_factor(step: int, steps_per_epoch: int, optim: DetOptimConfig) -> float:
-    """Multiplier of ``optim.lr`` at optimizer step ``step`` (0-based): Detectron's linear
-    warm-up over ``warmup_iters`` steps, then x ``gamma`` after each milestone epoch.
-    (Detection schedules per step; classification's :func:`attnconv.training.module.lr_factor`
-    per epoch, as the papers' recipes state them.)"""
-    factor = optim.gamma ** sum(step >= m * steps_per_epoch for m in optim.milestones)
-    if step < optim.warmup_iters:
-        alpha = step / optim.warmup_iters
-        factor *= optim.warmup_factor * (1 - alpha) + alpha
-    return factor
+    """Multiplier of ``optim.lr`` at optimizer step ``step`` (0-based): the engine's schedule
+    (:func:`attnconv.engine.schedule.lr_factor`) stepped per iteration, with Detectron's
+    linear warm-up over ``warmup_iters`` from ``warmup_factor`` and x ``gamma`` after each
+    milestone epoch."""
+    return schedule.lr_factor(step / steps_per_epoch, scheduler="multistep",
+                              milestones=optim.milestones, gamma=optim.gamma,
+                              warmup_epochs=optim.warmup_iters / steps_per_epoch,
+                              warmup_start=optim.warmup_factor)
 
 
 class Detector(L.LightningModule):

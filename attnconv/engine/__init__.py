@@ -3,7 +3,9 @@
 * :mod:`attnconv.engine.config` -- typed dataclass configs, recipes, ``--section.key value``
   options, :class:`ConfigError` (no Lightning import).
 * :mod:`attnconv.engine.trainer` -- Lightning trainer construction, quiet logging, the DDP-safe
-  non-finite stop, resume.
+  non-finite stop, run folders, resume.
+* :mod:`attnconv.engine.schedule` -- the one learning-rate schedule (warm-up, multistep,
+  cosine), in epochs; tasks step it per epoch or per iteration.
 * :mod:`attnconv.training.checkpoint`, :mod:`attnconv.training.callbacks` -- atomic
   weights-only checkpoint I/O, RNG state in checkpoints, throughput (task-independent; they
   stay where they were so that concurrent changes to them merge).

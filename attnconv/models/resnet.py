@@ -219,139 +219,45 @@ def build_resnet(name: str, pretrained: bool = False, **kwargs: Any) -> AttnResN
     return build_model_with_cfg(AttnResNet, name, pretrained, **{**MODEL_ARGS[name], **kwargs})
 
 
-@register_model
-def resnet50_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-50 with AW in every bottleneck 3x3 conv (AW paper)."""
-    return build_resnet("resnet50_aw", pretrained, **kwargs)
+#: What each registered name is (its docstring in timm's registry).
+_ABOUT: dict[str, str] = {
+    "resnet50_aw": 'ResNet-50 with AW in every bottleneck 3x3 (AW paper)',
+    "resnet101_aw": 'ResNet-101 with AW in every bottleneck 3x3 (AW paper)',
+    "resnet50_se_aw": 'SE-ResNet-50 with AW in every bottleneck 3x3 (AW paper, "SE + AW")',
+    "resnet101_se_aw": 'SE-ResNet-101 with AW in every bottleneck 3x3 (AW paper, "SE + AW")',
+    "resnet50_cbam_aw": 'CBAM-ResNet-50 with AW in every bottleneck 3x3 (AW paper, "CBAM + AW")',
+    "resnet101_cbam_aw": 'CBAM-ResNet-101 with AW in every bottleneck 3x3 (AW paper)',
+    "resnet50_cbam": "ResNet-50 with CBAM in every block (the AW paper's CBAM baseline)",
+    "resnet101_cbam": "ResNet-101 with CBAM in every block (the AW paper's CBAM baseline)",
+    "resnet18_rfa": 'ResNet-18, RFAConv as the first 3x3 conv of every block (RFAConv paper)',
+    "resnet18_rfcbam": 'ResNet-18, RFCBAMConv as the first 3x3 conv of every block (RFAConv paper)',
+    "resnet18_rfca": 'ResNet-18, RFCAConv as the first 3x3 conv of every block (RFAConv paper)',
+    "resnet34_rfa": 'ResNet-34, RFAConv as the first 3x3 conv of every block (RFAConv paper)',
+    "resnet34_rfcbam": 'ResNet-34, RFCBAMConv as the first 3x3 conv of every block (RFAConv paper)',
+    "resnet34_rfca": 'ResNet-34, RFCAConv as the first 3x3 conv of every block (RFAConv paper)',
+    "resnet18_camconv": 'ResNet-18, CAMConv as the first 3x3 conv of every block (RFAConv paper)',
+    "resnet18_cbamconv": 'ResNet-18, CBAMConv as the first 3x3 conv of every block (RFAConv paper)',
+    "resnet18_caconv": 'ResNet-18, CAConv as the first 3x3 conv of every block (RFAConv paper)',
+    "resnet34_camconv": 'ResNet-34, CAMConv as the first 3x3 conv of every block (RFAConv paper)',
+    "resnet34_cbamconv": 'ResNet-34, CBAMConv as the first 3x3 conv of every block (RFAConv paper)',
+    "resnet34_caconv": 'ResNet-34, CAConv as the first 3x3 conv of every block (RFAConv paper)',
+    "resnet50_rfa": 'ResNet-50 with RFAConv in every bottleneck 3x3 (not trained in the paper)',
+    "resnet18_aw": 'ResNet-18, AW in the first 3x3 conv of every block (not in the AW paper)',
+    "resnet34_aw": 'ResNet-34, AW in the first 3x3 conv of every block (not in the AW paper)',
+}
 
 
-@register_model
-def resnet101_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-101 with AW in every bottleneck 3x3 conv (AW paper)."""
-    return build_resnet("resnet101_aw", pretrained, **kwargs)
+def _entry_point(name: str) -> Any:
+    """timm's registry wants one function per name; each is made from the table."""
+
+    def entry(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
+        return build_resnet(name, pretrained, **kwargs)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__module__ = __name__
+    entry.__doc__ = _ABOUT[name]
+    return register_model(entry)
 
 
-@register_model
-def resnet50_se_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """SE-ResNet-50 with AW in every bottleneck 3x3 conv (AW paper, "SE + AW")."""
-    return build_resnet("resnet50_se_aw", pretrained, **kwargs)
-
-
-@register_model
-def resnet101_se_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """SE-ResNet-101 with AW in every bottleneck 3x3 conv (AW paper, "SE + AW")."""
-    return build_resnet("resnet101_se_aw", pretrained, **kwargs)
-
-
-@register_model
-def resnet50_cbam_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """CBAM-ResNet-50 with AW in every bottleneck 3x3 conv (AW paper, "CBAM + AW")."""
-    return build_resnet("resnet50_cbam_aw", pretrained, **kwargs)
-
-
-@register_model
-def resnet101_cbam_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """CBAM-ResNet-101 with AW in every bottleneck 3x3 conv (AW paper)."""
-    return build_resnet("resnet101_cbam_aw", pretrained, **kwargs)
-
-
-@register_model
-def resnet50_cbam(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-50 with CBAM in every block (the AW paper's CBAM baseline)."""
-    return build_resnet("resnet50_cbam", pretrained, **kwargs)
-
-
-@register_model
-def resnet101_cbam(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-101 with CBAM in every block (the AW paper's CBAM baseline)."""
-    return build_resnet("resnet101_cbam", pretrained, **kwargs)
-
-
-@register_model
-def resnet18_rfa(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-18, RFAConv as the first 3x3 conv of every block (RFAConv paper)."""
-    return build_resnet("resnet18_rfa", pretrained, **kwargs)
-
-
-@register_model
-def resnet18_rfcbam(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-18, RFCBAMConv as the first 3x3 conv of every block (RFAConv paper)."""
-    return build_resnet("resnet18_rfcbam", pretrained, **kwargs)
-
-
-@register_model
-def resnet18_rfca(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-18, RFCAConv as the first 3x3 conv of every block (RFAConv paper)."""
-    return build_resnet("resnet18_rfca", pretrained, **kwargs)
-
-
-@register_model
-def resnet34_rfa(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-34, RFAConv as the first 3x3 conv of every block (RFAConv paper)."""
-    return build_resnet("resnet34_rfa", pretrained, **kwargs)
-
-
-@register_model
-def resnet34_rfcbam(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-34, RFCBAMConv as the first 3x3 conv of every block (RFAConv paper)."""
-    return build_resnet("resnet34_rfcbam", pretrained, **kwargs)
-
-
-@register_model
-def resnet34_rfca(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-34, RFCAConv as the first 3x3 conv of every block (RFAConv paper)."""
-    return build_resnet("resnet34_rfca", pretrained, **kwargs)
-
-
-@register_model
-def resnet18_camconv(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-18, CAMConv as the first 3x3 conv of every block (RFAConv paper)."""
-    return build_resnet("resnet18_camconv", pretrained, **kwargs)
-
-
-@register_model
-def resnet18_cbamconv(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-18, CBAMConv as the first 3x3 conv of every block (RFAConv paper)."""
-    return build_resnet("resnet18_cbamconv", pretrained, **kwargs)
-
-
-@register_model
-def resnet18_caconv(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-18, CAConv as the first 3x3 conv of every block (RFAConv paper)."""
-    return build_resnet("resnet18_caconv", pretrained, **kwargs)
-
-
-@register_model
-def resnet34_camconv(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-34, CAMConv as the first 3x3 conv of every block (RFAConv paper)."""
-    return build_resnet("resnet34_camconv", pretrained, **kwargs)
-
-
-@register_model
-def resnet34_cbamconv(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-34, CBAMConv as the first 3x3 conv of every block (RFAConv paper)."""
-    return build_resnet("resnet34_cbamconv", pretrained, **kwargs)
-
-
-@register_model
-def resnet34_caconv(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-34, CAConv as the first 3x3 conv of every block (RFAConv paper)."""
-    return build_resnet("resnet34_caconv", pretrained, **kwargs)
-
-
-@register_model
-def resnet50_rfa(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-50 with RFAConv in every bottleneck 3x3 conv (not trained in the paper)."""
-    return build_resnet("resnet50_rfa", pretrained, **kwargs)
-
-
-@register_model
-def resnet18_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-18, AW in the first 3x3 conv of every block (not in the AW paper)."""
-    return build_resnet("resnet18_aw", pretrained, **kwargs)
-
-
-@register_model
-def resnet34_aw(pretrained: bool = False, **kwargs: Any) -> AttnResNet:
-    """ResNet-34, AW in the first 3x3 conv of every block (not in the AW paper)."""
-    return build_resnet("resnet34_aw", pretrained, **kwargs)
+for _name in ZOO_MODELS:
+    globals()[_name] = _entry_point(_name)

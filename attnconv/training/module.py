@@ -3,7 +3,6 @@ torchmetrics top-1/top-5."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from attnconv.engine import schedule
 from attnconv.engine.trainer import NonFiniteLossError, stop_if_not_finite
 from attnconv.training.config import OptimConfig
 
@@ -18,18 +18,11 @@ __all__ = ["Classifier", "NonFiniteLossError", "lr_factor"]
 
 
 def lr_factor(epoch: int, optim: OptimConfig, max_epochs: int) -> float:
-    """Multiplier of ``optim.lr`` during ``epoch`` (0-based): warm-up, then the schedule."""
-    if epoch < optim.warmup_epochs:
-        return (epoch + 1) / (optim.warmup_epochs + 1)
-    if optim.scheduler == "multistep":
-        return optim.gamma ** sum(epoch >= m for m in optim.milestones)
-    if optim.scheduler == "cosine":
-        span = max(1, max_epochs - optim.warmup_epochs)
-        return 0.5 * (1 + math.cos(math.pi * (epoch - optim.warmup_epochs) / span))
-    if optim.scheduler == "constant":
-        return 1.0
-    raise ValueError(f"unknown optim.scheduler '{optim.scheduler}' "
-                     "(known: multistep, cosine, constant)")
+    """Multiplier of ``optim.lr`` during ``epoch`` (0-based): the engine's schedule
+    (:func:`attnconv.engine.schedule.lr_factor`), stepped once per epoch."""
+    return schedule.lr_factor(epoch, scheduler=optim.scheduler, milestones=optim.milestones,
+                              gamma=optim.gamma, max_epochs=max_epochs,
+                              warmup_epochs=optim.warmup_epochs)
 
 
 class Classifier(L.LightningModule):
