@@ -254,9 +254,9 @@ def test_wrong_voc_root_is_a_one_line_error(tmp_path):
         build_segmentation_sets("vocc", tmp_path, crop_size=8, base_size=8)
 
 
-def test_voc_layout_reads_through_torchvision(tmp_path):
+def _voc_tree(root: Path) -> None:
     """A two-image VOC tree in torchvision's layout: images, palette masks with 255 borders."""
-    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    voc = root / "VOCdevkit" / "VOC2012"
     for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (voc / folder).mkdir(parents=True)
     for split, stem in (("train", "2007_000032"), ("val", "2007_000033")):
@@ -265,6 +265,34 @@ def test_voc_layout_reads_through_torchvision(tmp_path):
                                       constant_values=IGNORE_INDEX), mode="L").convert("P")
         mask.save(voc / "SegmentationClass" / f"{stem}.png")
         (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text(stem + "\n")
+
+
+def test_voc_aug_adds_sbd_images_once(tmp_path):
+    """SBD in torchvision's layout (img/, cls/*.mat, train_noval.txt): its images that VOC
+    train already has are not counted twice."""
+    from scipy.io import savemat
+
+    _voc_tree(tmp_path / "voc")
+    sbd = tmp_path / "sbd"
+    (sbd / "img").mkdir(parents=True)
+    (sbd / "cls").mkdir()
+    for stem in ("2007_000032", "2008_000002"):  # the first is also in VOC train
+        Image.new("RGB", (12, 10)).save(sbd / "img" / f"{stem}.jpg")
+        savemat(sbd / "cls" / f"{stem}.mat", {"GTcls": {"Segmentation": np.full(
+            (10, 12), 7, np.uint8)}})
+    (sbd / "train_noval.txt").write_text("2007_000032\n2008_000002\n")
+    sets = build_segmentation_sets("voc_aug", tmp_path / "voc", sbd_root=sbd, crop_size=8,
+                                   base_size=8)
+    assert len(sets.train) == 2 and len(sets.val) == 1
+    assert set(sets.train[1][1].unique().tolist()) <= {7, IGNORE_INDEX}  # SBD's mask, cropped
+    with pytest.raises(DataError, match="no SBD data under") as err:
+        build_segmentation_sets("voc_aug", tmp_path / "voc", sbd_root=tmp_path, crop_size=8,
+                                base_size=8)
+    assert "\n" not in str(err.value)
+
+
+def test_voc_layout_reads_through_torchvision(tmp_path):
+    _voc_tree(tmp_path)
     sets = build_segmentation_sets("voc", tmp_path, crop_size=16, base_size=16)
     assert sets.num_classes == 21 and sets.class_names[15] == "person"
     image, mask = sets.val[0]
