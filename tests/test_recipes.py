@@ -25,11 +25,13 @@ CLASSIFICATION = {"cifar10", "cifar100", "demo", "imagenet_resnet_aw", "imagenet
                   "finetune_cifar10", "finetune_cifar100", "finetune_imagenet_resnet18_rfa",
                   "finetune_imagenet_resnet50_aw", "finetune_imagenet_resnet101_aw"}
 DETECTION = {"fasterrcnn_r101_aw_coco_1x"}
+# Its network is tested in tests/test_segmentation.py (test_recipe_builds_the_papers_network).
+SEGMENTATION = {"deeplabv3_voc_aug"}
 
 
 def test_every_shipped_recipe_has_a_test_below() -> None:
     # A recipe added later must be added here, and get a test of the network it builds.
-    assert set(list_recipes()) == CLASSIFICATION | DETECTION
+    assert set(list_recipes()) == CLASSIFICATION | DETECTION | SEGMENTATION
 
 
 def test_recipes_load_by_name_or_path(tmp_path: Path) -> None:

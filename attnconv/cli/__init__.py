@@ -1,6 +1,7 @@
 """The ``attnconv`` command: a thin layer over the library's functions of the same names.
 
-One parser per command group (:mod:`.training`, :mod:`.detection`, :mod:`.tools`), one map
+One parser per command group (:mod:`.training`, :mod:`.detection`, :mod:`.segmentation`,
+:mod:`.tools`), one map
 from library errors to messages and exit statuses (:mod:`.errors`). Building the parser imports
 neither Lightning nor the training code: ``attnconv --help`` is quick.
 """
@@ -11,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from attnconv.cli import detection, tools, training
+from attnconv.cli import detection, segmentation, tools, training
 from attnconv.cli.errors import classify, one_line
 
 __all__ = ["build_parser", "main", "run_command"]
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     training.add_parsers(sub)
     detection.add_parsers(sub)
+    segmentation.add_parsers(sub)
     tools.add_parsers(sub)
     return parser
 

@@ -66,12 +66,13 @@ def _boxes_overlap(a: tuple[int, ...], b: tuple[int, ...], gap: int = 2) -> bool
 
 
 def _write_split(folder: Path, ann_file: Path, count: int, image_size: int, max_objects: int,
-                 rng: np.random.Generator, split: str) -> None:
+                 rng: np.random.Generator, split: str, mask_folder: Path | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     min_side, max_side = max(6, image_size // 10), max(12, image_size // 2)
     for image_id in range(1, count + 1):
         canvas = _background(rng, image_size)
+        label = np.zeros((image_size, image_size), np.uint8)  # class ids, 0 = background
         boxes: list[tuple[int, int, int, int]] = []
         for _ in range(int(rng.integers(1, max_objects + 1))):
             for _attempt in range(20):  # rejection sampling keeps shapes apart: no occlusion
@@ -91,12 +92,16 @@ def _write_split(folder: Path, ann_file: Path, count: int, image_size: int, max_
             # A colour far from the local background, with its own noise texture.
             colour = (canvas[mask].mean(0) + rng.choice([-1, 1], 3) * rng.uniform(50, 100, 3))
             canvas[mask] = colour + rng.normal(0, 8, (int(mask.sum()), 3))
+            label[mask] = category + 1
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": category + 1,
                 "bbox": [x0, y0, w, h], "area": int(mask.sum()), "iscrowd": 0,
             })
         name = f"{split}_{image_id:05d}.png"
         Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)).save(folder / name)
+        if mask_folder is not None:  # semantic masks draw no random numbers: images unchanged
+            mask_folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(label).save(mask_folder / name)
         images.append({"id": image_id, "file_name": name, "width": image_size,
                        "height": image_size})
     coco = {
@@ -119,9 +124,12 @@ def make_shapes_dataset(
     image_size: int = 128,
     max_objects: int = 3,
     seed: int = 0,
+    masks: bool = False,
 ) -> ShapesDataset:
     """Write the synthetic shapes dataset under ``root`` (``train/``, ``val/``,
-    ``annotations/instances_{train,val}.json``) and return where it lies."""
+    ``annotations/instances_{train,val}.json``) and return where it lies. ``masks``: also
+    write each image's class-id mask (0 background, COCO category ids) to
+    ``masks/{train,val}/`` under the image's name."""
     if image_size < 32:
         raise ValueError(f"image_size must be at least 32, got {image_size}")
     root = Path(root)
@@ -130,6 +138,7 @@ def make_shapes_dataset(
     splits = {}
     for split, count, rng in (("train", num_train, train_rng), ("val", num_val, val_rng)):
         ann = root / "annotations" / f"instances_{split}.json"
-        _write_split(root / split, ann, count, image_size, max_objects, rng, split)
+        _write_split(root / split, ann, count, image_size, max_objects, rng, split,
+                     root / "masks" / split if masks else None)
         splits[split] = CocoSplit(root / split, ann)
     return ShapesDataset(root, splits["train"], splits["val"], len(CATEGORIES) + 1)

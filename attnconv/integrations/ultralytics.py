@@ -1,4 +1,4 @@
-"""Attention convs in ultralytics YOLO model YAMLs.
+"""Attention convs in ultralytics YOLO model YAMLs: YOLOv5, YOLOv8, YOLO11 and their -seg heads.
 
 After :func:`register`, a model YAML may say ``RFAConv``, ``RFCBAMConv``, ``RFCAConv`` or
 ``AWConv`` wherever it says ``Conv``, with Conv's arguments ``[c2, k, s, p, g, d, act]``::
@@ -7,16 +7,23 @@ After :func:`register`, a model YAML may say ``RFAConv``, ``RFCBAMConv``, ``RFCA
 
 Each is ultralytics' Conv block (conv -> BN -> SiLU) whose conv is the attention conv
 (RFAConv: Zhang et al., arXiv:2304.03198 -- the paper's YOLO layers are such blocks; AW:
-Zhu et al., ICANN 2021, arXiv:2108.08205). :func:`variant_yaml` writes YOLOv8 YAMLs with every
-stride-2 3x3 conv after the stem replaced, as the RFAConv paper placed them.
+Zhu et al., ICANN 2021, arXiv:2108.08205). A CSP block may also be named with an attention
+block, ``C3k2_RFAConv``, ``C2f_AWConv``, ``C3_RFCAConv``...: ultralytics' block whose every
+bottleneck's second 3x3 conv (``Bottleneck.cv2``) is the attention block, as the YOLO11 / YOLOv8
+projects that use RFAConv build ``C3k2_RFAConv`` and ``C2f_RFAConv``.
+
+:func:`variant_yaml` writes such YAMLs from the installed ultralytics' own (AGPL-3.0: this
+package ships no copy): every stride-2 3x3 conv after the stem replaced (the RFAConv paper's
+YOLOv5n/s and YOLOv8n placement), or every bottleneck conv of the CSP blocks.
 
 How the channel bookkeeping works: ``ultralytics.nn.tasks.parse_model`` decides each layer's
 input and output channels from a set of module classes local to the function, so it cannot be
 extended from outside. ``register()`` wraps it: the rows naming these blocks are parsed as
-``Conv`` (same signature, so width scaling and ``max_channels`` apply unchanged), then each
-built Conv is replaced by the attention block with the same channels, kernel, stride, padding
-and activation. The blocks are not ``Conv`` subclasses on purpose: ``model.fuse()`` folds BN
-into ``Conv.conv`` by rebuilding it as a plain ``nn.Conv2d``, which would drop the attention.
+``Conv`` (or as the plain CSP block; same signatures, so width scaling and ``max_channels``
+apply unchanged), then each built Conv is replaced by the attention block with the same
+channels, kernel, stride, padding and activation. The blocks are not ``Conv`` subclasses on
+purpose: ``model.fuse()`` folds BN into ``Conv.conv`` by rebuilding it as a plain
+``nn.Conv2d``, which would drop the attention.
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from ultralytics.nn import tasks
 from ultralytics.nn.modules.conv import Conv, autopad
@@ -38,8 +47,9 @@ from ultralytics.utils import LOGGER
 
 from attnconv.layers import create_conv
 
-__all__ = ["BLOCKS", "AWConv", "RFAConv", "RFCAConv", "RFCBAMConv", "register", "variant_yaml",
-           "variants", "write_yolo_dataset"]
+__all__ = ["BLOCKS", "CSP_BLOCKS", "FAMILIES", "AWConv", "RFAConv", "RFCAConv", "RFCBAMConv",
+           "base_yaml", "complexity", "register", "variant_yaml", "variants",
+           "write_yolo_dataset"]
 
 
 class AttnConvBlock(nn.Module):
@@ -94,23 +104,43 @@ class AWConv(AttnConvBlock):
 BLOCKS: dict[str, type[AttnConvBlock]] = {
     cls.__name__: cls for cls in (RFAConv, RFCBAMConv, RFCAConv, AWConv)}
 
+#: ultralytics' CSP blocks whose bottlenecks can carry the attention blocks (YOLOv5, v8, 11).
+CSP_NAMES: tuple[str, ...] = ("C3", "C2f", "C3k2")
+
+#: YAML name (``'C3k2_RFAConv'``...) -> (ultralytics' CSP block, attention block).
+CSP_BLOCKS: dict[str, tuple[str, type[AttnConvBlock]]] = {
+    f"{csp}_{name}": (csp, cls) for csp in CSP_NAMES for name, cls in BLOCKS.items()}
+
 _original_parse_model: Callable | None = None
 
 
 def _as_block(conv: Conv, cls: type[AttnConvBlock]) -> AttnConvBlock:
     c = conv.conv
-    block = cls(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0],
-                c.groups, c.dilation[0], act=conv.act)
-    return block
+    return cls(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0],
+               c.groups, c.dilation[0], act=conv.act)
+
+
+def _swap_bottleneck_convs(block: nn.Module, cls: type[AttnConvBlock]) -> int:
+    """Replace ``cv2`` of every ultralytics ``Bottleneck`` inside ``block``; returns how many."""
+    from ultralytics.nn.modules.block import Bottleneck
+
+    bottlenecks = [m for m in block.modules() if isinstance(m, Bottleneck)]
+    for bottleneck in bottlenecks:
+        bottleneck.cv2 = _as_block(bottleneck.cv2, cls)
+    return len(bottlenecks)
 
 
 def _parse_model(d: dict, ch: int, verbose: bool = True) -> tuple[nn.Sequential, list[int]]:
-    """``parse_model`` that also builds the attention blocks of :data:`BLOCKS`."""
+    """``parse_model`` that also builds the blocks of :data:`BLOCKS` and :data:`CSP_BLOCKS`."""
     d = copy.deepcopy(d)
     swaps: dict[int, type[AttnConvBlock]] = {}
+    csp_swaps: dict[int, tuple[str, type[AttnConvBlock]]] = {}
     for i, row in enumerate(d["backbone"] + d["head"]):
         if row[2] in BLOCKS:
             swaps[i], row[2] = BLOCKS[row[2]], "Conv"
+        elif row[2] in CSP_BLOCKS:
+            csp_swaps[i] = (row[2], CSP_BLOCKS[row[2]][1])
+            row[2] = CSP_BLOCKS[row[2]][0]
     model, save = _original_parse_model(d, ch, verbose)
     for i, cls in swaps.items():
         old = model[i]
@@ -122,12 +152,20 @@ def _parse_model(d: dict, ch: int, verbose: bool = True) -> tuple[nn.Sequential,
         model[i] = new
         if verbose:
             LOGGER.info(f"attnconv: layer {i} Conv -> {cls.__name__} ({new.np} params)")
+    for i, (name, cls) in csp_swaps.items():
+        count = _swap_bottleneck_convs(model[i], cls)
+        model[i].type = name
+        model[i].np = sum(p.numel() for p in model[i].parameters())
+        if verbose:
+            LOGGER.info(f"attnconv: layer {i} {name}: {count} bottleneck convs -> "
+                        f"{cls.__name__} ({model[i].np} params)")
     return model, save
 
 
 def register() -> None:
-    """Make the blocks of :data:`BLOCKS` usable by name in ultralytics model YAMLs
-    (idempotent). Pickled models refer to this module, so importing it is enough to load them."""
+    """Make the blocks of :data:`BLOCKS` and :data:`CSP_BLOCKS` usable by name in ultralytics
+    model YAMLs (idempotent). Pickled models refer to this module, so importing it is enough to
+    load them."""
     global _original_parse_model
     if _original_parse_model is None:
         _original_parse_model = tasks.parse_model
@@ -136,38 +174,77 @@ def register() -> None:
         setattr(tasks, name, cls)
 
 
-# --- shipped YAMLs and a tiny dataset ----------------------------------------------------------
+# --- variants derived from the installed ultralytics' YAMLs -----------------------------------
 
-#: variant suffix -> the block that replaces every stride-2 3x3 Conv after the stem.
+#: variant suffix -> attention block.
 VARIANT_BLOCKS = {"rfa": "RFAConv", "rfcbam": "RFCBAMConv", "rfca": "RFCAConv", "aw": "AWConv"}
+
+#: family -> (its YAML under ultralytics/cfg/models, its -seg YAML or None, its CSP block).
+FAMILIES: dict[str, tuple[str, str | None, str]] = {
+    "yolov5": ("v5/yolov5.yaml", None, "C3"),
+    "yolov8": ("v8/yolov8.yaml", "v8/yolov8-seg.yaml", "C2f"),
+    "yolo11": ("11/yolo11.yaml", "11/yolo11-seg.yaml", "C3k2"),
+}
+
+_VARIANT = re.compile(r"(yolov5|yolov8|yolo11)([nsmlx])(-seg)?(?:-(c3|c2f|c3k2))?-(\w+)")
 
 
 def variants(scale: str = "n") -> list[str]:
-    """Names :func:`variant_yaml` accepts at one YOLOv8 scale (``'yolov8n-rfa'``...)."""
-    return sorted(f"yolov8{scale}-{suffix}" for suffix in VARIANT_BLOCKS)
+    """Names :func:`variant_yaml` accepts at one scale (``'yolov8n-rfa'``, ``'yolo11n-c3k2-aw'``,
+    ``'yolo11n-seg-rfca'``...)."""
+    names = []
+    for family, (_, seg, csp) in FAMILIES.items():
+        for head in ("", "-seg") if seg else ("",):
+            for where in ("", f"-{csp.lower()}"):
+                names += [f"{family}{scale}{head}{where}-{suffix}" for suffix in VARIANT_BLOCKS]
+    return sorted(names)
 
 
-def variant_yaml(name: str, directory: str | Path | None = None) -> Path:
-    """Write the YOLOv8 variant ``name`` (``'yolov8{n,s,m,l,x}-{rfa,rfcbam,rfca,aw}'``) and
-    return its path, e.g. ``YOLO(variant_yaml('yolov8n-rfa'))`` after :func:`register`.
-
-    The YAML is derived at run time from the installed ultralytics' own ``yolov8.yaml``
-    (ultralytics is AGPL-3.0; this package ships no copy of it): every stride-2 3x3 ``Conv``
-    after the stem becomes the attention block, where the RFAConv paper placed its layers. The
-    file is written to ``directory`` (default: a new temporary folder); its name carries the
-    scale, which ultralytics reads from it.
-    """
-    match = re.fullmatch(r"yolov8([nsmlx])-(\w+)", name)
-    if match is None or match[2] not in VARIANT_BLOCKS:
-        raise ValueError(f"unknown YOLO variant {name!r}: expected one of {variants()} "
-                         "(or another scale: s, m, l, x)")
+def base_yaml(family: str, seg: bool = False) -> dict:
+    """The installed ultralytics' own model YAML of ``family`` (``'yolov5'``, ``'yolov8'``,
+    ``'yolo11'``), or its ``-seg`` variant, as a dict."""
     import ultralytics
     from ultralytics.utils import YAML
 
-    base = YAML.load(Path(ultralytics.__file__).parent / "cfg/models/v8/yolov8.yaml")
+    if family not in FAMILIES or (seg and FAMILIES[family][1] is None):
+        heads = [f + s for f, (_, g, _) in FAMILIES.items() for s in (("", "-seg") if g else ("",))]
+        raise ValueError(f"unknown YOLO family {family + ('-seg' if seg else '')!r}: expected "
+                         f"one of {heads}")
+    relative = FAMILIES[family][1] if seg else FAMILIES[family][0]
+    return YAML.load(Path(ultralytics.__file__).parent / "cfg/models" / relative)
+
+
+def variant_yaml(name: str, directory: str | Path | None = None) -> Path:
+    """Write the YOLO variant ``name`` and return its path, e.g.
+    ``YOLO(variant_yaml('yolo11n-c3k2-rfa'))`` after :func:`register`.
+
+    ``name`` is ``{family}{scale}[-seg][-{csp}]-{conv}``: family ``yolov5``, ``yolov8`` or
+    ``yolo11``; scale n, s, m, l, x; ``-seg`` for ultralytics' instance-segmentation head (v8,
+    11); conv ``rfa``, ``rfcbam``, ``rfca`` or ``aw``. Without ``-{csp}``, every stride-2 3x3
+    ``Conv`` after the stem becomes the attention block (the RFAConv paper's YOLOv5n/s and
+    YOLOv8n placement; YOLO11 projects do the same). With the family's CSP block (``-c3``,
+    ``-c2f``, ``-c3k2``), every CSP row of backbone and head becomes ``{CSP}_{block}``: the
+    second 3x3 conv of each of its bottlenecks is the attention block, the downsampling convs
+    stay plain.
+
+    The YAML is derived at run time from the installed ultralytics' own YAML (AGPL-3.0; this
+    package ships no copy). The file goes to ``directory`` (default: a new temporary folder);
+    its name carries the scale, which ultralytics reads from it.
+    """
+    match = _VARIANT.fullmatch(name)
+    family, _, seg, csp, suffix = match.groups() if match else (None,) * 5
+    if (match is None or suffix not in VARIANT_BLOCKS or (seg and FAMILIES[family][1] is None)
+            or (csp and csp != FAMILIES[family][2].lower())):
+        raise ValueError(f"unknown YOLO variant {name!r}: expected one of {variants()} "
+                         "(or another scale: s, m, l, x)")
+    base = base_yaml(family, seg=bool(seg))
+    block = VARIANT_BLOCKS[suffix]
     for index, row in enumerate(base["backbone"] + base["head"]):
-        if index > 0 and row[2] == "Conv" and list(row[3][1:3]) == [3, 2]:
-            row[2] = VARIANT_BLOCKS[match[2]]
+        if csp:
+            if row[2] == FAMILIES[family][2]:
+                row[2] = f"{row[2]}_{block}"
+        elif index > 0 and row[2] == "Conv" and list(row[3][1:3]) == [3, 2]:
+            row[2] = block
     folder = Path(directory) if directory is not None else Path(
         tempfile.mkdtemp(prefix="attnconv-yolo-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -176,9 +253,44 @@ def variant_yaml(name: str, directory: str | Path | None = None) -> Path:
     return path
 
 
-def write_yolo_dataset(shapes: Any, root: str | Path) -> Path:
+def complexity(names: list[str], imgsz: int = 640) -> list[tuple[str, int, int]]:
+    """(name, parameters, multiply-adds at one ``imgsz`` x ``imgsz`` image) of each model:
+    a :func:`variant_yaml` name or a plain ultralytics one (``'yolo11n'``, ``'yolov8n-seg'``).
+    ultralytics' "GFLOPs" are 2 x these multiply-adds."""
+    from ultralytics import YOLO
+
+    from attnconv.profiling import count_macs, count_params
+
+    register()
+    rows = []
+    for name in names:
+        match = _VARIANT.fullmatch(name)
+        plain = match is None or match[5] not in VARIANT_BLOCKS  # 'yolov8n-seg'
+        source = f"{name}.yaml" if plain else variant_yaml(name)
+        model = YOLO(source).model.eval()
+        x = torch.zeros(1, 3, imgsz, imgsz)
+        rows.append((name, count_params(model), count_macs(model, x)))
+    return rows
+
+
+# --- generated data in ultralytics' layout ------------------------------------------------------
+
+def _polygon(mask: np.ndarray) -> np.ndarray:
+    """The outer contour of the largest blob of a boolean mask, (n, 2) pixel x, y."""
+    import cv2
+
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                   cv2.CHAIN_APPROX_SIMPLE)
+    return max(contours, key=cv2.contourArea).reshape(-1, 2).astype(np.float64)
+
+
+def write_yolo_dataset(shapes: Any, root: str | Path, segments: bool = False) -> Path:
     """The synthetic shapes (:func:`attnconv.detection.make_shapes_dataset`) in ultralytics'
-    layout (``images/{split}``, ``labels/{split}``, ``data.yaml``); returns the data YAML."""
+    layout (``images/{split}``, ``labels/{split}``, ``data.yaml``); returns the data YAML.
+
+    ``segments``: polygon labels for ultralytics' segmentation task (``-seg`` models), traced
+    from the masks the generator writes with ``masks=True`` (shapes never overlap, so each
+    box holds one object)."""
     root = Path(root)
     names = {}
     for split in ("train", "val"):
@@ -190,13 +302,29 @@ def write_yolo_dataset(shapes: Any, root: str | Path) -> Path:
             shutil.copy(getattr(shapes, split).images / image["file_name"],
                         root / "images" / split / image["file_name"])
             w, h = image["width"], image["height"]
-            lines = [f"{a['category_id'] - 1} {(a['bbox'][0] + a['bbox'][2] / 2) / w:.6f} "
-                     f"{(a['bbox'][1] + a['bbox'][3] / 2) / h:.6f} {a['bbox'][2] / w:.6f} "
-                     f"{a['bbox'][3] / h:.6f}"
-                     for a in coco["annotations"] if a["image_id"] == image["id"]]
+            if segments:
+                mask_file = shapes.root / "masks" / split / image["file_name"]
+                if not mask_file.is_file():
+                    raise FileNotFoundError(f"{mask_file}: no mask; make the shapes with "
+                                            "make_shapes_dataset(..., masks=True)")
+                label_map = np.asarray(Image.open(mask_file))
+            lines = []
+            for a in (a for a in coco["annotations"] if a["image_id"] == image["id"]):
+                x0, y0, bw, bh = a["bbox"]
+                if segments:
+                    inside = np.zeros_like(label_map, dtype=bool)
+                    inside[y0:y0 + bh, x0:x0 + bw] = label_map[y0:y0 + bh, x0:x0 + bw] == \
+                        a["category_id"]
+                    xy = _polygon(inside) / (w, h)
+                    coords = " ".join(f"{v:.6f}" for v in xy.reshape(-1))
+                else:
+                    coords = (f"{(x0 + bw / 2) / w:.6f} {(y0 + bh / 2) / h:.6f} {bw / w:.6f} "
+                              f"{bh / h:.6f}")
+                lines.append(f"{a['category_id'] - 1} {coords}")
             label = root / "labels" / split / (Path(image["file_name"]).stem + ".txt")
             label.write_text("\n".join(lines) + "\n")
     data = root / "data.yaml"
     data.write_text(json.dumps({"path": str(root.resolve()), "train": "images/train",
-                                "val": "images/val", "names": names}))  # JSON is YAML
+                                "val": "images/val",
+                                "names": [names[i] for i in sorted(names)]}))  # JSON is YAML
     return data
