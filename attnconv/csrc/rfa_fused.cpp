@@ -237,7 +237,7 @@ at::Tensor rfa_forward(const at::Tensor& x, const at::Tensor& wdt, const at::Ten
   check_inputs(x, wdt, g);
   const int64_t P = g.positions(), K = g.K, O = wt.size(0);
   auto out = at::empty({g.N, g.Ho, g.Wo, O}, x.options());
-  if (P == 0) return out;
+  if (P == 0) return out.permute({0, 3, 1, 2});
   const auto wtT = wt.t();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rfa_forward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();

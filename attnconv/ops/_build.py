@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -42,6 +43,18 @@ def _name(source: Path) -> str:
     return f"attnconv_{source.stem}_{key.hexdigest()[:12]}"
 
 
+def _put_ninja_on_path() -> None:
+    """cpp_extension runs ``ninja`` from PATH; the pip package's binary is not on it when the
+    virtualenv's python runs without the environment being activated."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def load_extension(stem: str) -> ModuleType | str:
     """The compiled module ``csrc/<stem>.cpp``, or a one-line reason why it is unavailable."""
     with _lock:
@@ -56,6 +69,7 @@ def _build(stem: str) -> ModuleType | str:
     source = CSRC / f"{stem}.cpp"
     if not source.exists():
         return f"{source} is missing from the installation"
+    _put_ninja_on_path()
     try:
         from torch.utils import cpp_extension
 
