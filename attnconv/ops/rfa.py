@@ -294,7 +294,7 @@ def _update_running_stats(layer, mean: Tensor, var: Tensor, count: int) -> None:
 
 #: "auto": the fused kernel where it runs (CPU, built), else eager; "eager": the layers' own
 #: formulation; "fused": as "auto" (it falls back with a warning where the kernel cannot run).
-#: On CPU "auto" means fused: measured 3x-5x faster than eager (benchmarks/RESULTS.md); on
+#: On CPU "auto" means fused: 2x-4x faster than eager (benchmarks/RESULTS.md); on
 #: GPUs eager, which torch.compile can fuse.
 RFA_IMPLS = ("auto", "eager", "fused")
 _default_impl = "auto"
