@@ -9,6 +9,7 @@ callers fall back to the eager formulation and warn once.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -70,6 +71,10 @@ def _build(stem: str) -> ModuleType | str:
     if not source.exists():
         return f"{source} is missing from the installation"
     _put_ninja_on_path()
+    # cpp_extension logs "No CUDA runtime is found" on CPU-only machines: not our concern
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
         from torch.utils import cpp_extension
 
@@ -78,3 +83,5 @@ def _build(stem: str) -> ModuleType | str:
     except Exception as err:  # any build failure means: use the eager path
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         return f"building {source.name} failed ({type(err).__name__}: {first[:200]})"
+    finally:
+        log.setLevel(level)
