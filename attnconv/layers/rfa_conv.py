@@ -42,6 +42,7 @@ from torch.nn.common_types import _size_2_t
 from torch.nn.modules.utils import _pair
 
 from attnconv.layers.helpers import check_conv_input, check_positive, layer_name
+from attnconv.ops.rfa import _check_impl, rfa_layer_forward, use_fused
 
 __all__ = ["RFAConv2d", "RFCAConv2d", "RFCBAMConv2d"]
 
@@ -367,6 +368,11 @@ class RFAConv2d(_ReceptiveFieldConv2d):
     Takes nn.Conv2d's arguments (``padding=None`` means k // 2, the only one allowed) and
     keeps ``weight`` (O, C, k, k) / ``bias`` of the final conv. ``attn_logit_scale`` (C, k2)
     holds the official ``get_weight.1.weight``.
+
+    ``impl``: "fused" runs the fused C++ kernel (:mod:`attnconv.ops.rfa`, built on first use)
+    on CPU, "eager" the formulation below, "auto" (the default) the fused kernel wherever it
+    runs; None follows :func:`attnconv.ops.set_rfa_impl`. Where the kernel cannot run (CUDA,
+    no compiler) the layer runs eager and warns once.
     """
 
     _official_feature_prefix = "generate_feature"
@@ -381,11 +387,14 @@ class RFAConv2d(_ReceptiveFieldConv2d):
         dilation: _size_2_t = 1,
         groups: int = 1,
         bias: bool = True,
+        impl: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        _check_impl(impl, f"{type(self).__name__}: impl")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, device=device, dtype=dtype)
+        self.impl = impl
         self.attn_logit_scale = nn.Parameter(
             torch.empty(in_channels, self.taps, device=device, dtype=dtype))
         # the official grouped 1x1 conv's default init: fan-in 1 -> U(-1, 1)
@@ -393,6 +402,8 @@ class RFAConv2d(_ReceptiveFieldConv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if use_fused(type(self).__name__, self.impl, x):
+            return _keep_memory_format(x, rfa_layer_forward(self, x))
         return _keep_memory_format(x, self._forward(x.contiguous(
             memory_format=torch.channels_last)))
 

@@ -1,0 +1,475 @@
+// Fused receptive-field attention (RFAConv, Zhang et al. 2023, arXiv:2304.03198) on CPU.
+//
+//   z[p, t, c]  = depthwise_k,s(x)[c * k2 + t]            receptive-field features
+//   A[p, t, c]  = softmax_t(a[t, c] * avgpool_k,s(x)[p, c])
+//   out[p, :]   = (relu(z * scale + shift) * A)[p, :] @ wt^T + bias
+//
+// Everything is tap-major (feature index t * C + c) and channels-last (position-major), so
+// every inner loop runs over contiguous channels and vectorises. Output positions are cut into
+// tiles whose k2 * C features stay in L2; per tile the features are built, attended and fed to
+// the tile's GEMM (at::mm) without ever being written to memory. Training keeps only x: the
+// backward recomputes the features per tile (see rfa_backward for its passes).
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+// MKL (statically linked into libtorch_cpu on x86) would run each tile's GEMM on all cores
+// from inside the parallel region: measured 4x-18x slower with 2 threads on a loaded machine.
+// Weak, so a torch built without MKL loads the kernel all the same (mkl_service.h maps
+// mkl_set_num_threads_local to this C entry point; the lower-case symbol is Fortran's).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace {
+
+// One BLAS thread in this thread for the scope (the tiles are the parallelism).
+struct SequentialBlas {
+  int previous = 0;
+  SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
+// exp(x) for x <= 0 (softmax after subtracting the max) as a branch-free polynomial that the
+// compiler vectorises; relative error below 2e-7 (libm's expf is scalar unless -ffast-math).
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float t = x * 1.44269504088896341f;
+  const float n = std::floor(t);
+  const float f = t - n;  // 2^f on [0, 1), degree-6 minimax polynomial
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+struct Geometry {
+  int64_t N, H, W, C, Ho, Wo, k, s, pad, k2, K;  // K = k2 * C features per position
+  int64_t positions() const { return N * Ho * Wo; }
+};
+
+Geometry geometry(const at::Tensor& x, int64_t k, int64_t s) {
+  Geometry g;
+  g.N = x.size(0); g.C = x.size(1); g.H = x.size(2); g.W = x.size(3);
+  g.k = k; g.s = s; g.pad = k / 2; g.k2 = k * k; g.K = g.k2 * g.C;
+  g.Ho = (g.H + 2 * g.pad - k) / s + 1;
+  g.Wo = (g.W + 2 * g.pad - k) / s + 1;
+  return g;
+}
+
+// The input rows (C each) under the k x k window of output position p; out-of-image taps are
+// left out. Returns how many there are and writes their conv-tap indices to taps.
+template <typename T>
+inline int64_t window_at(const Geometry& g, const T* x, int64_t p, const T** rows,
+                         int64_t* taps) {
+  const int64_t n = p / (g.Ho * g.Wo), r = p % (g.Ho * g.Wo);
+  const int64_t ho = r / g.Wo, wo = r % g.Wo;
+  int64_t count = 0;
+  for (int64_t i = 0; i < g.k; ++i) {
+    const int64_t hi = ho * g.s + i - g.pad;
+    if (hi < 0 || hi >= g.H) continue;
+    for (int64_t j = 0; j < g.k; ++j) {
+      const int64_t wi = wo * g.s + j - g.pad;
+      if (wi < 0 || wi >= g.W) continue;
+      rows[count] = x + ((n * g.H + hi) * g.W + wi) * g.C;
+      taps[count++] = i * g.k + j;
+    }
+  }
+  return count;
+}
+
+// z (k2 x C) of output position p; also the average pool m (C) when m != nullptr.
+// x: channels-last (N, H, W, C); wdt: (k2 conv taps [ij], k2 features [t], C).
+// Channels go in blocks of B (one vector register) whose sum over the window stays in a
+// register: two loads per multiply-add instead of a load and a store of z as well.
+template <typename T>
+inline void features_at(const Geometry& g, const T* __restrict x, const T* __restrict wdt,
+                        int64_t p, T* __restrict z, T* __restrict m) {
+  constexpr int64_t B = 64 / sizeof(T);
+  const int64_t C = g.C, K = g.K;
+  const T* rows[64];
+  int64_t taps[64];
+  const int64_t count = window_at(g, x, p, rows, taps);
+  int64_t c0 = 0;
+  for (; c0 + B <= C; c0 += B) {
+    for (int64_t t = 0; t < g.k2; ++t) {
+      T acc[B] = {};
+      for (int64_t q = 0; q < count; ++q) {
+        const T* __restrict xr = rows[q] + c0;
+        const T* __restrict wr = wdt + taps[q] * K + t * C + c0;
+        for (int64_t l = 0; l < B; ++l) acc[l] += wr[l] * xr[l];
+      }
+      for (int64_t l = 0; l < B; ++l) z[t * C + c0 + l] = acc[l];
+    }
+  }
+  for (int64_t t = 0; t < g.k2; ++t)  // the channels after the last whole block
+    for (int64_t c = c0; c < C; ++c) {
+      T acc = 0;
+      for (int64_t q = 0; q < count; ++q) acc += wdt[taps[q] * K + t * C + c] * rows[q][c];
+      z[t * C + c] = acc;
+    }
+  if (m) {
+    const T inv = T(1) / T(g.k2);  // count_include_pad: always k2
+    for (int64_t c = 0; c < C; ++c) m[c] = T(0);
+    for (int64_t q = 0; q < count; ++q)
+      for (int64_t c = 0; c < C; ++c) m[c] += rows[q][c];
+    for (int64_t c = 0; c < C; ++c) m[c] *= inv;
+  }
+}
+
+// softmax over t of a[t, c] * m[c], written to prob (k2 x C).
+template <typename T>
+inline void attention_at(const Geometry& g, const T* __restrict a, const T* __restrict m,
+                         T* __restrict prob, T* __restrict tmp) {
+  const int64_t C = g.C;
+  T* __restrict mx = tmp;
+  T* __restrict sum = tmp + C;
+  for (int64_t c = 0; c < C; ++c) mx[c] = a[c] * m[c];
+  for (int64_t t = 1; t < g.k2; ++t)
+    for (int64_t c = 0; c < C; ++c) mx[c] = std::max(mx[c], a[t * C + c] * m[c]);
+  std::fill(sum, sum + C, T(0));
+  for (int64_t t = 0; t < g.k2; ++t) {
+    T* __restrict pt = prob + t * C;
+    const T* __restrict at = a + t * C;
+    for (int64_t c = 0; c < C; ++c) {
+      pt[c] = exp_nonpositive(at[c] * m[c] - mx[c]);
+      sum[c] += pt[c];
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) sum[c] = T(1) / sum[c];
+  for (int64_t t = 0; t < g.k2; ++t)
+    for (int64_t c = 0; c < C; ++c) prob[t * C + c] *= sum[c];
+}
+
+// Backward of one position from dA = dL/d(attended) (k2 x C, overwritten with du = dL/du,
+// u = z * scale + shift the BN output): softmax + product + ReLU. Writes dm (C), the gradient
+// of the pooled input, and accumulates da = dL/da and the BN sums of du and du * z.
+template <typename T>
+inline void attention_backward(const Geometry& g, const T* __restrict z, const T* __restrict pr,
+                               const T* __restrict sc, const T* __restrict sh,
+                               const T* __restrict a, const T* __restrict m, T* __restrict d,
+                               T* __restrict dm, T* __restrict s, T* __restrict da,
+                               T* __restrict sdu, T* __restrict sduz) {
+  const int64_t C = g.C;
+  // softmax: dl_t = p_t (dA_t f_t - sum_u p_u dA_u f_u); product: df = dA p
+  for (int64_t c = 0; c < C; ++c) s[c] = T(0);
+  for (int64_t t = 0; t < g.k2; ++t) {
+    const int64_t o = t * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const T feat = std::max(z[o + c] * sc[o + c] + sh[o + c], T(0));
+      s[c] += pr[o + c] * d[o + c] * feat;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) dm[c] = T(0);
+  for (int64_t t = 0; t < g.k2; ++t) {
+    const int64_t o = t * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const T u = z[o + c] * sc[o + c] + sh[o + c];
+      const T feat = std::max(u, T(0));
+      const T dl = pr[o + c] * (d[o + c] * feat - s[c]);
+      dm[c] += dl * a[o + c];
+      da[o + c] += dl * m[c];
+      const T du = u > T(0) ? d[o + c] * pr[o + c] : T(0);
+      d[o + c] = du;
+      sdu[o + c] += du;
+      sduz[o + c] += du * z[o + c];
+    }
+  }
+}
+
+int64_t tiles_of(int64_t total, int64_t tile) { return (total + tile - 1) / tile; }
+
+void check_inputs(const at::Tensor& x, const at::Tensor& wdt, const Geometry& g) {
+  TORCH_CHECK(x.device().is_cpu(), "rfa_fused: expected CPU tensors, got ", x.device());
+  TORCH_CHECK(x.dim() == 4, "rfa_fused: expected a 4-d input, got ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "rfa_fused: expected a channels-last input");
+  TORCH_CHECK(g.k % 2 == 1 && g.k2 <= 64, "rfa_fused: expected an odd kernel size up to 7, got ",
+              g.k);
+  TORCH_CHECK(wdt.is_contiguous() && wdt.numel() == g.k2 * g.K,
+              "rfa_fused: expected the depthwise weight as (k2, k2, C), got ", wdt.sizes());
+}
+
+}  // namespace
+
+// Per-feature batch mean and biased variance (k2, C) of z, accumulated in double.
+std::vector<at::Tensor> rfa_stats(const at::Tensor& x, const at::Tensor& wdt, int64_t k,
+                                  int64_t s, int64_t tile) {
+  const Geometry g = geometry(x, k, s);
+  check_inputs(x, wdt, g);
+  const int64_t P = g.positions(), K = g.K;
+  const int threads = at::get_num_threads();
+  auto acc = at::zeros({threads, 2, K}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rfa_stats", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = wdt.data_ptr<scalar_t>();
+    double* accp = acc.data_ptr<double>();
+    at::parallel_for(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> z(K), ts(K), tq(K);
+      double* sum = accp + at::get_thread_num() * 2 * K;
+      double* sq = sum + K;
+      for (int64_t b = begin; b < end; ++b) {
+        std::fill(ts.begin(), ts.end(), scalar_t(0));
+        std::fill(tq.begin(), tq.end(), scalar_t(0));
+        for (int64_t p = b * tile; p < std::min(P, (b + 1) * tile); ++p) {
+          features_at(g, xp, wp, p, z.data(), static_cast<scalar_t*>(nullptr));
+          for (int64_t f = 0; f < K; ++f) {
+            ts[f] += z[f];
+            tq[f] += z[f] * z[f];
+          }
+        }
+        for (int64_t f = 0; f < K; ++f) {
+          sum[f] += ts[f];
+          sq[f] += tq[f];
+        }
+      }
+    });
+  });
+  auto total = acc.sum(0);
+  auto mean = total[0] / double(P);
+  auto var = (total[1] / double(P) - mean * mean).clamp_min(0);
+  return {mean.to(x.scalar_type()).view({g.k2, g.C}), var.to(x.scalar_type()).view({g.k2, g.C})};
+}
+
+// out (N, Ho, Wo, O) contiguous = channels-last (N, O, Ho, Wo).
+at::Tensor rfa_forward(const at::Tensor& x, const at::Tensor& wdt, const at::Tensor& scale,
+                       const at::Tensor& shift, const at::Tensor& a, const at::Tensor& wt,
+                       const c10::optional<at::Tensor>& bias, int64_t k, int64_t s,
+                       int64_t tile) {
+  const Geometry g = geometry(x, k, s);
+  check_inputs(x, wdt, g);
+  const int64_t P = g.positions(), K = g.K, O = wt.size(0);
+  auto out = at::empty({g.N, g.Ho, g.Wo, O}, x.options());
+  if (P == 0) return out.permute({0, 3, 1, 2});
+  const auto wtT = wt.t();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rfa_forward", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = wdt.data_ptr<scalar_t>();
+    const scalar_t* sc = scale.data_ptr<scalar_t>();
+    const scalar_t* sh = shift.data_ptr<scalar_t>();
+    const scalar_t* ap = a.data_ptr<scalar_t>();
+    at::parallel_for(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
+      SequentialBlas sequential;
+      auto feats = at::empty({tile, K}, x.options());
+      std::vector<scalar_t> prob(K), m(g.C), tmp(2 * g.C);
+      scalar_t* fp = feats.data_ptr<scalar_t>();
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t p0 = b * tile, len = std::min(P, p0 + tile) - p0;
+        for (int64_t q = 0; q < len; ++q) {
+          scalar_t* z = fp + q * K;
+          features_at(g, xp, wp, p0 + q, z, m.data());
+          attention_at(g, ap, m.data(), prob.data(), tmp.data());
+          for (int64_t f = 0; f < K; ++f)
+            z[f] = std::max(z[f] * sc[f] + sh[f], scalar_t(0)) * prob[f];
+        }
+        auto out_tile = out.view({P, O}).narrow(0, p0, len);
+        auto f_tile = feats.narrow(0, 0, len);
+        if (bias.has_value())
+          at::addmm_out(out_tile, *bias, f_tile, wtT);
+        else
+          at::mm_out(out_tile, f_tile, wtT);
+      }
+    });
+  });
+  return out.permute({0, 3, 1, 2});
+}
+
+// Gradients of rfa_forward. BatchNorm: scale = gamma * inv_std, shift = beta - mean * scale;
+// with batch_stats the mean/inv_std are z's batch statistics and their derivative is included.
+//
+// Pass 1 (tiles of output positions): recompute z, A and the attended features; dwt and the
+//   feature gradient through the tile's GEMMs; softmax/ReLU backward to du = dL/d(BN output)
+//   (written to a k2-sized buffer), the pooled input's gradient dm, and the BN sums.
+// Pass 2 (tiles): du -> dz (BN backward, needs z again when batch_stats) and dwdt.
+// Pass 3 (input rows): dx gathered from dz through the depthwise conv and from dm through
+//   the average pool, so no two threads write the same dx.
+std::vector<at::Tensor> rfa_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                     const at::Tensor& wdt, const at::Tensor& gamma,
+                                     const at::Tensor& beta, const at::Tensor& mean,
+                                     const at::Tensor& inv_std, const at::Tensor& a,
+                                     const at::Tensor& wt, bool has_bias, int64_t k, int64_t s,
+                                     bool batch_stats, int64_t tile) {
+  const Geometry g = geometry(x, k, s);
+  check_inputs(x, wdt, g);
+  const int64_t P = g.positions(), K = g.K, C = g.C, O = wt.size(0);
+  const int threads = at::get_num_threads();
+  // (N, O, Ho, Wo) in any layout -> (P, O) rows
+  const auto go = grad_out.permute({0, 2, 3, 1}).contiguous().view({P, O});
+  const auto scale = (gamma * inv_std).contiguous();
+  const auto shift = (beta - mean * scale).contiguous();
+  auto dwt_acc = at::zeros({threads, O, K}, x.options());
+  auto small = at::zeros({threads, 4, K}, x.options());  // da, sum du, sum du*z, -
+  auto dwdt_acc = at::zeros({threads, g.k2, K}, x.options());
+  auto dz = at::empty({P, K}, x.options());
+  auto dm = at::empty({P, C}, x.options());
+  auto dx = at::empty({g.N, g.H, g.W, C}, x.options());
+  at::Tensor dgamma, dbeta;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rfa_backward", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = wdt.data_ptr<scalar_t>();
+    const scalar_t* sc = scale.data_ptr<scalar_t>();
+    const scalar_t* sh = shift.data_ptr<scalar_t>();
+    const scalar_t* ap = a.data_ptr<scalar_t>();
+    scalar_t* dzp = dz.data_ptr<scalar_t>();
+    scalar_t* dmp = dm.data_ptr<scalar_t>();
+    const int64_t ntiles = tiles_of(P, tile);
+    at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
+      const int tid = at::get_thread_num();
+      SequentialBlas sequential;
+      auto bufs = at::empty({3, tile, K}, x.options());
+      auto attended = bufs[0], zs = bufs[1], probs = bufs[2];
+      auto dwt_t = dwt_acc[tid];
+      scalar_t* da = small[tid][0].data_ptr<scalar_t>();
+      scalar_t* sdu = small[tid][1].data_ptr<scalar_t>();
+      scalar_t* sduz = small[tid][2].data_ptr<scalar_t>();
+      std::vector<scalar_t> m(C), tmp(2 * C), s(C);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t p0 = b * tile, len = std::min(P, p0 + tile) - p0;
+        scalar_t* fa = attended.data_ptr<scalar_t>();
+        scalar_t* fz = zs.data_ptr<scalar_t>();
+        scalar_t* fp = probs.data_ptr<scalar_t>();
+        for (int64_t q = 0; q < len; ++q) {
+          scalar_t* z = fz + q * K;
+          scalar_t* pr = fp + q * K;
+          features_at(g, xp, wp, p0 + q, z, dmp + (p0 + q) * C);  // dm row holds m for now
+          attention_at(g, ap, dmp + (p0 + q) * C, pr, tmp.data());
+          for (int64_t f = 0; f < K; ++f)
+            fa[q * K + f] = std::max(z[f] * sc[f] + sh[f], scalar_t(0)) * pr[f];
+        }
+        auto go_tile = go.narrow(0, p0, len);
+        auto a_tile = attended.narrow(0, 0, len);
+        dwt_t.addmm_(go_tile.t(), a_tile);
+        // dL/d(attended) of the tile, straight into the du rows
+        auto dA = dz.narrow(0, p0, len);
+        at::mm_out(dA, go_tile, wt);
+        for (int64_t q = 0; q < len; ++q) {
+          const int64_t p = p0 + q;
+          std::copy(dmp + p * C, dmp + (p + 1) * C, m.begin());
+          attention_backward(g, fz + q * K, fp + q * K, sc, sh, ap, m.data(), dzp + p * K,
+                             dmp + p * C, s.data(), da, sdu, sduz);
+        }
+      }
+    });
+    auto sums = small.sum(0);
+    dbeta = sums[1].clone();
+    dgamma = inv_std.view({K}) * (sums[2] - mean.view({K}) * sums[1]);
+    // dz = scale * du + alpha + beta_z * z (BN backward through the batch statistics)
+    at::Tensor alpha_t = at::zeros({K}, x.options()), beta_t = at::zeros({K}, x.options());
+    if (batch_stats) {
+      const double count = double(P);
+      beta_t = -scale.view({K}) * inv_std.view({K}) * dgamma / count;
+      alpha_t = -scale.view({K}) * dbeta / count - beta_t * mean.view({K});
+    }
+    const scalar_t* al = alpha_t.data_ptr<scalar_t>();
+    const scalar_t* bz = beta_t.data_ptr<scalar_t>();
+    at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
+      scalar_t* acc = dwdt_acc[at::get_thread_num()].data_ptr<scalar_t>();
+      std::vector<scalar_t> z(K);
+      for (int64_t p = begin * tile; p < std::min(P, end * tile); ++p) {
+        scalar_t* d = dzp + p * K;
+        if (batch_stats) {
+          features_at(g, xp, wp, p, z.data(), static_cast<scalar_t*>(nullptr));
+          for (int64_t f = 0; f < K; ++f) d[f] = d[f] * sc[f] + al[f] + bz[f] * z[f];
+        } else {
+          for (int64_t f = 0; f < K; ++f) d[f] *= sc[f];
+        }
+        const int64_t n = p / (g.Ho * g.Wo), r = p % (g.Ho * g.Wo);
+        const int64_t ho = r / g.Wo, wo = r % g.Wo;
+        for (int64_t i = 0; i < g.k; ++i) {
+          const int64_t hi = ho * g.s + i - g.pad;
+          if (hi < 0 || hi >= g.H) continue;
+          for (int64_t j = 0; j < g.k; ++j) {
+            const int64_t wi = wo * g.s + j - g.pad;
+            if (wi < 0 || wi >= g.W) continue;
+            const scalar_t* xq = xp + ((n * g.H + hi) * g.W + wi) * C;
+            scalar_t* ag = acc + (i * g.k + j) * K;
+            for (int64_t t = 0; t < g.k2; ++t)
+              for (int64_t c = 0; c < C; ++c) ag[t * C + c] += d[t * C + c] * xq[c];
+          }
+        }
+      }
+    });
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    const scalar_t inv_k2 = scalar_t(1) / scalar_t(g.k2);
+    at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
+      const scalar_t* dz_rows[64];
+      const scalar_t* w_rows[64];
+      const scalar_t* dm_rows[64];
+      constexpr int64_t B = 64 / sizeof(scalar_t);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t n = row / g.H, hi = row % g.H;
+        for (int64_t wi = 0; wi < g.W; ++wi) {
+          // the output positions whose window holds input (hi, wi), and through which tap
+          int64_t count = 0;
+          for (int64_t i = 0; i < g.k; ++i) {
+            const int64_t hs = hi + g.pad - i;
+            if (hs < 0 || hs % g.s) continue;
+            const int64_t ho = hs / g.s;
+            if (ho >= g.Ho) continue;
+            for (int64_t j = 0; j < g.k; ++j) {
+              const int64_t ws = wi + g.pad - j;
+              if (ws < 0 || ws % g.s) continue;
+              const int64_t wo = ws / g.s;
+              if (wo >= g.Wo) continue;
+              const int64_t p = (n * g.Ho + ho) * g.Wo + wo;
+              dz_rows[count] = dzp + p * K;
+              dm_rows[count] = dmp + p * C;
+              w_rows[count++] = wp + (i * g.k + j) * K;
+            }
+          }
+          scalar_t* out = dxp + (row * g.W + wi) * C;
+          int64_t c0 = 0;
+          for (; c0 + B <= C; c0 += B) {
+            scalar_t acc[B] = {};
+            for (int64_t q = 0; q < count; ++q) {
+              for (int64_t l = 0; l < B; ++l) acc[l] += dm_rows[q][c0 + l] * inv_k2;
+              for (int64_t t = 0; t < g.k2; ++t) {
+                const scalar_t* __restrict w = w_rows[q] + t * C + c0;
+                const scalar_t* __restrict d = dz_rows[q] + t * C + c0;
+                for (int64_t l = 0; l < B; ++l) acc[l] += w[l] * d[l];
+              }
+            }
+            for (int64_t l = 0; l < B; ++l) out[c0 + l] = acc[l];
+          }
+          for (int64_t c = c0; c < C; ++c) {
+            scalar_t acc = 0;
+            for (int64_t q = 0; q < count; ++q) {
+              acc += dm_rows[q][c] * inv_k2;
+              for (int64_t t = 0; t < g.k2; ++t) acc += w_rows[q][t * C + c] * dz_rows[q][t * C + c];
+            }
+            out[c] = acc;
+          }
+        }
+      }
+    });
+  });
+  auto small_sum = small.sum(0);
+  auto dbias = has_bias ? go.sum(0) : at::Tensor();
+  return {dx.permute({0, 3, 1, 2}),
+          dwdt_acc.sum(0).view({g.k2, g.k2, C}),
+          dgamma.view({g.k2, C}),
+          dbeta.view({g.k2, C}),
+          small_sum[0].view({g.k2, C}),
+          dwt_acc.sum(0),
+          dbias};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rfa_stats", &rfa_stats, "batch mean and biased variance of the RFA features");
+  m.def("rfa_forward", &rfa_forward, "fused RFAConv forward");
+  m.def("rfa_backward", &rfa_backward, "fused RFAConv backward");
+}

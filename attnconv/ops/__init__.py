@@ -1,0 +1,14 @@
+"""Fused C++ operators (built on first use) and their eager reference formulations."""
+
+from attnconv.ops.rfa import (
+    RFA_IMPLS,
+    fused_available,
+    get_rfa_impl,
+    rfa_eager,
+    rfa_feature_stats,
+    rfa_fused,
+    set_rfa_impl,
+)
+
+__all__ = ["RFA_IMPLS", "fused_available", "get_rfa_impl", "rfa_eager", "rfa_feature_stats",
+           "rfa_fused", "set_rfa_impl"]
