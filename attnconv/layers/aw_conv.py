@@ -38,7 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.common_types import _size_2_t
 
-from attnconv.functional import CPU_BATCH_BYTES, aw_conv2d
+from attnconv.functional.aw import (
+    CPU_BATCH_BYTES,
+    aw_conv2d,
+    aw_conv2d_grouped,
+    aw_conv2d_unfold,
+    aw_kernels,
+)
 from attnconv.layers.helpers import check_conv_input, check_positive
 
 Impl = Literal["auto", "chunked", "grouped", "unfold"]
@@ -139,12 +145,22 @@ class AWConv2d(nn.Conv2d):
         check_conv_input(self, x, self.in_channels)
         if x.shape[0] == 0:
             return self._conv_forward(x, self.weight, self.bias)
-        if self.resolved_impl(x) == "chunked":
+        impl = self.resolved_impl(x)
+        if impl == "chunked":
             return self._forward_chunked(x)
-        weights = torch.addcmul(self.weight, self.weight, self.attention(x))  # K * (1 + A)
-        if self.resolved_impl(x) == "unfold":
-            return self._forward_unfold(x, weights)
-        return self._forward_grouped(x, weights)
+        kernels = aw_kernels(self.weight, self.attention(x))  # K * (1 + A)
+        if impl == "unfold":
+            if any(self._reversed_padding_repeated_twice):
+                mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+                x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+            return aw_conv2d_unfold(x, kernels, self.bias, self.stride, self.dilation,
+                                    self.groups)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0, 0)
+        return aw_conv2d_grouped(x, kernels, self.bias, self.stride, padding, self.dilation,
+                                 self.groups)
 
     def resolved_impl(self, x: torch.Tensor) -> str:
         """The path :meth:`forward` takes for ``x``: ``impl``, with 'auto' and export resolved."""
@@ -175,37 +191,6 @@ class AWConv2d(nn.Conv2d):
         return aw_conv2d(x, hidden, self.weight, self.pointconv2.weight, self.pointconv2.bias,
                          self.bias, self.stride, padding, self.dilation, self.groups,
                          self.chunk_size)
-
-    def _forward_grouped(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = (0, 0)
-        else:
-            padding = self.padding
-        bias = None if self.bias is None else self.bias.repeat(n)
-        out = F.conv2d(x.reshape(1, n * self.in_channels, *x.shape[2:]),
-                       weights.reshape(n * self.out_channels, *self.weight.shape[1:]),
-                       bias, self.stride, padding, self.dilation, n * self.groups)
-        return out.view(n, self.out_channels, *out.shape[2:])
-
-    def _forward_unfold(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if any(self._reversed_padding_repeated_twice):
-            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
-        n, _, height, width = x.shape
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        out_h = (height - dh * (kh - 1) - 1) // sh + 1
-        out_w = (width - dw * (kw - 1) - 1) // sw + 1
-        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)
-        # unfold orders rows channel-major, so each group's C_in/g * kh * kw rows are contiguous.
-        cols = cols.reshape(n, self.groups, -1, out_h * out_w)
-        out = torch.matmul(weights.reshape(n, self.groups, self.out_channels // self.groups, -1),
-                           cols)
-        out = out.reshape(n, self.out_channels, out_h, out_w)
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        return out
 
     def extra_repr(self) -> str:
         chunk = "" if self.chunk_size is None else f", chunk_size={self.chunk_size}"
