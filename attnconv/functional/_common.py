@@ -45,6 +45,9 @@ def recompute_backward(needs: Sequence[bool], plain: Callable[..., torch.Tensor]
     ``(output, wrt)``.
     """
     with torch.enable_grad():
+        # Aliases, so that the gradient w.r.t. each input counts only the paths through it
+        # here (x reaches AW's hidden too; the engine adds that path itself).
+        inputs = [None if t is None else t.view_as(t) for t in inputs]
         result = plain(*inputs)
     output, wrt = result if isinstance(result, tuple) else (result, inputs if wrt is None
                                                              else wrt)
