@@ -45,7 +45,7 @@ from attnconv.functional.aw import (
     aw_conv2d_unfold,
     aw_kernels,
 )
-from attnconv.layers.helpers import check_conv_input, check_positive
+from attnconv.layers.helpers import check_conv_args, check_conv_input, check_positive
 
 Impl = Literal["auto", "chunked", "grouped", "unfold"]
 IMPLS: tuple[str, ...] = ("auto", "chunked", "grouped", "unfold")
@@ -85,9 +85,10 @@ class AWConv2d(nn.Conv2d):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        check_positive(type(self).__name__, in_channels=in_channels, out_channels=out_channels,
-                       kernel_size=kernel_size, stride=stride, dilation=dilation, groups=groups,
-                       attn_channels=attn_channels)
+        check_conv_args(type(self).__name__, in_channels=in_channels, out_channels=out_channels,
+                        kernel_size=kernel_size, stride=stride, padding=padding,
+                        dilation=dilation, groups=groups)
+        check_positive(type(self).__name__, attn_channels=attn_channels)
         if chunk_size is not None:
             check_positive(type(self).__name__, chunk_size=chunk_size)
         if impl not in IMPLS:

@@ -49,7 +49,12 @@ from attnconv.functional.rfa import (
     rfa_attended_conv,
     to_tiles,
 )
-from attnconv.layers.helpers import check_conv_input, check_positive, layer_name
+from attnconv.layers.helpers import (
+    check_conv_args,
+    check_conv_input,
+    check_positive,
+    layer_name,
+)
 
 __all__ = ["RFAConv2d", "RFCAConv2d", "RFCBAMConv2d"]
 
@@ -89,8 +94,9 @@ class _ReceptiveFieldConv2d(nn.Conv2d):
         dtype: torch.dtype | None = None,
     ) -> None:
         name = type(self).__name__
-        check_positive(name, in_channels=in_channels, out_channels=out_channels,
-                       kernel_size=kernel_size, stride=stride, dilation=dilation, groups=groups)
+        check_conv_args(name, in_channels=in_channels, out_channels=out_channels,
+                        kernel_size=kernel_size, stride=stride, padding=padding,
+                        dilation=dilation, groups=groups, padding_none=True)
         kh, kw = _pair(kernel_size)
         if kh != kw or kh % 2 == 0:
             raise ValueError(f"{name}: kernel_size must be odd and square (the k x k receptive "
