@@ -16,7 +16,7 @@ by :meth:`AWConv2d.from_conv`) computes exactly the plain convolution.
 Three computation paths give the same result; ``impl='auto'`` (default) picks 'chunked' on CPU
 once the batch's per-sample kernels outgrow the cache (more than 8 MiB) and 'grouped' otherwise:
 
-* ``impl='chunked'``: :func:`attnconv.functional.aw_conv2d`. The batch is cut into
+* ``impl='chunked'``: :func:`attnconv.functional.aw.aw_conv2d`. The batch is cut into
   chunks; each chunk's kernels are built right before its conv (the chunk folded into the conv
   groups) while they are in cache, and built again in backward instead of being stored. Chunks
   are sized to the cache on CPU and are the whole batch on GPUs (``chunk_size`` overrides).
@@ -25,8 +25,10 @@ once the batch's per-sample kernels outgrow the cache (more than 8 MiB) and 'gro
 * ``impl='unfold'``: im2col + batched matmul, with no batch size baked into any op, so ONNX
   and ``torch.export`` graphs keep a dynamic batch. Used automatically while exporting.
 
-No path materialises anything of size N x C_out x C_in x H x W. The chunked path is
-differentiable once; the other two also support double backward.
+No path materialises anything of size N x C_out x C_in x H x W. All three give exact second
+derivatives (the chunked one by differentiating the grouped formulation when a backward is
+recorded with ``create_graph=True``). Under ``torch.autocast`` the kernels are built in the
+autocast dtype. The paths are functions of :mod:`attnconv.functional.aw`.
 """
 
 from __future__ import annotations
