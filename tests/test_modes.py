@@ -246,10 +246,10 @@ def test_gradient_penalty_of_the_chunked_aw_path_matches_the_grouped_one():
     x = torch.randn(3, CIN, 6, 6, dtype=torch.float64)
     params = list(layer.parameters())
     expected = gradient_penalty_grads(layer, x, params)
+    assert sum(bool(g.any()) for g in expected) >= 4  # all but the biases (zero: linear in them)
     for chunk_size in (1, 2, None):
         layer.impl, layer.chunk_size = "chunked", chunk_size
         for got, want in zip(gradient_penalty_grads(layer, x, params), expected, strict=True):
-            assert want.abs().max() > 0
             torch.testing.assert_close(got, want)
 
 
