@@ -10,6 +10,7 @@ random layers; benchmarks/RESULTS.md has the measured values): bf16 3e-2, fp16 4
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -149,11 +150,21 @@ def test_layer_matrix(name, precision, train, layout, batch):
     check_cell(layer, input_for(batch, layout), precision, train)
 
 
-@pytest.mark.parametrize("batch", [0, 1, 3])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("precision", list(PRECISIONS))
-@pytest.mark.parametrize("name", MODELS)
+def _model_cells():
+    """The model matrix. Per model, the six (precision, mode) cells each take one of the six
+    (layout, batch) pairs, so `make test` covers every value of every axis on every model; the
+    other cells of the full cross product are marked slow (`make test-slow`, also run by CI)."""
+    layouts, batches = ("contiguous", "channels_last"), (0, 1, 3)
+    for name in MODELS:
+        for i, (precision, train) in enumerate(itertools.product(PRECISIONS, (True, False))):
+            for layout, batch in itertools.product(layouts, batches):
+                fast = (layout, batch) == (layouts[i % 2], batches[i % 3])
+                yield pytest.param(
+                    name, precision, train, layout, batch, marks=() if fast else pytest.mark.slow,
+                    id=f"{name}-{precision}-{'train' if train else 'eval'}-{layout}-{batch}")
+
+
+@pytest.mark.parametrize(("name", "precision", "train", "layout", "batch"), _model_cells())
 def test_model_matrix(name, precision, train, layout, batch):
     model = make_model(name)
     if layout == "channels_last":
