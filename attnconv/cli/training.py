@@ -63,7 +63,6 @@ def _demo(args: argparse.Namespace) -> None:
     import torch
 
     from attnconv.demo import DEMO_MODELS, demo_config
-    from attnconv.training.run import compare
 
     set_threads(args)
     cfg = demo_config(out_dir=args.out_dir, progress_bar=args.progress,
@@ -73,6 +72,8 @@ def _demo(args: argparse.Namespace) -> None:
           f"(scikit-learn, {cfg.data.image_size}x{cfg.data.image_size}), "
           f"{cfg.trainer.max_epochs} epochs, {args.seeds} seeds each, "
           f"{torch.get_num_threads()} CPU thread(s)...", flush=True)
+    from attnconv.training.run import compare  # Lightning: seconds to import, after the line
+
     start = time.perf_counter()
     result = compare(models, args.seeds, cfg)
     print(f"\n{result.table}\n\nΔ: difference in mean top-1 to {models[0]} with a Welch t "
