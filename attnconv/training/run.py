@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from attnconv import profiling
 from attnconv.engine.progress import JobProgress
 from attnconv.engine.trainer import (
     NonFiniteLossError,
@@ -26,7 +27,7 @@ from attnconv.engine.trainer import (
     stopped_note,
 )
 from attnconv.loading import Trained, is_trained_checkpoint, load_model, load_trained
-from attnconv.profiling import count_macs, count_params, markdown_table, model_table
+from attnconv.profiling import count_macs, count_params, markdown_table
 from attnconv.training.callbacks import Throughput
 from attnconv.training.config import RunConfig, apply
 from attnconv.training.data import ClassificationData, Datasets, build_datasets
@@ -84,7 +85,7 @@ def model_summary(models: dict[str, torch.nn.Module], sets: Datasets) -> str:
     """The table printed before training (:func:`attnconv.profiling.model_table`) at the
     data's input size."""
     size = f"{sets.in_chans}x{sets.image_size}x{sets.image_size}"
-    return model_table(models.items(),
+    return profiling.model_table(models.items(),
                        torch.zeros(1, sets.in_chans, sets.image_size, sets.image_size),
                        input_label=f"{size} image")
 
