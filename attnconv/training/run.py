@@ -85,9 +85,9 @@ def model_summary(models: dict[str, torch.nn.Module], sets: Datasets) -> str:
     """The table printed before training (:func:`attnconv.profiling.model_table`) at the
     data's input size."""
     size = f"{sets.in_chans}x{sets.image_size}x{sets.image_size}"
-    return profiling.model_table(models.items(),
-                       torch.zeros(1, sets.in_chans, sets.image_size, sets.image_size),
-                       input_label=f"{size} image")
+    return profiling.model_table(
+        models.items(), torch.zeros(1, sets.in_chans, sets.image_size, sets.image_size),
+        input_label=f"{size} image")
 
 
 def train(cfg: RunConfig, callbacks: Sequence[L.Callback] = (),
