@@ -155,3 +155,31 @@ def test_threads_must_be_a_count(command: str, capsys: pytest.CaptureFixture) ->
         main([command, *models, "--threads", "-1"])
     assert exit_info.value.code == 2
     assert "--threads: expected a thread count (0: torch's), got '-1'" in capsys.readouterr().err
+
+
+def test_make_trainer_gives_a_run_without_a_job_bar_its_own(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from attnconv.engine.config import TrainerConfig
+    from attnconv.engine.progress import EpochBars, JobProgress, RunBar, RunProgress
+    from attnconv.engine.trainer import make_trainer, quiet_lightning
+
+    quiet_lightning()
+
+    def kinds(trainer) -> set[type]:
+        return {type(c) for c in trainer.callbacks}
+
+    t = TrainerConfig(max_epochs=1, accelerator="cpu", devices="1", limit_train_batches=3,
+                      limit_val_batches=1)
+    trainer = make_trainer(t, tmp_path / "seg-run", loggers=False)
+    assert RunBar in kinds(trainer) and EpochBars not in kinds(trainer)
+    trainer.fit(BoringModel())
+    assert re.search(r"seg-run: 100%\|.*\| 3/3 \[", capsys.readouterr().err)
+    with JobProgress("job") as job:  # a job's own bar: no second one
+        assert RunBar not in kinds(make_trainer(t, tmp_path / "r", loggers=False,
+                                                callbacks=[job.callback("r")]))
+        assert RunProgress in kinds(make_trainer(t, tmp_path / "r", loggers=False,
+                                                 callbacks=[job.callback("r")]))
+    detail = make_trainer(TrainerConfig(progress_bar=True), tmp_path / "d", loggers=False)
+    assert EpochBars in kinds(detail) and RunBar not in kinds(detail)

@@ -104,10 +104,12 @@ class JobProgress:
 
     def callback(self, label: str) -> L.Callback:
         """The Lightning callback that moves this bar during the run called ``label``."""
-        return _RunProgress(self, label)
+        return RunProgress(self, label)
 
 
-class _RunProgress(L.Callback):
+class RunProgress(L.Callback):
+    """Moves a :class:`JobProgress` bar through one run: steps, epoch, validation, done."""
+
     def __init__(self, job: JobProgress, label: str) -> None:
         self.job, self.label = job, label
 
@@ -134,6 +136,26 @@ class _RunProgress(L.Callback):
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             self.job.end_run()
+
+
+class RunBar(RunProgress):
+    """The job bar of a run that no larger job drew one for (:func:`make_trainer` adds it
+    when its caller passed no :meth:`JobProgress.callback`): it opens when fitting starts and
+    closes when fitting ends or fails."""
+
+    def __init__(self, title: str) -> None:
+        self.title, self.label = title, title
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.job = JobProgress(self.title, detail=not trainer.is_global_zero)
+
+    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.job.close()
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule,
+                     exception: BaseException) -> None:
+        if hasattr(self, "job"):
+            self.job.close()
 
 
 class EpochBars(TQDMProgressBar):

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from attnconv.engine.config import ConfigError, TrainerConfig
-from attnconv.engine.progress import EpochBars
+from attnconv.engine.progress import EpochBars, RunBar, RunProgress
 from attnconv.training.callbacks import RNGState
 from attnconv.training.checkpoint import SafeCheckpointIO
 
@@ -240,6 +240,8 @@ def make_trainer(
         ]
     if t.progress_bar:
         all_callbacks.append(EpochBars())  # one bar kept per epoch, on stderr
+    elif not any(isinstance(c, RunProgress) for c in callbacks):
+        all_callbacks.append(RunBar(run_dir.name))  # a task that drew no job bar gets one
     logger: Any = False
     if loggers:
         logger = [CSVLogger(run_dir, name="", version=_csv_version(run_dir, resuming))]
