@@ -129,8 +129,9 @@ def attention_layers(model: nn.Module) -> list[tuple[str, int, str]]:
     from attnconv.layers.attention import AttnConv2d
     from attnconv.layers.create import ATTN_LAYERS, CONV_LAYERS
 
-    kinds = tuple({getattr(f, "func", f) for f in (*CONV_LAYERS.values(), *ATTN_LAYERS.values())}
-                  - {nn.Conv2d})
+    # The registries' classes (a partial's too); plain-conv factories are functions.
+    factories = [getattr(f, "func", f) for f in (*CONV_LAYERS.values(), *ATTN_LAYERS.values())]
+    kinds = tuple({f for f in factories if isinstance(f, type) and f is not nn.Conv2d})
     found: dict[str, list[str]] = {}
     outer: list[str] = []
     for name, module in model.named_modules():

@@ -183,3 +183,13 @@ def test_make_trainer_gives_a_run_without_a_job_bar_its_own(
                                                  callbacks=[job.callback("r")]))
     detail = make_trainer(TrainerConfig(progress_bar=True), tmp_path / "d", loggers=False)
     assert EpochBars in kinds(detail) and RunBar not in kinds(detail)
+
+
+def test_attention_layers_take_conv_factories_that_are_functions(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from attnconv.layers.create import CONV_LAYERS
+
+    # A registry entry may be a function building a plain conv (not a class to look for).
+    monkeypatch.setitem(CONV_LAYERS, "checked_conv", lambda *a, **k: torch.nn.Conv2d(*a, **k))
+    model = create_model("resnet18_aw", num_classes=10, channels=[8, 8, 16, 16])
+    assert attention_layers(model) == [("AWConv2d", 8, "conv1 in layer1-4")]
