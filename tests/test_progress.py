@@ -51,7 +51,7 @@ class Seen:
         return self.out, self.err
 
 
-@pytest.mark.slow  # tiny training runs: 8-60 s on the 2 shared, busy cores
+@pytest.mark.slow  # tiny training runs: 2-7 s each on the 2 shared, busy cores
 def test_compare_draws_one_bar_for_the_whole_job_from_its_start(
         tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = Seen(capsys, monkeypatch)
@@ -75,7 +75,7 @@ def test_compare_draws_one_bar_for_the_whole_job_from_its_start(
     assert seen.threads == [2, 1]
 
 
-@pytest.mark.slow  # tiny training runs: 8-60 s on the 2 shared, busy cores
+@pytest.mark.slow  # tiny training runs: 2-7 s each on the 2 shared, busy cores
 def test_progress_bar_option_shows_lightning_epochs_and_a_line_per_run(
         tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = Seen(capsys, monkeypatch)
@@ -89,7 +89,7 @@ def test_progress_bar_option_shows_lightning_epochs_and_a_line_per_run(
     assert "compare 0/2 runs" not in err  # the job bar gives way to the lines
 
 
-@pytest.mark.slow  # tiny training runs: 8-60 s on the 2 shared, busy cores
+@pytest.mark.slow  # tiny training runs: 2-7 s each on the 2 shared, busy cores
 def test_train_prints_the_model_table_before_training_and_takes_threads(
         tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = Seen(capsys, monkeypatch)
@@ -127,7 +127,7 @@ def test_attention_layers_name_each_kind_once_with_its_places() -> None:
                                          channels=[8, 8, 16, 16])) == []
 
 
-@pytest.mark.slow  # tiny training runs: 8-60 s on the 2 shared, busy cores
+@pytest.mark.slow  # tiny training runs: 2-7 s each on the 2 shared, busy cores
 def test_train_det_has_threads_the_model_table_and_its_bar(
         tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = Seen(capsys, monkeypatch, det_run)
