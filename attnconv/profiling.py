@@ -117,3 +117,69 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> 
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def attention_layers(model: nn.Module) -> list[tuple[str, int, str]]:
+    """``(kind, count, where)`` for each kind of attention conv (AW, RFA, ...) and activation
+    attention (SE, CBAM, ...) in ``model``, in the order they first appear.
+
+    ``where`` names the module slots, e.g. ``conv1 in layer1-4``; an attention inside another
+    (the CAM of a CAMConv) belongs to the outer one.
+    """
+    from attnconv.layers.attention import AttnConv2d
+    from attnconv.layers.create import ATTN_LAYERS, CONV_LAYERS
+
+    # The registries' classes (a partial's too); plain-conv factories are functions.
+    factories = [getattr(f, "func", f) for f in (*CONV_LAYERS.values(), *ATTN_LAYERS.values())]
+    kinds = tuple({f for f in factories if isinstance(f, type) and f is not nn.Conv2d})
+    found: dict[str, list[str]] = {}
+    outer: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, kinds) or any(name.startswith(o + ".") for o in outer):
+            continue
+        outer.append(name)
+        kind = type(module).__name__
+        if isinstance(module, AttnConv2d):
+            kind = f"{kind}({module.attn_name})"
+        found.setdefault(kind, []).append(name)
+    return [(kind, len(names), _where(names)) for kind, names in found.items()]
+
+
+def _where(names: Sequence[str]) -> str:
+    # "layer2.1.conv1" -> slot "conv1" (after the last block index) in stage "layer2".
+    slots: dict[str, None] = {}
+    stages: dict[str, None] = {}
+    for name in names:
+        parts = name.split(".")
+        index = max((i for i, p in enumerate(parts) if p.isdigit()), default=len(parts) - 1)
+        slots[".".join(parts[index + 1:]) or parts[-1]] = None
+        stages[".".join(parts[:index]) or "(top)"] = None
+    return f"{', '.join(slots)} in {_span(list(stages))}"
+
+
+def _span(stages: list[str]) -> str:
+    """``layer1, layer2, layer3`` -> ``layer1-3`` (consecutive numbered stages only)."""
+    stems = {s.rstrip("0123456789") for s in stages}
+    numbers = [s[len(s.rstrip("0123456789")):] for s in stages]
+    if len(stages) > 1 and len(stems) == 1 and all(numbers):
+        values = [int(n) for n in numbers]
+        if values == list(range(values[0], values[0] + len(values))):
+            return f"{stages[0]}-{values[-1]}"
+    return ", ".join(stages)
+
+
+def model_table(rows: Iterable[tuple[str, nn.Module]], *inputs: torch.Tensor,
+                  input_label: str) -> str:
+    """What a run trains, before it trains: model, parameters, multiply-adds of one forward
+    of ``inputs`` (:func:`count_macs`, in eval mode) and the attention layers
+    (:func:`attention_layers`), one row per ``(name, model)``."""
+    lines = []
+    for name, model in rows:
+        was_training = model.training
+        macs = count_macs(model.eval(), *inputs)
+        model.train(was_training)
+        attention = "; ".join(f"{kind} x{count}: {where}"
+                              for kind, count, where in attention_layers(model))
+        lines.append((name, count_params(model) / 1e6, macs / 1e6, attention or "none"))
+    return markdown_table(("model", "params (M)", f"MACs (M) per {input_label}",
+                           "attention (layer x count: where)"), lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from attnconv.cli.training import add_threads_argument, set_threads
 from attnconv.detection.config import DetConfig
 from attnconv.engine.config import add_config_arguments, config_from_args
 
@@ -12,6 +13,7 @@ from attnconv.engine.config import add_config_arguments, config_from_args
 def _train_det(args: argparse.Namespace) -> None:
     from attnconv.detection.run import train_det
 
+    set_threads(args)
     train_det(config_from_args(args, DetConfig()))
 
 
@@ -32,6 +34,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     "\nExample: attnconv train-det --config fasterrcnn_r101_aw_coco_1x "
                     "--init torchvision:resnet101")
     add_config_arguments(train, DetConfig())
+    add_threads_argument(train)
     train.set_defaults(func=_train_det)
 
     evaluate = sub.add_parser("eval-det", allow_abbrev=False,

@@ -11,9 +11,31 @@ from attnconv.training.config import add_config_arguments, config_from_args
 _FORMATTER = argparse.RawDescriptionHelpFormatter
 
 
+def _thread_count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a thread count (0: torch's), got {text!r}")
+    return int(text)
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's CPU threads for the whole command (0: torch's default)."""
+    parser.add_argument("--threads", type=_thread_count, default=0, metavar="N",
+                        help="torch CPU threads; on a machine busy with other work 1 can be "
+                        f"much faster (default: torch's, here up to {os.cpu_count()})")
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """Apply ``--threads`` (before anything builds a model)."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def _train(args: argparse.Namespace) -> None:
     from attnconv.training.run import summary_table, train
 
+    set_threads(args)
     result = train(config_from_args(args))
     print("\n" + summary_table([result]))
     print(f"\nrun folder: {result.run_dir}  (best checkpoint: {result.best_checkpoint}; "
@@ -32,6 +54,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from attnconv.training.run import compare
 
+    set_threads(args)
     result = compare(args.models, args.seeds, config_from_args(args))
     print("\n" + result.table + f"\n\nbar chart: {result.plot}")
 
@@ -40,10 +63,8 @@ def _demo(args: argparse.Namespace) -> None:
     import torch
 
     from attnconv.demo import DEMO_MODELS, demo_config
-    from attnconv.training.run import compare
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     cfg = demo_config(out_dir=args.out_dir, progress_bar=args.progress,
                       max_epochs=args.epochs)
     models = list(DEMO_MODELS)
@@ -51,6 +72,8 @@ def _demo(args: argparse.Namespace) -> None:
           f"(scikit-learn, {cfg.data.image_size}x{cfg.data.image_size}), "
           f"{cfg.trainer.max_epochs} epochs, {args.seeds} seeds each, "
           f"{torch.get_num_threads()} CPU thread(s)...", flush=True)
+    from attnconv.training.run import compare  # Lightning: seconds to import, after the line
+
     start = time.perf_counter()
     result = compare(models, args.seeds, cfg)
     print(f"\n{result.table}\n\nΔ: difference in mean top-1 to {models[0]} with a Welch t "
@@ -77,6 +100,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "cifar10 --model resnet18_rfa --data.root ~/data\nDistributed: torchrun "
         "--nproc-per-node 4 -m attnconv.cli train --trainer.devices 4 ...")
     add_config_arguments(train)
+    add_threads_argument(train)
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", allow_abbrev=False,
@@ -99,6 +123,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     cmp.add_argument("--seeds", type=int, default=3, help="seeds per model (default: 3)")
     # The models are the positional MODELs: a --model option would be ignored.
     add_config_arguments(cmp, exclude=("model", "resume"))
+    add_threads_argument(cmp)
     cmp.set_defaults(func=_compare)
 
     demo = sub.add_parser("demo", allow_abbrev=False,
@@ -107,11 +132,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--seeds", type=int, default=2, help="seeds per model (default: 2)")
     demo.add_argument("--epochs", type=int, default=None,
                       help="epochs per run (default: the demo recipe's)")
-    demo.add_argument("--threads", type=int, default=0,
-                      help="torch CPU threads; on a machine busy with other work 1 can be "
-                      f"faster (default: torch's, here up to {os.cpu_count()})")
+    add_threads_argument(demo)
     demo.add_argument("--out-dir", default="runs/demo", help="run folder (default: runs/demo)")
-    demo.add_argument("--progress", action="store_true", help="show per-epoch progress bars")
+    demo.add_argument("--progress", action="store_true",
+                      help="per-epoch progress bars (Lightning's) instead of the one bar of "
+                      "the whole demo")
     demo.set_defaults(func=_demo)
 
     recipes = sub.add_parser("recipes", help="list the shipped recipes (--config NAME)")

@@ -25,6 +25,7 @@ from attnconv.detection.data import coco_dataset, detection_loader
 from attnconv.detection.module import Detector
 from attnconv.detection.synthetic import make_shapes_dataset
 from attnconv.engine.config import ConfigError, apply, load_recipe, to_dict
+from attnconv.engine.progress import JobProgress
 from attnconv.engine.trainer import (
     NonFiniteLossError,
     check_devices,
@@ -39,6 +40,7 @@ from attnconv.engine.trainer import (
 from attnconv.loading import CheckpointError
 from attnconv.models import check_model_name
 from attnconv.models.detection import check_fasterrcnn_args, fasterrcnn
+from attnconv.profiling import model_table
 from attnconv.weights import atomic_save, safe_load
 
 __all__ = ["SYNTHETIC_MODEL_ARGS", "DetConfig", "DetResult", "apply_overrides",
@@ -107,6 +109,14 @@ def build_detector(config: DetConfig, num_classes: int, load_init: bool = True
     return model
 
 
+def detector_summary(name: str, model: torch.nn.Module) -> str:
+    """The table printed before training (:func:`attnconv.profiling.model_table`), for a
+    square image at the side Faster R-CNN resizes it to (``min(min_size, max_size)``)."""
+    side = min(max(model.transform.min_size), model.transform.max_size)
+    return model_table([(f"fasterrcnn({name})", model)], [torch.zeros(3, side, side)],
+                       input_label=f"3x{side}x{side} image")
+
+
 @dataclass
 class DetResult:
     model: str
@@ -134,8 +144,11 @@ def train_det(config: DetConfig, callbacks: Sequence[L.Callback] = ()) -> DetRes
     model = build_detector(config, num_classes, load_init=resume is None)
     meta = {"config": _plain(config), "num_classes": num_classes}
     module = Detector(model, config.optim, coco_gt=val.coco, meta=meta)
+    job = JobProgress(f"train-det {config.model}", detail=config.trainer.progress_bar)
+    job.write(detector_summary(config.model, model))
     trainer = make_trainer(config.trainer, run_dir, monitor="val/AP", mode="max",
-                           callbacks=callbacks, tensorboard=False, resuming=resume is not None)
+                           callbacks=[job.callback(config.run_name), *callbacks],
+                           tensorboard=False, resuming=resume is not None)
     data = config.data
     start = time.perf_counter()
     try:
@@ -145,6 +158,8 @@ def train_det(config: DetConfig, callbacks: Sequence[L.Callback] = ()) -> DetRes
                     ckpt_path=resume)
     except NonFiniteLossError as err:
         raise NonFiniteLossError(f"{err}; {stopped_note(run_dir)}") from None
+    finally:
+        job.close()
     seconds = time.perf_counter() - start
     # The last validation may have been skipped (max_steps, check_val_every_n_epoch).
     evaluation_trainer(config.trainer.accelerator).validate(

@@ -55,7 +55,7 @@ class TrainerConfig:
     deterministic: bool = opt(False, "deterministic algorithms (exact resume; slower on GPU)")
     log_every_n_steps: int = opt(10, "steps between logged training metrics", min=1)
     check_val_every_n_epoch: int = opt(1, "epochs between validations", min=1)
-    progress_bar: bool = opt(True, "a progress bar per epoch")
+    progress_bar: bool = opt(False, "per-epoch progress bars (the job's one bar is always on)")
     limit_train_batches: int | float = opt(1.0, "train batches per epoch: a share (a float "
                                                 "<= 1.0) or a count (an int: 1 is one batch)")
     limit_val_batches: int | float = opt(1.0, "val batches per epoch: a share (a float "

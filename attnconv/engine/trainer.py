@@ -11,10 +11,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from attnconv.engine.config import ConfigError, TrainerConfig
+from attnconv.engine.progress import EpochBars, RunBar, RunProgress
 from attnconv.training.callbacks import RNGState
 from attnconv.training.checkpoint import SafeCheckpointIO
 
@@ -238,7 +239,9 @@ def make_trainer(
                             enable_version_counter=False),
         ]
     if t.progress_bar:
-        all_callbacks.append(TQDMProgressBar(leave=True))  # one bar kept per epoch
+        all_callbacks.append(EpochBars())  # one bar kept per epoch, on stderr
+    elif not any(isinstance(c, RunProgress) for c in callbacks):
+        all_callbacks.append(RunBar(run_dir.name))  # a task that drew no job bar gets one
     logger: Any = False
     if loggers:
         logger = [CSVLogger(run_dir, name="", version=_csv_version(run_dir, resuming))]

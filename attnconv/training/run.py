@@ -13,6 +13,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from attnconv import profiling
+from attnconv.engine.progress import JobProgress
 from attnconv.engine.trainer import (
     NonFiniteLossError,
     check_devices,
@@ -80,8 +82,21 @@ def _model_cost(model: torch.nn.Module, sets: Datasets) -> tuple[int, int]:
     return count_params(model), macs
 
 
-def train(cfg: RunConfig, callbacks: Sequence[L.Callback] = ()) -> RunResult:
+def model_summary(models: dict[str, torch.nn.Module], sets: Datasets) -> str:
+    """The table printed before training (:func:`attnconv.profiling.model_table`) at the
+    data's input size."""
+    size = f"{sets.in_chans}x{sets.image_size}x{sets.image_size}"
+    return profiling.model_table(
+        models.items(), torch.zeros(1, sets.in_chans, sets.image_size, sets.image_size),
+        input_label=f"{size} image")
+
+
+def train(cfg: RunConfig, callbacks: Sequence[L.Callback] = (),
+          progress: JobProgress | None = None) -> RunResult:
     """Train ``cfg.model`` as ``cfg`` says; checkpoints, logs and plot go to the run folder.
+
+    ``progress``: the bar of a larger job (compare) this run is part of; without it the run
+    prints its model table and draws its own bar.
 
     Bad input (data, model name, resume path) raises before any training step.
     """
@@ -99,16 +114,24 @@ def train(cfg: RunConfig, callbacks: Sequence[L.Callback] = ()) -> RunResult:
     if cfg.init and resume is None:  # a resumed run's checkpoint holds the weights
         print(init_from(model, cfg.init))
     params, macs = _model_cost(model, sets)
+    job = progress or JobProgress(f"train {cfg.model}", detail=cfg.trainer.progress_bar)
+    if progress is None:
+        job.write(model_summary({cfg.model: model}, sets))
     module = Classifier(model, sets.num_classes, cfg.optim, cfg.trainer.max_epochs,
                         channels_last=cfg.trainer.channels_last, compile=cfg.trainer.compile,
                         meta=_meta(cfg, sets))
     trainer = make_trainer(cfg.trainer, run_dir, monitor="val_top1", mode="max",
-                           val_loss="val_loss", callbacks=[Throughput(), *callbacks],
+                           val_loss="val_loss",
+                           callbacks=[Throughput(), job.callback(f"{cfg.model} s{cfg.seed}"),
+                                      *callbacks],
                            resuming=resume is not None)
     try:
         trainer.fit(module, datamodule=ClassificationData(cfg.data, sets), ckpt_path=resume)
     except NonFiniteLossError as err:
         raise NonFiniteLossError(f"{err}; {stopped_note(run_dir)}") from None
+    finally:
+        if progress is None:
+            job.close()
     m = trainer.callback_metrics
     plot = None
     if trainer.is_global_zero:
@@ -160,20 +183,28 @@ def compare(models: Sequence[str], seeds: int, cfg: RunConfig) -> Comparison:
 
     The difference to the first model comes with a Welch t 95% interval over the seeds.
     """
+    with JobProgress("compare", len(models) * seeds, detail=cfg.trainer.progress_bar) as job:
+        return _compare(models, seeds, cfg, job)
+
+
+def _compare(models: Sequence[str], seeds: int, cfg: RunConfig, job: JobProgress
+             ) -> Comparison:
     for name in models:  # every name is checked before the first model trains
         check_model_name(name)
-    build_datasets(cfg.data)
+    sets = build_datasets(cfg.data)
     folder = Path(cfg.out_dir) / (cfg.name or "compare")
     if not cfg.overwrite:  # every run folder is checked before the first model trains
         for name in models:
             for seed in range(cfg.seed, cfg.seed + seeds):
                 prepare_run_dir(folder / f"{name}-s{seed}", resuming=False, overwrite=False)
+    job.write(model_summary({name: build_model(name, sets.num_classes, sets.in_chans,
+                                               **cfg.model_args) for name in models}, sets))
     results: dict[str, list[RunResult]] = {}
     for name in models:
         for seed in range(cfg.seed, cfg.seed + seeds):
             run = dataclasses.replace(cfg, model=name, seed=seed, out_dir=str(folder),
                                       name=f"{name}-s{seed}", resume=None)
-            results.setdefault(name, []).append(train(run))
+            results.setdefault(name, []).append(train(run, progress=job))
     table = comparison_table(results)
     plot = plot_comparison({n: [r.top1 for r in rs] for n, rs in results.items()},
                            folder / "compare.png",
