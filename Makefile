@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-slow lint demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,13 @@ install: $(STAMP)
 lint: install
 	$(PY) -m ruff check .
 
+# `make test`: every test but the cells marked slow (the full cross product of the execution-mode
+# matrix, inductor compiles, end-to-end runs); `make test-slow` runs those, and CI runs both.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
 
 demo: install
 	$(PY) -m attnconv.cli demo
