@@ -61,6 +61,21 @@ def test_abbreviations_and_options_a_command_ignores_are_refused(
     assert "unrecognized arguments" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "hint"), [
+    (["train", "--trainer.max_epoch", "3"], "did you mean --trainer.max_epochs"),
+    (["train", "--optim.lrr", "0.1"], "did you mean --optim.lr"),
+    (["train-det", "--data.batch", "2"], "did you mean --data.batch_size"),
+    (["export", "resnet18", "--ouptut", "x.onnx"], "did you mean --output"),
+])
+def test_an_unknown_option_names_the_commands_close_options(
+        argv: list[str], hint: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {argv[-2]} {argv[-1]}; {hint}" in err
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["train", "--model", "resnet18_wa"], "unknown model 'resnet18_wa'; close names: resnet18_aw"),
     (["train", "--data.name", "cifar10"], "data.root is required for data.name=cifar10"),
@@ -80,6 +95,17 @@ def test_abbreviations_and_options_a_command_ignores_are_refused(
      "did you mean representation_size"),
     (["train-det", "--data.train_images", "x"], "give all four of data.train_images"),
     (["export", "resnet18_wa"], "unknown model 'resnet18_wa'"),
+    # Options Lightning's Trainer refuses (these were tracebacks).
+    (["train", "--config", "demo", "--trainer.limit_train_batches", "-1"],
+     "trainer.limit_train_batches must be >= 0"),
+    (["train", "--config", "demo", "--trainer.limit_val_batches", "1.5"],
+     "Lightning refused the trainer options: You have passed invalid value 1.5"),
+    (["train", "--config", "demo", "--trainer.precision", "7"],
+     "Lightning refused the trainer options: Precision '7' is invalid"),
+    (["train", "--config", "demo", "--trainer.strategy", "bogus"],
+     "Lightning refused the trainer options: You selected an invalid strategy name"),
+    (["train", "--config", "demo", "--trainer.devices", "0"],
+     "Lightning refused the trainer options: `Trainer(devices=0)`"),
     (["bench", "resnet18_wa"], "unknown model 'resnet18_wa'; close names: resnet18_aw"),
 ])
 def test_refusals_are_one_line_on_stderr_with_status_2(

@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -244,7 +245,7 @@ def make_trainer(
         logger = [CSVLogger(run_dir, name="", version=_csv_version(run_dir, resuming))]
         if tensorboard:
             logger.append(TensorBoardLogger(run_dir, name="", version="tensorboard"))
-    return L.Trainer(
+    return _trainer(
         default_root_dir=run_dir, max_epochs=t.max_epochs, max_steps=t.max_steps,
         accelerator=t.accelerator, devices=parse_devices(t.devices), num_nodes=t.num_nodes,
         strategy=t.strategy, precision=t.precision, deterministic=t.deterministic,
@@ -258,8 +259,18 @@ def make_trainer(
     )
 
 
+def _trainer(**kwargs: Any) -> L.Trainer:
+    """``L.Trainer(**kwargs)``; Lightning's refusal of an option (accelerator, devices,
+    strategy, precision, batch limits) is a ConfigError, so the command line says it in one
+    line instead of a traceback."""
+    try:
+        return L.Trainer(**kwargs)
+    except (MisconfigurationException, ValueError, ImportError) as err:
+        raise ConfigError(f"Lightning refused the trainer options: {err}") from err
+
+
 def evaluation_trainer(accelerator: str = "auto") -> L.Trainer:
     """A one-device Trainer for ``validate`` that writes nothing."""
-    return L.Trainer(accelerator=accelerator, devices=1, logger=False,
-                     enable_model_summary=False, enable_progress_bar=False,
-                     enable_checkpointing=False)
+    return _trainer(accelerator=accelerator, devices=1, logger=False,
+                    enable_model_summary=False, enable_progress_bar=False,
+                    enable_checkpointing=False)
