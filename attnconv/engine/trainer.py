@@ -28,7 +28,9 @@ def quiet_lightning() -> None:
     """Keep Lightning's start-up notices and small-data warnings out of the user's output."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     for message in (".*does not have many workers.*", ".*smaller than the logging interval.*",
-                    ".*LeafSpec.*", ".*isinstance.*treespec.*"):
+                    ".*LeafSpec.*", ".*isinstance.*treespec.*",
+                    # A resume writes into its own run's folder (prepare_run_dir refuses others).
+                    ".*Checkpoint directory .* exists and is not empty.*"):
         warnings.filterwarnings("ignore", message=message)
 
 
