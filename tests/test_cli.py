@@ -87,6 +87,8 @@ def test_an_unknown_option_names_the_commands_close_options(
     (["train", "--config", "cifar1O"], "recipe cifar1O is neither a file nor a shipped recipe"),
     (["train", "--model_args", "[1, 2]"], "model_args must be a mapping"),
     (["compare", "resnet18", "resnt50"], "unknown model 'resnt50'; close names: resnet50"),
+    (["compare", "resnet18", "--seeds", "0"], "seeds must be >= 1, not 0"),  # StopIteration
+    (["demo", "--seeds", "0"], "seeds must be >= 1, not 0"),
     (["eval", "--checkpoint", "nowhere.ckpt"], "checkpoint nowhere.ckpt does not exist"),
     (["train-det", "--data.batch_size", "two"], "data.batch_size must be an integer"),
     (["train-det", "--model", "resnet18_wa"], "unknown model 'resnet18_wa'"),
