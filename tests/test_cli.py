@@ -198,3 +198,34 @@ def test_convert_model_refuses_an_unknown_conv_name() -> None:
     # Before: every conv was skipped with the error as its reason and the model came back.
     with pytest.raises(ValueError, match="bogus"):
         convert_model(create_model("resnet18", num_classes=2), conv="bogus")
+
+
+def _readme_commands() -> list[list[str]]:
+    """The ``attnconv`` command lines of README.md's shell blocks (continuations joined,
+    comments dropped), as argument lists after ``attnconv``."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        if not line.startswith(("attnconv ", "torchrun ")):
+            continue
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["torchrun"] and "attnconv.cli" in words:
+            words = ["attnconv", *words[words.index("attnconv.cli") + 1:]]
+        if words[:1] == ["attnconv"] and "..." not in words and "my_recipe.yaml" not in words:
+            commands.append(words[1:])
+    return commands
+
+
+def test_the_readmes_commands_are_accepted() -> None:
+    from attnconv.detection.run import check_config
+
+    commands = _readme_commands()
+    assert len(commands) >= 12  # the README's examples were found
+    for argv in commands:
+        args = build_parser().parse_args(argv)
+        if argv[0] in ("train", "compare"):
+            run_config_from_args(args)
+        elif argv[0] == "train-det":  # was: model_args.pretrained_backbone, which is refused
+            check_config(config_from_args(args, DetConfig()))
