@@ -4,6 +4,7 @@ refusal is one line on stderr with exit status 2 (``--debug`` shows the tracebac
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,26 @@ def test_a_checkpoint_that_is_not_one_is_refused_in_one_line(
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_checkpoint_of_the_other_task_is_named_as_such(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Were: "unknown config key 'data.num_classes'" / "unknown config key 'data.name'".
+    det, cls = tmp_path / "det.ckpt", tmp_path / "cls.ckpt"
+    torch.save({"attnconv": {"config": dataclasses.asdict(DetConfig()), "num_classes": 4},
+                "state_dict": {}}, det)
+    torch.save({"attnconv": {"config": RunConfig().to_dict(), "num_classes": 10, "in_chans": 1,
+                             "image_size": 16}, "state_dict": {}}, cls)
+    for argv, message in (
+            (["eval", "--checkpoint", str(det)], "is a detection checkpoint of `attnconv "
+             "train-det`, not a classifier of `attnconv train` (eval-det evaluates it)"),
+            (["export", "resnet18", "--checkpoint", str(det)], "is a detection checkpoint"),
+            (["eval-det", str(cls)], "is a classification checkpoint of `attnconv train`, not "
+             "of `attnconv train-det`: use attnconv eval --checkpoint")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err
 
 
 def test_detection_uses_the_same_config_system() -> None:
