@@ -54,6 +54,9 @@ def load_trained(checkpoint: str | Path, state: dict[str, Any] | None = None) ->
     if not is_trained_checkpoint(state):
         raise CheckpointError(f"{checkpoint} is not a checkpoint written by `attnconv train`")
     meta = state["attnconv"]
+    if "in_chans" not in meta:  # train-det stores no input channels: a detector, not a classifier
+        raise CheckpointError(f"{checkpoint} is a detection checkpoint of `attnconv train-det`, "
+                              "not a classifier of `attnconv train` (eval-det evaluates it)")
     cfg = apply(RunConfig(), meta["config"], where=str(checkpoint))
     model = build_model(cfg.model, meta["num_classes"], meta["in_chans"], **cfg.model_args)
     # Classifier keeps the network as `model`: its state-dict keys are `model.<name>`.

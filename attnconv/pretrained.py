@@ -181,7 +181,7 @@ def init_from(model: nn.Module, source: str | Mapping[str, torch.Tensor]) -> Ini
     done = set(fits) | set(report.loaded)
     missing = [k for k in own if k not in done]
     report.new = [k for k in missing if k in attention or k in biases]
-    plain_missing = [k for k in missing if k not in report.new
+    plain_missing = [k for k in missing if k not in report.new and k not in state
                      and not k.endswith("num_batches_tracked")
                      and not (k.startswith(classifier) and report.classifier_reset)]
     problems = [f"{what}: {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}"

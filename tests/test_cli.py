@@ -4,6 +4,7 @@ refusal is one line on stderr with exit status 2 (``--debug`` shows the tracebac
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,21 @@ def test_abbreviations_and_options_a_command_ignores_are_refused(
     assert "unrecognized arguments" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "hint"), [
+    (["train", "--trainer.max_epoch", "3"], "did you mean --trainer.max_epochs"),
+    (["train", "--optim.lrr", "0.1"], "did you mean --optim.lr"),
+    (["train-det", "--data.batch", "2"], "did you mean --data.batch_size"),
+    (["export", "resnet18", "--ouptut", "x.onnx"], "did you mean --output"),
+])
+def test_an_unknown_option_names_the_commands_close_options(
+        argv: list[str], hint: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {argv[-2]} {argv[-1]}; {hint}" in err
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["train", "--model", "resnet18_wa"], "unknown model 'resnet18_wa'; close names: resnet18_aw"),
     (["train", "--data.name", "cifar10"], "data.root is required for data.name=cifar10"),
@@ -72,6 +88,8 @@ def test_abbreviations_and_options_a_command_ignores_are_refused(
     (["train", "--config", "cifar1O"], "recipe cifar1O is neither a file nor a shipped recipe"),
     (["train", "--model_args", "[1, 2]"], "model_args must be a mapping"),
     (["compare", "resnet18", "resnt50"], "unknown model 'resnt50'; close names: resnet50"),
+    (["compare", "resnet18", "--seeds", "0"], "seeds must be >= 1, not 0"),  # StopIteration
+    (["demo", "--seeds", "0"], "seeds must be >= 1, not 0"),
     (["eval", "--checkpoint", "nowhere.ckpt"], "checkpoint nowhere.ckpt does not exist"),
     (["train-det", "--data.batch_size", "two"], "data.batch_size must be an integer"),
     (["train-det", "--model", "resnet18_wa"], "unknown model 'resnet18_wa'"),
@@ -80,6 +98,17 @@ def test_abbreviations_and_options_a_command_ignores_are_refused(
      "did you mean representation_size"),
     (["train-det", "--data.train_images", "x"], "give all four of data.train_images"),
     (["export", "resnet18_wa"], "unknown model 'resnet18_wa'"),
+    # Options Lightning's Trainer refuses (these were tracebacks).
+    (["train", "--config", "demo", "--trainer.limit_train_batches", "-1"],
+     "trainer.limit_train_batches must be >= 0"),
+    (["train", "--config", "demo", "--trainer.limit_val_batches", "1.5"],
+     "Lightning refused the trainer options: You have passed invalid value 1.5"),
+    (["train", "--config", "demo", "--trainer.precision", "7"],
+     "Lightning refused the trainer options: Precision '7' is invalid"),
+    (["train", "--config", "demo", "--trainer.strategy", "bogus"],
+     "Lightning refused the trainer options: You selected an invalid strategy name"),
+    (["train", "--config", "demo", "--trainer.devices", "0"],
+     "Lightning refused the trainer options: `Trainer(devices=0)`"),
     (["bench", "resnet18_wa"], "unknown model 'resnet18_wa'; close names: resnet18_aw"),
 ])
 def test_refusals_are_one_line_on_stderr_with_status_2(
@@ -122,6 +151,26 @@ def test_a_checkpoint_that_is_not_one_is_refused_in_one_line(
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_checkpoint_of_the_other_task_is_named_as_such(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Were: "unknown config key 'data.num_classes'" / "unknown config key 'data.name'".
+    det, cls = tmp_path / "det.ckpt", tmp_path / "cls.ckpt"
+    torch.save({"attnconv": {"config": dataclasses.asdict(DetConfig()), "num_classes": 4},
+                "state_dict": {}}, det)
+    torch.save({"attnconv": {"config": RunConfig().to_dict(), "num_classes": 10, "in_chans": 1,
+                             "image_size": 16}, "state_dict": {}}, cls)
+    for argv, message in (
+            (["eval", "--checkpoint", str(det)], "is a detection checkpoint of `attnconv "
+             "train-det`, not a classifier of `attnconv train` (eval-det evaluates it)"),
+            (["export", "resnet18", "--checkpoint", str(det)], "is a detection checkpoint"),
+            (["eval-det", str(cls)], "is a classification checkpoint of `attnconv train`, not "
+             "of `attnconv train-det`: use attnconv eval --checkpoint")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err
 
 
 def test_detection_uses_the_same_config_system() -> None:
@@ -170,3 +219,34 @@ def test_convert_model_refuses_an_unknown_conv_name() -> None:
     # Before: every conv was skipped with the error as its reason and the model came back.
     with pytest.raises(ValueError, match="bogus"):
         convert_model(create_model("resnet18", num_classes=2), conv="bogus")
+
+
+def _readme_commands() -> list[list[str]]:
+    """The ``attnconv`` command lines of README.md's shell blocks (continuations joined,
+    comments dropped), as argument lists after ``attnconv``."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        if not line.startswith(("attnconv ", "torchrun ")):
+            continue
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["torchrun"] and "attnconv.cli" in words:
+            words = ["attnconv", *words[words.index("attnconv.cli") + 1:]]
+        if words[:1] == ["attnconv"] and "..." not in words and "my_recipe.yaml" not in words:
+            commands.append(words[1:])
+    return commands
+
+
+def test_the_readmes_commands_are_accepted() -> None:
+    from attnconv.detection.run import check_config
+
+    commands = _readme_commands()
+    assert len(commands) >= 12  # the README's examples were found
+    for argv in commands:
+        args = build_parser().parse_args(argv)
+        if argv[0] in ("train", "compare"):
+            run_config_from_args(args)
+        elif argv[0] == "train-det":  # was: model_args.pretrained_backbone, which is refused
+            check_config(config_from_args(args, DetConfig()))

@@ -41,6 +41,12 @@ def test_compare_two_models_two_seeds(tmp_path: Path, capsys: pytest.CaptureFixt
     assert sorted(p.name for p in (tmp_path / "compare").iterdir()) == [
         "compare.md", "compare.png", "resnet18-s0", "resnet18-s1", "resnet18_aw-s0",
         "resnet18_aw-s1"]
+    with pytest.raises(SystemExit) as exit_info:  # the folders are taken; compare has no resume
+        main(["compare", "resnet18", "resnet18_aw", "--seeds", "2", *TINY,
+              "--out_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "holds an earlier run: pass --overwrite true" in err
+    assert "--resume" not in err
 
 
 def test_unknown_key_in_recipe_exits_before_training(tmp_path: Path,
@@ -103,4 +109,5 @@ def test_a_killed_run_resumes_and_its_folder_is_not_taken_by_a_new_run(tmp_path:
                              cwd=root, env=env, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resume: applying trainer.max_epochs: 100 -> {epoch + 2}" in resumed.stdout
+    assert "exists and is not empty" not in resumed.stderr  # Lightning's notice, not ours
     assert safe_load(last)["epoch"] == epoch + 1

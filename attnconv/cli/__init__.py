@@ -9,6 +9,7 @@ neither Lightning nor the training code: ``attnconv --help`` is quick.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from collections.abc import Sequence
 
@@ -18,8 +19,31 @@ from attnconv.cli.errors import classify, one_line
 __all__ = ["build_parser", "main", "run_command"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose "unrecognized arguments" names the command's close options
+    (``--trainer.max_epoch`` -> ``--trainer.max_epochs``)."""
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}"
+                       f"{_close_options(self, parsed, extras)}")
+        return parsed
+
+
+def _close_options(parser: argparse.ArgumentParser, parsed: argparse.Namespace,
+                   extras: Sequence[str]) -> str:
+    commands = parser._subparsers._group_actions[0].choices if parser._subparsers else {}
+    command = commands.get(getattr(parsed, "command", None), parser)
+    known = [o for o in command._option_string_actions if o.startswith("--")]
+    close = [m for e in extras if e.startswith("--")
+             for m in difflib.get_close_matches(e.split("=")[0], known, n=3)]
+    return f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="attnconv", allow_abbrev=False,
         description="AW-convolution and RFAConv: layers, the papers' networks, training, "
         "detection, export and figures. Every refusal is one line on stderr with exit status "

@@ -197,6 +197,9 @@ def eval_det(checkpoint: str | Path, val_images: str | None = None,
             k.removeprefix("model."): v for k, v in saved["state_dict"].items()}}
     if not (isinstance(saved, dict) and {"config", "num_classes", "state_dict"} <= set(saved)):
         raise CheckpointError(f"{checkpoint} is not a checkpoint written by `attnconv train-det`")
+    if "in_chans" in saved:  # what `attnconv train` stores with a classifier
+        raise CheckpointError(f"{checkpoint} is a classification checkpoint of `attnconv train`, "
+                              "not of `attnconv train-det`: use attnconv eval --checkpoint")
     config = apply(DetConfig(), saved["config"], where=str(checkpoint))
     home = checkpoint.parent if checkpoint.suffix == ".pt" else checkpoint.parent.parent
     run_dir = Path(run_dir) if run_dir else home

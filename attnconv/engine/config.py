@@ -57,9 +57,10 @@ class TrainerConfig:
     check_val_every_n_epoch: int = opt(1, "epochs between validations", min=1)
     progress_bar: bool = opt(False, "per-epoch progress bars (the job's one bar is always on)")
     limit_train_batches: int | float = opt(1.0, "train batches per epoch: a share (a float "
-                                                "<= 1.0) or a count (an int: 1 is one batch)")
+                                                "<= 1.0) or a count (an int: 1 is one batch)",
+                                           min=0)
     limit_val_batches: int | float = opt(1.0, "val batches per epoch: a share (a float "
-                                              "<= 1.0) or a count (an int)")
+                                              "<= 1.0) or a count (an int)", min=0)
 
 
 def is_section(hint: Any) -> bool:

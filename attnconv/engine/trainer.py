@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -28,7 +29,9 @@ def quiet_lightning() -> None:
     """Keep Lightning's start-up notices and small-data warnings out of the user's output."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     for message in (".*does not have many workers.*", ".*smaller than the logging interval.*",
-                    ".*LeafSpec.*", ".*isinstance.*treespec.*"):
+                    ".*LeafSpec.*", ".*isinstance.*treespec.*",
+                    # A resume writes into its own run's folder (prepare_run_dir refuses others).
+                    ".*Checkpoint directory .* exists and is not empty.*"):
         warnings.filterwarnings("ignore", message=message)
 
 
@@ -247,7 +250,7 @@ def make_trainer(
         logger = [CSVLogger(run_dir, name="", version=_csv_version(run_dir, resuming))]
         if tensorboard:
             logger.append(TensorBoardLogger(run_dir, name="", version="tensorboard"))
-    return L.Trainer(
+    return _trainer(
         default_root_dir=run_dir, max_epochs=t.max_epochs, max_steps=t.max_steps,
         accelerator=t.accelerator, devices=parse_devices(t.devices), num_nodes=t.num_nodes,
         strategy=t.strategy, precision=t.precision, deterministic=t.deterministic,
@@ -261,8 +264,18 @@ def make_trainer(
     )
 
 
+def _trainer(**kwargs: Any) -> L.Trainer:
+    """``L.Trainer(**kwargs)``; Lightning's refusal of an option (accelerator, devices,
+    strategy, precision, batch limits) is a ConfigError, so the command line says it in one
+    line instead of a traceback."""
+    try:
+        return L.Trainer(**kwargs)
+    except (MisconfigurationException, ValueError, ImportError) as err:
+        raise ConfigError(f"Lightning refused the trainer options: {err}") from err
+
+
 def evaluation_trainer(accelerator: str = "auto") -> L.Trainer:
     """A one-device Trainer for ``validate`` that writes nothing."""
-    return L.Trainer(accelerator=accelerator, devices=1, logger=False,
-                     enable_model_summary=False, enable_progress_bar=False,
-                     enable_checkpointing=False)
+    return _trainer(accelerator=accelerator, devices=1, logger=False,
+                    enable_model_summary=False, enable_progress_bar=False,
+                    enable_checkpointing=False)

@@ -30,7 +30,7 @@ from attnconv.loading import Trained, is_trained_checkpoint, load_model, load_tr
 from attnconv.pretrained import init_from
 from attnconv.profiling import count_macs, count_params, markdown_table
 from attnconv.training.callbacks import Throughput
-from attnconv.training.config import RunConfig, apply
+from attnconv.training.config import ConfigError, RunConfig, apply
 from attnconv.training.data import ClassificationData, Datasets, build_datasets
 from attnconv.training.models import build_model, check_model_name
 from attnconv.training.module import Classifier
@@ -183,6 +183,10 @@ def compare(models: Sequence[str], seeds: int, cfg: RunConfig) -> Comparison:
 
     The difference to the first model comes with a Welch t 95% interval over the seeds.
     """
+    if seeds < 1:
+        raise ConfigError(f"seeds must be >= 1, not {seeds}")
+    if not models:
+        raise ConfigError("compare needs at least one model name")
     with JobProgress("compare", len(models) * seeds, detail=cfg.trainer.progress_bar) as job:
         return _compare(models, seeds, cfg, job)
 
@@ -196,7 +200,13 @@ def _compare(models: Sequence[str], seeds: int, cfg: RunConfig, job: JobProgress
     if not cfg.overwrite:  # every run folder is checked before the first model trains
         for name in models:
             for seed in range(cfg.seed, cfg.seed + seeds):
-                prepare_run_dir(folder / f"{name}-s{seed}", resuming=False, overwrite=False)
+                run_dir = folder / f"{name}-s{seed}"
+                try:
+                    prepare_run_dir(run_dir, resuming=False, overwrite=False)
+                except ConfigError:  # compare has no --resume: say only what it can do
+                    raise ConfigError(f"run folder {run_dir} holds an earlier run: pass "
+                                      "--overwrite true to replace it, or another --name"
+                                      ) from None
     job.write(model_summary({name: build_model(name, sets.num_classes, sets.in_chans,
                                                **cfg.model_args) for name in models}, sets))
     results: dict[str, list[RunResult]] = {}
