@@ -47,26 +47,36 @@ class JobProgress:
         self.start = time.perf_counter()
         self._last_step = 0
         self._last_refresh = 0.0
-        self.bar = tqdm(total=None, desc=self._desc(), unit="step", file=self.file,
-                        smoothing=0, dynamic_ncols=True, **({"disable": True}
-                                                            if detail or not self.main else {}))
+        self._bar: tqdm | None = None
+
+    @property
+    def bar(self) -> tqdm:
+        """The bar, drawn on first use: a run refused while it is being set up (a trainer
+        option Lightning rejects) leaves stderr to its one-line message."""
+        if self._bar is None:
+            self._bar = tqdm(total=None, desc=self._desc(), unit="step", file=self.file,
+                             smoothing=0, dynamic_ncols=True,
+                             **({"disable": True} if self.detail or not self.main else {}))
+        return self._bar
 
     def _desc(self) -> str:
         return f"{self.title} {self.done}/{self.runs} runs" if self.runs > 1 else self.title
 
     def __enter__(self) -> JobProgress:
+        self.bar.refresh()  # a job's bar shows from its first second
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
     def close(self) -> None:
-        self.bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
     def write(self, text: str, file: IO[str] | None = None) -> None:
         """Print ``text`` (stdout by default) above the bar, from the first process only."""
         if self.main:
-            self.bar.write(text, file=file or sys.stdout)
+            tqdm.write(text, file=file or sys.stdout)  # above the bar, if one is drawn
             (file or sys.stdout).flush()
 
     def status(self, text: str) -> None:

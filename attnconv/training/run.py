@@ -187,13 +187,7 @@ def compare(models: Sequence[str], seeds: int, cfg: RunConfig) -> Comparison:
         raise ConfigError(f"seeds must be >= 1, not {seeds}")
     if not models:
         raise ConfigError("compare needs at least one model name")
-    with JobProgress("compare", len(models) * seeds, detail=cfg.trainer.progress_bar) as job:
-        return _compare(models, seeds, cfg, job)
-
-
-def _compare(models: Sequence[str], seeds: int, cfg: RunConfig, job: JobProgress
-             ) -> Comparison:
-    for name in models:  # every name is checked before the first model trains
+    for name in models:  # every name is checked before the first model trains (or a bar shows)
         check_model_name(name)
     sets = build_datasets(cfg.data)
     folder = Path(cfg.out_dir) / (cfg.name or "compare")
@@ -207,6 +201,12 @@ def _compare(models: Sequence[str], seeds: int, cfg: RunConfig, job: JobProgress
                     raise ConfigError(f"run folder {run_dir} holds an earlier run: pass "
                                       "--overwrite true to replace it, or another --name"
                                       ) from None
+    with JobProgress("compare", len(models) * seeds, detail=cfg.trainer.progress_bar) as job:
+        return _compare(models, seeds, cfg, job, sets, folder)
+
+
+def _compare(models: Sequence[str], seeds: int, cfg: RunConfig, job: JobProgress,
+             sets: Datasets, folder: Path) -> Comparison:
     job.write(model_summary({name: build_model(name, sets.num_classes, sets.in_chans,
                                                **cfg.model_args) for name in models}, sets))
     results: dict[str, list[RunResult]] = {}
