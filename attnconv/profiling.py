@@ -29,7 +29,10 @@ def count_macs(module: nn.Module, *inputs: torch.Tensor) -> int:
     torch's FlopCounterMode counts 2 FLOPs per multiply-add of convolutions and matmuls,
     including per-sample (grouped) and functional convs; elementwise ops are not counted.
     """
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    from attnconv.ops import eager_rfa
+
+    # The fused RFA op is one node to the counter: count the eager formulation it equals.
+    with torch.no_grad(), eager_rfa(), FlopCounterMode(display=False) as counter:
         module(*inputs)
     return counter.get_total_flops() // 2
 

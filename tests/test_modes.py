@@ -169,8 +169,12 @@ def test_model_matrix(name, precision, train, layout, batch):
     model = make_model(name)
     if layout == "channels_last":
         model = model.to(memory_format=torch.channels_last)
+    # In training at batch 1 the last stage's BatchNorm normalises 2 x 2 values per channel,
+    # which amplifies half-precision rounding far beyond any layer bound (plain timm ResNets
+    # too): those cells check dtypes and finiteness, and the output within 40x.
+    depth = 40 if train and batch == 1 else 10
     check_cell(model, input_for(batch, layout, channels=3, size=16), precision, train,
-               depth=10)
+               depth=depth)
 
 
 def test_aw_auto_picks_the_chunked_path_under_autocast_too():

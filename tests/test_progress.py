@@ -27,8 +27,8 @@ TINY = ["--model_args", "{cifar_stem: true, channels: [8, 8, 16, 16]}",
 
 
 class Seen:
-    """What was on stdout/stderr, and torch's thread count, each time a run made its
-    Trainer (that is, just before that run's first step)."""
+    """What was on stdout/stderr, and torch's thread count, each time a run's Trainer started
+    fitting (that is, just before that run's first step)."""
 
     def __init__(self, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
                  module=train_run) -> None:
@@ -36,11 +36,18 @@ class Seen:
         make = module.make_trainer
 
         def spy(*args, **kwargs):
-            self.read()
-            self.at_start.append((self.out, self.err))
-            self.threads.append(torch.get_num_threads())
-            torch.set_num_threads(1)  # seen; 2 threads on the busy test machine are slow
-            return make(*args, **kwargs)
+            trainer = make(*args, **kwargs)
+            fit = trainer.fit
+
+            def fit_spy(*fit_args, **fit_kwargs):
+                self.read()
+                self.at_start.append((self.out, self.err))
+                self.threads.append(torch.get_num_threads())
+                torch.set_num_threads(1)  # seen; 2 threads on the busy test machine are slow
+                return fit(*fit_args, **fit_kwargs)
+
+            trainer.fit = fit_spy
+            return trainer
 
         monkeypatch.setattr(module, "make_trainer", spy)
 

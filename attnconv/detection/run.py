@@ -149,6 +149,7 @@ def train_det(config: DetConfig, callbacks: Sequence[L.Callback] = ()) -> DetRes
     trainer = make_trainer(config.trainer, run_dir, monitor="val/AP", mode="max",
                            callbacks=[job.callback(config.run_name), *callbacks],
                            tensorboard=False, resuming=resume is not None)
+    job.bar.refresh()  # the trainer is accepted: the bar shows from here
     data = config.data
     start = time.perf_counter()
     try:

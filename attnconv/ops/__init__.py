@@ -2,6 +2,7 @@
 
 from attnconv.ops.rfa import (
     RFA_IMPLS,
+    eager_rfa,
     fused_available,
     get_rfa_impl,
     rfa_eager,
@@ -10,5 +11,5 @@ from attnconv.ops.rfa import (
     set_rfa_impl,
 )
 
-__all__ = ["RFA_IMPLS", "fused_available", "get_rfa_impl", "rfa_eager", "rfa_feature_stats",
-           "rfa_fused", "set_rfa_impl"]
+__all__ = ["RFA_IMPLS", "eager_rfa", "fused_available", "get_rfa_impl", "rfa_eager",
+           "rfa_feature_stats", "rfa_fused", "set_rfa_impl"]

@@ -16,8 +16,10 @@ second derivative (the C++ backward itself is not differentiable, so a backward 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -298,6 +300,7 @@ def _update_running_stats(layer, mean: Tensor, var: Tensor, count: int) -> None:
 #: GPUs eager, which torch.compile can fuse.
 RFA_IMPLS = ("auto", "eager", "fused")
 _default_impl = "auto"
+_forced_eager = False
 _warned: set[str] = set()
 
 
@@ -318,10 +321,24 @@ def get_rfa_impl() -> str:
     return _default_impl
 
 
+@contextlib.contextmanager
+def eager_rfa() -> Iterator[None]:
+    """Every RFA-family layer runs its eager formulation inside, whatever its ``impl``: for
+    torch's FlopCounterMode, which counts the convs of the eager formulation but cannot see
+    inside the fused op (the two compute the same thing)."""
+    global _forced_eager
+    previous, _forced_eager = _forced_eager, True
+    try:
+        yield
+    finally:
+        _forced_eager = previous
+
+
 def use_fused(layer: str, impl: str | None, x: Tensor) -> bool:
     """Whether ``layer`` runs the fused op on ``x``; warns once per reason when it cannot."""
     impl = impl or _default_impl
-    if impl == "eager" or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+    if (impl == "eager" or _forced_eager or torch.compiler.is_exporting()
+            or torch.onnx.is_in_onnx_export()):
         return False  # export keeps the decomposed formulation (ONNX has no such operator)
     if x.device.type != "cpu":
         reason = f"the fused kernel covers CPU tensors only, got a {x.device.type} tensor"

@@ -45,8 +45,9 @@ def read_rgb(path: str | Path):
     try:
         with open(path, "rb") as f, Image.open(f) as image:
             return image.convert("RGB")  # convert() decodes the whole file
-    except (OSError, SyntaxError, ValueError) as err:  # PIL's decoding errors
-        raise DataError(f"cannot read image {path}: {err}") from err
+    except Exception as err:  # PIL's decoding errors, and those of opener plugins (ultralytics
+        # patches Image.open to try HEIF support, which raises ImportError without pi_heif)
+        raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
 
 
 def image_files(dataset: Dataset) -> list[Path]:

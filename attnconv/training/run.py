@@ -125,6 +125,7 @@ def train(cfg: RunConfig, callbacks: Sequence[L.Callback] = (),
                            callbacks=[Throughput(), job.callback(f"{cfg.model} s{cfg.seed}"),
                                       *callbacks],
                            resuming=resume is not None)
+    job.bar.refresh()  # the trainer is accepted: the bar shows from here
     try:
         trainer.fit(module, datamodule=ClassificationData(cfg.data, sets), ckpt_path=resume)
     except NonFiniteLossError as err:
