@@ -321,7 +321,8 @@ def tile_layer_forward(layer, x: Tensor) -> Tensor:
 def _tile_layer_forward(layer, x: Tensor) -> Tensor:
     kind = TILE_KINDS[type(layer).__name__]
     ops = layer_operands(layer, x)
-    x = ops["x"]
+    # once here rather than in each op (and in each backward)
+    x = ops["x"].contiguous(memory_format=torch.channels_last)
     common = (ops["wdt"], ops["gamma"], ops["beta"], ops["mean"], ops["inv_std"])
     k, s, batch_stats, eps = ops["kernel_size"], ops["stride"], ops["batch_stats"], ops["eps"]
     r1, r2 = rfa_tile_reduce(x, *common, k, s, kind, batch_stats, eps)
