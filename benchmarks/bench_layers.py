@@ -1,19 +1,21 @@
 """Layer benchmarks: attention convs against nn.Conv2d (and, where one exists, the official
 formulation), side by side in one process. Prints markdown tables for benchmarks/RESULTS.md.
 
-    python benchmarks/bench_layers.py [--only aw|rfa] [--threads 2] [--repeats 20] [--device cpu]
+    python benchmarks/bench_layers.py [--only aw|rfa|precision] [--threads 2] [--repeats 20]
+                                      [--device cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from attnconv import AWConv2d, RFAConv2d, RFCAConv2d, RFCBAMConv2d
+from attnconv import AWConv2d, RFAConv2d, RFCAConv2d, RFCBAMConv2d, create_conv
 from attnconv.profiling import (
     count_macs,
     count_params,
@@ -119,7 +121,51 @@ def bench_rfa(args: argparse.Namespace) -> None:
             print(markdown_table(RFA_HEADERS, rows) + "\n", flush=True)
 
 
-SECTIONS = {"aw": bench_aw, "rfa": bench_rfa}
+PRECISION_LAYERS = ["conv", "aw", "rfa", "rfcbam", "rfca", "camconv", "cbamconv", "caconv"]
+PRECISION_HEADERS = ["layer", "mode", "bf16 out", "fp16 out", "bf16 grad x", "fp16 grad x",
+                     "bf16 grad W", "fp16 grad W"]
+
+
+def _relative_error(low: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((low.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def bench_precision(args: argparse.Namespace) -> None:
+    """Not a timing: the largest |autocast - fp32| over the largest |fp32| of each layer's
+    output, input gradient and weight gradient (random parameters, AW's attention included)."""
+    print("## Autocast bf16 / fp16 vs float32, per layer (largest error / largest |fp32 value|; "
+          "(8, 32, 16, 16) input, k=3, C_out = 32, random parameters, same module state)\n")
+    rows = []
+    for name in PRECISION_LAYERS:
+        for train in (True, False):
+            torch.manual_seed(0)
+            layer = create_conv(name, 32, 32, 3, padding=1).to(args.device).train(train)
+            with torch.no_grad():
+                for p in layer.parameters():
+                    p.copy_(torch.randn_like(p) * 0.3)
+            x = torch.randn(8, 32, 16, 16, device=args.device)
+            results = {}
+            for precision in (None, torch.bfloat16, torch.float16):
+                module = copy.deepcopy(layer)
+                xi = x.clone().requires_grad_(True)
+                with torch.autocast(x.device.type, dtype=precision or torch.bfloat16,
+                                    enabled=precision is not None):
+                    out = module(xi)
+                # a fixed random upstream gradient of order 1 (a loss's mean would scale it
+                # into fp16's subnormals, which is GradScaler's job)
+                out.float().backward(torch.randn(out.shape, generator=torch.Generator(
+                    ).manual_seed(1)).to(out.device))
+                results[precision] = (out.detach(), xi.grad, module.weight.grad)
+            ref = results[None]
+            errors = {p: [_relative_error(a, b) for a, b in zip(results[p], ref, strict=True)]
+                      for p in (torch.bfloat16, torch.float16)}
+            bf, fp = errors[torch.bfloat16], errors[torch.float16]
+            rows.append([name, "train" if train else "eval", f"{bf[0]:.1e}", f"{fp[0]:.1e}",
+                         f"{bf[1]:.1e}", f"{fp[1]:.1e}", f"{bf[2]:.1e}", f"{fp[2]:.1e}"])
+    print(markdown_table(PRECISION_HEADERS, rows) + "\n", flush=True)
+
+
+SECTIONS = {"aw": bench_aw, "rfa": bench_rfa, "precision": bench_precision}
 
 
 def main() -> None:

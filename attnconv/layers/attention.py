@@ -26,7 +26,7 @@ from timm.layers.squeeze_excite import SEModule
 from torch import nn
 from torch.nn.common_types import _size_2_t
 
-from attnconv.layers.helpers import check_conv_input, check_positive
+from attnconv.layers.helpers import check_conv_args, check_conv_input, check_positive
 
 __all__ = ["CAM", "CBAM", "ECA", "SE", "AttnConv2d", "CoordAttention"]
 
@@ -133,6 +133,15 @@ class ECA(EcaModule):
     ) -> None:
         check_positive(type(self).__name__, channels=channels)
         super().__init__(channels, gamma=gamma, beta=beta, device=device, dtype=dtype)
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # timm's conv1d runs across channels whatever their number: check it here.
+        check_conv_input(self, x, self.channels)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}"
 
 
 class AttnConv2d(nn.Conv2d):
@@ -161,7 +170,9 @@ class AttnConv2d(nn.Conv2d):
     ) -> None:
         from attnconv.layers.create import get_attn  # create.py imports this module
 
-        check_positive(type(self).__name__, in_channels=in_channels, out_channels=out_channels)
+        check_conv_args(type(self).__name__, in_channels=in_channels, out_channels=out_channels,
+                        kernel_size=kernel_size, stride=stride, padding=padding,
+                        dilation=dilation, groups=groups)
         try:
             super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                              groups, bias, padding_mode, device=device, dtype=dtype)

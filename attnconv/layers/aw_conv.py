@@ -16,7 +16,7 @@ by :meth:`AWConv2d.from_conv`) computes exactly the plain convolution.
 Three computation paths give the same result; ``impl='auto'`` (default) picks 'chunked' on CPU
 once the batch's per-sample kernels outgrow the cache (more than 8 MiB) and 'grouped' otherwise:
 
-* ``impl='chunked'``: :func:`attnconv.functional.aw_conv2d`. The batch is cut into
+* ``impl='chunked'``: :func:`attnconv.functional.aw.aw_conv2d`. The batch is cut into
   chunks; each chunk's kernels are built right before its conv (the chunk folded into the conv
   groups) while they are in cache, and built again in backward instead of being stored. Chunks
   are sized to the cache on CPU and are the whole batch on GPUs (``chunk_size`` overrides).
@@ -25,8 +25,10 @@ once the batch's per-sample kernels outgrow the cache (more than 8 MiB) and 'gro
 * ``impl='unfold'``: im2col + batched matmul, with no batch size baked into any op, so ONNX
   and ``torch.export`` graphs keep a dynamic batch. Used automatically while exporting.
 
-No path materialises anything of size N x C_out x C_in x H x W. The chunked path is
-differentiable once; the other two also support double backward.
+No path materialises anything of size N x C_out x C_in x H x W. All three give exact second
+derivatives (the chunked one by differentiating the grouped formulation when a backward is
+recorded with ``create_graph=True``). Under ``torch.autocast`` the kernels are built in the
+autocast dtype. The paths are functions of :mod:`attnconv.functional.aw`.
 """
 
 from __future__ import annotations
@@ -38,8 +40,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.common_types import _size_2_t
 
-from attnconv.functional import CPU_BATCH_BYTES, aw_conv2d
-from attnconv.layers.helpers import check_conv_input, check_positive
+from attnconv.functional.aw import (
+    CPU_BATCH_BYTES,
+    aw_conv2d,
+    aw_conv2d_grouped,
+    aw_conv2d_unfold,
+    aw_kernels,
+)
+from attnconv.layers.helpers import check_conv_args, check_conv_input, check_positive
 
 Impl = Literal["auto", "chunked", "grouped", "unfold"]
 IMPLS: tuple[str, ...] = ("auto", "chunked", "grouped", "unfold")
@@ -79,9 +87,10 @@ class AWConv2d(nn.Conv2d):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        check_positive(type(self).__name__, in_channels=in_channels, out_channels=out_channels,
-                       kernel_size=kernel_size, stride=stride, dilation=dilation, groups=groups,
-                       attn_channels=attn_channels)
+        check_conv_args(type(self).__name__, in_channels=in_channels, out_channels=out_channels,
+                        kernel_size=kernel_size, stride=stride, padding=padding,
+                        dilation=dilation, groups=groups)
+        check_positive(type(self).__name__, attn_channels=attn_channels)
         if chunk_size is not None:
             check_positive(type(self).__name__, chunk_size=chunk_size)
         if impl not in IMPLS:
@@ -139,12 +148,22 @@ class AWConv2d(nn.Conv2d):
         check_conv_input(self, x, self.in_channels)
         if x.shape[0] == 0:
             return self._conv_forward(x, self.weight, self.bias)
-        if self.resolved_impl(x) == "chunked":
+        impl = self.resolved_impl(x)
+        if impl == "chunked":
             return self._forward_chunked(x)
-        weights = torch.addcmul(self.weight, self.weight, self.attention(x))  # K * (1 + A)
-        if self.resolved_impl(x) == "unfold":
-            return self._forward_unfold(x, weights)
-        return self._forward_grouped(x, weights)
+        kernels = aw_kernels(self.weight, self.attention(x))  # K * (1 + A)
+        if impl == "unfold":
+            if any(self._reversed_padding_repeated_twice):
+                mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+                x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
+            return aw_conv2d_unfold(x, kernels, self.bias, self.stride, self.dilation,
+                                    self.groups)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0, 0)
+        return aw_conv2d_grouped(x, kernels, self.bias, self.stride, padding, self.dilation,
+                                 self.groups)
 
     def resolved_impl(self, x: torch.Tensor) -> str:
         """The path :meth:`forward` takes for ``x``: ``impl``, with 'auto' and export resolved."""
@@ -175,37 +194,6 @@ class AWConv2d(nn.Conv2d):
         return aw_conv2d(x, hidden, self.weight, self.pointconv2.weight, self.pointconv2.bias,
                          self.bias, self.stride, padding, self.dilation, self.groups,
                          self.chunk_size)
-
-    def _forward_grouped(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = (0, 0)
-        else:
-            padding = self.padding
-        bias = None if self.bias is None else self.bias.repeat(n)
-        out = F.conv2d(x.reshape(1, n * self.in_channels, *x.shape[2:]),
-                       weights.reshape(n * self.out_channels, *self.weight.shape[1:]),
-                       bias, self.stride, padding, self.dilation, n * self.groups)
-        return out.view(n, self.out_channels, *out.shape[2:])
-
-    def _forward_unfold(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if any(self._reversed_padding_repeated_twice):
-            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
-        n, _, height, width = x.shape
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        out_h = (height - dh * (kh - 1) - 1) // sh + 1
-        out_w = (width - dw * (kw - 1) - 1) // sw + 1
-        cols = F.unfold(x, self.kernel_size, dilation=self.dilation, stride=self.stride)
-        # unfold orders rows channel-major, so each group's C_in/g * kh * kw rows are contiguous.
-        cols = cols.reshape(n, self.groups, -1, out_h * out_w)
-        out = torch.matmul(weights.reshape(n, self.groups, self.out_channels // self.groups, -1),
-                           cols)
-        out = out.reshape(n, self.out_channels, out_h, out_w)
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        return out
 
     def extra_repr(self) -> str:
         chunk = "" if self.chunk_size is None else f", chunk_size={self.chunk_size}"

@@ -12,14 +12,26 @@ from torch import nn
 
 from attnconv.layers.attention import CAM, CBAM, ECA, SE, AttnConv2d, CoordAttention
 from attnconv.layers.aw_conv import AWConv2d
+from attnconv.layers.helpers import check_conv_args
 from attnconv.layers.rfa_conv import RFAConv2d, RFCAConv2d, RFCBAMConv2d
 
 ConvFactory = Callable[..., nn.Module]
 AttnFactory = Callable[..., nn.Module]
 
+
+def conv2d(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+           *args, **kwargs) -> nn.Conv2d:
+    """A plain nn.Conv2d, its arguments checked as the attention convs check theirs (torch
+    accepts a zero or negative kernel_size or stride and fails only at forward)."""
+    check_conv_args("Conv2d", in_channels=in_channels, out_channels=out_channels,
+                    kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
+                    groups=groups)
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                     *args, **kwargs)
+
 #: name -> callable taking nn.Conv2d's arguments (in_channels, out_channels, kernel_size, ...).
 CONV_LAYERS: dict[str, ConvFactory] = {
-    "conv": nn.Conv2d,
+    "conv": conv2d,
     "aw": AWConv2d,
     "rfa": RFAConv2d,
     "rfcbam": RFCBAMConv2d,
@@ -40,6 +52,9 @@ ATTN_LAYERS: dict[str, AttnFactory] = {
 
 
 def _lookup(kind: str, registry: dict, name: str):
+    if not isinstance(name, str):
+        raise TypeError(f"{kind} name must be a string, one of {sorted(registry)}; got "
+                        f"{type(name).__name__} {name!r}")
     if name not in registry:
         close = difflib.get_close_matches(name, registry, n=3)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""

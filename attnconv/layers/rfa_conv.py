@@ -41,152 +41,23 @@ from torch import nn
 from torch.nn.common_types import _size_2_t
 from torch.nn.modules.utils import _pair
 
-from attnconv.layers.helpers import check_conv_input, check_positive, layer_name
+from attnconv.functional._common import accumulate_dtype, cast, compute_dtype
+from attnconv.functional.rfa import (
+    attended_pointwise_conv,
+    bn_relu,
+    from_tiles,
+    rfa_attended_conv,
+    to_tiles,
+)
+from attnconv.layers.helpers import (
+    check_conv_args,
+    check_conv_input,
+    check_positive,
+    layer_name,
+)
 from attnconv.ops.rfa import _check_impl, rfa_layer_forward, use_fused
 
 __all__ = ["RFAConv2d", "RFCAConv2d", "RFCBAMConv2d"]
-
-
-# --- the fused pieces: memory-lean autograd Functions ----------------------------------------
-
-def _bn_relu(z: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None):
-    """relu(z * scale + shift) as a new tensor (z itself is kept for backward); no affine
-    when scale is None."""
-    if scale is None:
-        return z.clamp_min(0)
-    return torch.addcmul(shift, z, scale).relu_()
-
-
-def _affine(gamma: torch.Tensor | None, beta: torch.Tensor | None, stats):
-    """Batch-statistics BN as (scale, shift), or (None, None) when it is folded into z."""
-    if stats is None:
-        return None, None
-    mean, inv_std = stats
-    scale = gamma * inv_std
-    return scale, beta - mean * scale
-
-
-def _bn_relu_backward(grad: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor | None,
-                      beta: torch.Tensor | None, stats, needs: tuple[bool, ...]):
-    """Gradients of relu(BN(z)) w.r.t. z, gamma, beta, with BN over batch statistics
-    ``stats = (mean, inv_std)`` (or None: no BN). ``grad`` is overwritten.
-
-    The whole BN backward happens here, in place on ``grad``: three passes over the k2-sized
-    data instead of autograd's mean/var graph (which allocated two more such tensors).
-    """
-    scale, shift = _affine(gamma, beta, stats)
-    u = z if scale is None else torch.addcmul(shift, z, scale)
-    du = grad.masked_fill_(u <= 0, 0)  # ReLU's derivative is 0 at 0, as in torch
-    del u
-    if stats is None:
-        return du, None, None
-    mean, inv_std = stats
-    d_beta = du.sum_to_size(scale.shape)
-    d_gamma = inv_std * ((du * z).sum_to_size(scale.shape) - mean * d_beta)
-    if needs[0]:
-        # dz = scale * (du - mean(du) - xhat * mean(du * xhat)), xhat = (z - mean) * inv_std
-        count = z.numel() // scale.numel()
-        du.mul_(scale).addcmul_(z, -scale * inv_std * d_gamma / count)
-        du.add_(-scale * (d_beta - mean * inv_std * d_gamma) / count)
-    return (du if needs[0] else None), (d_gamma if needs[1] else None), \
-        (d_beta if needs[2] else None)
-
-
-def _pointwise_conv_backward(grad_out: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor,
-                             has_bias: bool, need_input: bool, need_weight: bool):
-    return torch.ops.aten.convolution_backward(
-        grad_out, inputs, weight, [weight.shape[0]] if has_bias else None,
-        [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_input, need_weight, has_bias])
-
-
-class _RFAFunction(torch.autograd.Function):
-    """conv1x1(relu(z * scale + shift) * softmax_taps(a * m)), keeping z and m for backward.
-
-    z (N, C, k2, H, W) is the depthwise conv's output; gamma, beta (1, C, k2, 1, 1) the BN
-    affine and stats its detached batch (mean, inv_std), all None when the BN is folded into
-    the conv (eval mode); m (N, C, 1, H, W) the pooled input,
-    a (1, C, k2, 1, 1) the per-tap logit scales, weight (O, C * k2, 1, 1).
-    """
-
-    @staticmethod
-    def forward(ctx, z, gamma, beta, stats, m, a, weight, bias):
-        attended = _bn_relu(z, *_affine(gamma, beta, stats)).mul_(torch.softmax(m * a, dim=2))
-        ctx.save_for_backward(z, gamma, beta, m, a, weight)
-        ctx.stats = stats
-        ctx.has_bias = bias is not None
-        return F.conv2d(attended.flatten(1, 2), weight, bias)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        z, gamma, beta, m, a, weight = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        f = _bn_relu(z, *_affine(gamma, beta, ctx.stats))
-        p = torch.softmax(m * a, dim=2)
-        attended = f * p
-        g_att, g_weight, g_bias = _pointwise_conv_backward(
-            grad_out, attended.flatten(1, 2), weight, ctx.has_bias, True, needs[6])
-        g_att = g_att.view(z.shape)
-        # softmax: dl_t = p_t * (G_t f_t - sum_s p_s G_s f_s); product: df = G * p
-        total = (g_att * attended).sum(2, keepdim=True)
-        del attended
-        g_f = g_att.mul_(p)
-        g_logits = (g_f * f).sub_(p.mul_(total))
-        del f, p, total
-        g_m = (g_logits * a).sum(2, keepdim=True) if needs[4] else None
-        g_a = (g_logits * m).sum_to_size(a.shape) if needs[5] else None
-        del g_logits
-        g_z, g_gamma, g_beta = _bn_relu_backward(g_f, z, gamma, beta, ctx.stats, needs[:3])
-        return g_z, g_gamma, g_beta, None, g_m, g_a, g_weight, g_bias
-
-
-class _BNReLUFunction(torch.autograd.Function):
-    """relu(BN(z)) over batch statistics (or relu(z)), keeping z (not the output) for
-    backward; arguments as in :class:`_RFAFunction`."""
-
-    @staticmethod
-    def forward(ctx, z, gamma, beta, stats):
-        ctx.save_for_backward(z, gamma, beta)
-        ctx.stats = stats
-        return _bn_relu(z, *_affine(gamma, beta, stats))
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        z, gamma, beta = ctx.saved_tensors
-        return (*_bn_relu_backward(grad.clone(), z, gamma, beta, ctx.stats,
-                                   ctx.needs_input_grad), None)
-
-
-class _AttendedPointwiseFunction(torch.autograd.Function):
-    """conv1x1(g * f1 * f2) with small broadcast factors f1, f2; g is recomputed from z.
-
-    ``g`` must equal relu(z * scale + shift); its gradient is returned (z, scale and shift get
-    none here: their gradient reaches them through g's producer, :class:`_BNReLUFunction`).
-    """
-
-    @staticmethod
-    def forward(ctx, g, z, scale, shift, f1, f2, weight, bias):
-        ctx.save_for_backward(z, scale, shift, f1, f2, weight)
-        ctx.has_bias = bias is not None
-        return F.conv2d((g * f1).mul_(f2).flatten(1, -3), weight, bias)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        z, scale, shift, f1, f2, weight = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        g = _bn_relu(z, scale, shift)
-        attended = (g * f1).mul_(f2)
-        g_att, g_weight, g_bias = _pointwise_conv_backward(
-            grad_out, attended.flatten(1, -3), weight, ctx.has_bias, True, needs[6])
-        del attended
-        g_att = g_att.view(g.shape)
-        g_f1 = (g_att * g).mul_(f2).sum_to_size(f1.shape) if needs[4] else None
-        g_f2 = (g_att * g).mul_(f1).sum_to_size(f2.shape) if needs[5] else None
-        del g
-        g_g = g_att.mul_(f1).mul_(f2) if needs[0] else None
-        return g_g, None, None, None, g_f1, g_f2, g_weight, g_bias
 
 
 def _keep_memory_format(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -195,10 +66,6 @@ def _keep_memory_format(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     if x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
         return out.contiguous()
     return out
-
-
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # --- the layers ------------------------------------------------------------------------------
@@ -228,8 +95,9 @@ class _ReceptiveFieldConv2d(nn.Conv2d):
         dtype: torch.dtype | None = None,
     ) -> None:
         name = type(self).__name__
-        check_positive(name, in_channels=in_channels, out_channels=out_channels,
-                       kernel_size=kernel_size, stride=stride, dilation=dilation, groups=groups)
+        check_conv_args(name, in_channels=in_channels, out_channels=out_channels,
+                        kernel_size=kernel_size, stride=stride, padding=padding,
+                        dilation=dilation, groups=groups, padding_none=True)
         kh, kw = _pair(kernel_size)
         if kh != kw or kh % 2 == 0:
             raise ValueError(f"{name}: kernel_size must be odd and square (the k x k receptive "
@@ -253,53 +121,73 @@ class _ReceptiveFieldConv2d(nn.Conv2d):
 
     # -- the shared computation --
 
-    def _features(self, x: torch.Tensor):
-        """Depthwise conv output z (N, C, k2, H', W') and the BN as (gamma, beta, (mean,
-        inv_std)) shaped (1, C, k2, 1, 1), or (None, None, None) when the BN is folded into z
-        (eval mode, running statistics)."""
+    def _features(self, x: torch.Tensor, update_stats: bool = True):
+        """Depthwise conv output z (N, C, k2, H', W') in x's dtype and the BN as (gamma, beta,
+        (mean, inv_std)) shaped (1, C, k2, 1, 1), statistics in float32 for fp16/bf16, or
+        (None, None, None) when the BN is folded into z (eval mode, running statistics).
+        ``update_stats=False`` leaves the running statistics alone."""
         bn = self.feature_bn
         n, c = x.shape[:2]
+        dtype = x.dtype
         if not self._uses_batch_stats():
             inv_std = torch.rsqrt(bn.running_var + bn.eps)
             scale = bn.weight * inv_std
             shift = bn.bias - bn.running_mean * scale
-            z = F.conv2d(x, self.feature_conv.weight * scale.view(-1, 1, 1, 1), shift,
-                         self.stride, self.padding, groups=c)
+            z = F.conv2d(x, cast(self.feature_conv.weight * scale.view(-1, 1, 1, 1), dtype),
+                         cast(shift, dtype), self.stride, self.padding, groups=c)
             return z.view(n, c, self.taps, *z.shape[2:]), None, None, None
-        z = self.feature_conv(x)
-        with torch.no_grad():  # their gradient is part of _bn_relu_backward
-            # BatchNorm's own statistics kernel: 10x faster than var_mean on this
-            # channels-last k2-wide tensor (0.35 vs 3.6 ms at (64, 72, 16, 16) on 2 CPU threads).
-            mean, var = torch.batch_norm_update_stats(z, None, None, 0.0)
+        z = F.conv2d(x, cast(self.feature_conv.weight, dtype), None, self.stride, self.padding,
+                     groups=c)
         count = z.numel() // z.shape[1]
         if count < 2 and self.training:
             raise ValueError(f"{layer_name(self)}: expected more than 1 value per channel when "
                              f"training (BatchNorm), got input {tuple(x.shape)}")
-        self._update_running_stats(mean, var, count)
+        with torch.no_grad():  # their gradient is part of the BN backward of the Functions
+            mean, var = self._batch_stats(z, update_stats)
         shape = (1, c, self.taps, 1, 1)
         stats = (mean.view(shape), torch.rsqrt(var + bn.eps).view(shape))
         return (z.view(n, c, self.taps, *z.shape[2:]), bn.weight.view(shape), bn.bias.view(shape),
                 stats)
 
+    def _batch_stats(self, z: torch.Tensor, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch mean and biased variance of z's channels, updating the running statistics as
+        nn.BatchNorm2d does in training (when ``update``).
+
+        BatchNorm's own statistics kernel: 10x faster than var_mean on this channels-last
+        k2-wide tensor (0.35 vs 3.6 ms at (64, 72, 16, 16) on 2 CPU threads). Given float32
+        running buffers it accumulates and answers in float32 for fp16/bf16 z too.
+        """
+        bn = self.feature_bn
+        if update and self.training and bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            momentum = (1.0 / float(bn.num_batches_tracked) if bn.momentum is None
+                        else bn.momentum)
+            running_mean, running_var = bn.running_mean, bn.running_var
+        else:
+            momentum = 0.0
+            acc = accumulate_dtype(z.dtype)
+            running_mean = z.new_zeros(z.shape[1], dtype=acc)
+            running_var = z.new_ones(z.shape[1], dtype=acc)
+        return torch.batch_norm_update_stats(z, running_mean, running_var, momentum)
+
     def _uses_batch_stats(self) -> bool:
         bn = self.feature_bn
         return self.training or bn.running_mean is None
 
-    @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-        # the same update as nn.BatchNorm2d.forward in training mode
-        bn = self.feature_bn
-        if not (self.training and bn.track_running_stats):
-            return
-        bn.num_batches_tracked.add_(1)
-        momentum = (1.0 / float(bn.num_batches_tracked) if bn.momentum is None
-                    else bn.momentum)
-        bn.running_mean.lerp_(mean, momentum)
-        bn.running_var.lerp_(var * (count / (count - 1)), momentum)
-
-    def _pointwise_weight(self) -> torch.Tensor:
+    def _pointwise_weight(self, dtype: torch.dtype) -> torch.Tensor:
         # channel order c * k2 + i * k + j, the order of the official rearrange
-        return self.weight.reshape(self.out_channels, -1, 1, 1)
+        return cast(self.weight, dtype).reshape(self.out_channels, -1, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        # Under autocast (any device type) everything k2-sized runs in the autocast dtype,
+        # cast here once; statistics and running buffers stay float32.
+        dtype = compute_dtype(x)
+        if x.shape[0] == 0:  # as nn.BatchNorm2d: an empty batch in, an empty batch out
+            return self._conv_forward(cast(x, dtype), cast(self.weight, dtype),
+                                      cast(self.bias, dtype))
+        x_cl = cast(x, dtype).contiguous(memory_format=torch.channels_last)
+        return _keep_memory_format(x, self._forward(x_cl))
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_conv_input(self, x, self.in_channels)
@@ -401,11 +289,10 @@ class RFAConv2d(_ReceptiveFieldConv2d):
         nn.init.uniform_(self.attn_logit_scale, -1.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
         if use_fused(type(self).__name__, self.impl, x):
+            self._check_input(x)
             return _keep_memory_format(x, rfa_layer_forward(self, x))
-        return _keep_memory_format(x, self._forward(x.contiguous(
-            memory_format=torch.channels_last)))
+        return super().forward(x)
 
     def receptive_field_attention(self, x: torch.Tensor) -> torch.Tensor:
         """softmax_t(a[c, t] * avgpool(x)[c]): the weights of the k2 receptive-field members of
@@ -422,14 +309,9 @@ class RFAConv2d(_ReceptiveFieldConv2d):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         z, gamma, beta, stats = self._features(x)
-        pooled, logit_scale = self._pooled(x), self._logit_scale()
-        weight = self._pointwise_weight()
-        if _needs_grad(x, gamma, logit_scale, weight, self.bias, self.feature_conv.weight):
-            return _RFAFunction.apply(z, gamma, beta, stats, pooled, logit_scale, weight,
-                                      self.bias)
-        attended = _bn_relu(z, *_affine(gamma, beta, stats)) if stats else z.relu_()
-        attended.mul_(torch.softmax(pooled * logit_scale, dim=2))
-        return F.conv2d(attended.flatten(1, 2), weight, self.bias)
+        return rfa_attended_conv(z, gamma, beta, stats, self.feature_bn.eps, self._pooled(x),
+                                 self._logit_scale(), self._pointwise_weight(x.dtype),
+                                 cast(self.bias, x.dtype))
 
     def _official_keys(self):
         keys = super()._official_keys()
@@ -442,63 +324,42 @@ class _TileAttentionConv2d(_ReceptiveFieldConv2d):
     """RFCBAM/RFCA: g = ReLU(BN(dwconv(x))), an attention (f1, f2) computed from g (and x),
     then conv_1x1(g * f1 * f2). Subclasses define :meth:`attention` on g in tap layout."""
 
-    def attention(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention(self, x: torch.Tensor, g: torch.Tensor, update_stats: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def _tap_view(self, z: torch.Tensor) -> torch.Tensor:
         return z
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        return _keep_memory_format(x, self._forward(x.contiguous(
-            memory_format=torch.channels_last)))
-
     def receptive_field_attention(self, x: torch.Tensor) -> torch.Tensor:
         """The attention multiplied onto the receptive-field features g (channel x spatial for
-        RFCBAM, a_h x a_w for RFCA), (N, C, k2, H', W') (for inspection and figures)."""
+        RFCBAM, a_h x a_w for RFCA), (N, C, k2, H', W') (for inspection and figures). The
+        running statistics are left as they are, in training mode too."""
         self._check_input(x)
+        x = cast(x, compute_dtype(x))
         with torch.no_grad():
-            z, _, _, stats, scale, shift = self._tap_features(x)
-            g = _bn_relu(z, scale, shift) if stats is not None else z.relu()
-        f1, f2 = self.attention(x, g)
+            z, gamma, beta, stats = self._tap_features(x, update_stats=False)
+            g = bn_relu(z, gamma, beta, stats, self.feature_bn.eps)
+        f1, f2 = self.attention(x, g, update_stats=False)
         return (f1 * f2).expand_as(g).reshape(x.shape[0], self.in_channels, self.taps,
                                               *z.shape[-2:])
 
-    def _tap_features(self, x: torch.Tensor):
-        """:meth:`_features` in the layer's tap view, plus the BN as (scale, shift)."""
-        z, gamma, beta, stats = self._features(x)
+    def _tap_features(self, x: torch.Tensor, update_stats: bool = True):
+        """:meth:`_features` in the layer's tap view."""
+        z, gamma, beta, stats = self._features(x, update_stats)
         z = self._tap_view(z)
         if stats is not None:
             gamma, beta = self._tap_view(gamma), self._tap_view(beta)
             stats = tuple(self._tap_view(t) for t in stats)
-        with torch.no_grad():
-            scale, shift = _affine(gamma, beta, stats)
-        return z, gamma, beta, stats, scale, shift
+        return z, gamma, beta, stats
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        z, gamma, beta, stats, scale, shift = self._tap_features(x)
-        weight = self._pointwise_weight()
-        if _needs_grad(x, z, weight, self.bias, *self.parameters()):
-            g = _BNReLUFunction.apply(z, gamma, beta, stats)
-            f1, f2 = self.attention(x, g)
-            return _AttendedPointwiseFunction.apply(g, z, scale, shift, f1, f2, weight,
-                                                    self.bias)
-        g = _bn_relu(z, scale, shift) if stats is not None else z.relu_()
+        z, gamma, beta, stats = self._tap_features(x)
+        g = bn_relu(z, gamma, beta, stats, self.feature_bn.eps)
         f1, f2 = self.attention(x, g)
-        return F.conv2d(g.mul_(f1).mul_(f2).flatten(1, -3), weight, self.bias)
-
-
-def _to_tiles(t: torch.Tensor, k: int) -> torch.Tensor:
-    """(N, C, k2, H, W) in tap layout -> (N, C, H*k, W*k), the official rearranged layout."""
-    n, c, _, h, w = t.shape
-    return t.view(n, c, k, k, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c, h * k, w * k)
-
-
-def _from_tiles(t: torch.Tensor, k: int) -> torch.Tensor:
-    """(N, C, H*k, W*k) -> (N, C, k2, H, W), the inverse of :func:`_to_tiles`."""
-    n, c, hk, wk = t.shape
-    return t.view(n, c, hk // k, k, wk // k, k).permute(0, 1, 3, 5, 2, 4).reshape(
-        n, c, k * k, hk // k, wk // k)
+        return attended_pointwise_conv(g, z, gamma, beta, stats, self.feature_bn.eps,
+                                       cast(f1, x.dtype), cast(f2, x.dtype),
+                                       self._pointwise_weight(x.dtype), cast(self.bias, x.dtype))
 
 
 class RFCBAMConv2d(_TileAttentionConv2d):
@@ -537,13 +398,14 @@ class RFCBAMConv2d(_TileAttentionConv2d):
         self.channel_fc2 = nn.Linear(hidden_channels, in_channels, bias=False, **factory)
         self.spatial_conv = nn.Conv2d(2, 1, 3, padding=1, bias=False, **factory)
 
-    def attention(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention(self, x: torch.Tensor, g: torch.Tensor, update_stats: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         n, c = x.shape[:2]
         channel = torch.sigmoid(self.channel_fc2(F.relu(self.channel_fc1(x.mean((2, 3))))))
         # max(dim) keeps indices for backward, amax would keep g itself
         pooled = torch.cat([g.max(dim=1, keepdim=True)[0], g.mean(dim=1, keepdim=True)], dim=1)
         k = self.kernel_size[0]
-        spatial = _from_tiles(torch.sigmoid(self.spatial_conv(_to_tiles(pooled, k))), k)
+        spatial = from_tiles(torch.sigmoid(self.spatial_conv(to_tiles(pooled, k))), k)
         return channel.view(n, c, 1, 1, 1), spatial
 
     def _official_keys(self):
@@ -599,12 +461,19 @@ class RFCAConv2d(_TileAttentionConv2d):
         k = self.kernel_size[0]
         return z.view(*z.shape[:2], k, k, *z.shape[3:])  # (N, C, i, j, H', W')
 
-    def attention(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention(self, x: torch.Tensor, g: torch.Tensor, update_stats: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         n, c, k, _, h, w = g.shape
         # rows of the rearranged map are h' * k + i, columns w' * k + j
         rows = g.mean(dim=(3, 5)).transpose(2, 3).reshape(n, c, h * k, 1)
         cols = g.mean(dim=(2, 4)).transpose(2, 3).reshape(n, c, w * k, 1)
-        y = F.hardswish(self.coord_bn(self.coord_conv(torch.cat([rows, cols], dim=2))))
+        y = self.coord_conv(torch.cat([rows, cols], dim=2))
+        bn = self.coord_bn
+        if update_stats or not bn.training:
+            y = bn(y)
+        else:  # batch statistics, as bn(y) in training, without touching the running ones
+            y = F.batch_norm(y, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        y = F.hardswish(y)
         y_h, y_w = torch.split(y, [h * k, w * k], dim=2)
         a_h = torch.sigmoid(self.coord_conv_h(y_h)).view(n, c, h, k).transpose(2, 3)
         a_w = torch.sigmoid(self.coord_conv_w(y_w)).view(n, c, w, k).transpose(2, 3)
