@@ -225,7 +225,11 @@ def _eager_grads(fn, inputs: dict, needs, grad_outputs) -> list[Tensor | None]:
     wanted = [name for (name, t), need in zip(inputs.items(), needs, strict=True)
               if need and t is not None]
     with torch.enable_grad():
-        leaves = {k: (v if k in wanted or v is None else v.detach()) for k, v in inputs.items()}
+        # a fresh alias per input: the gradient w.r.t. x itself would also count the paths
+        # from out through f1/f2's own history back to x (f depends on x through the
+        # reduction), which autograd already follows outside this function
+        leaves = {k: (None if v is None else v.view_as(v) if k in wanted else v.detach())
+                  for k, v in inputs.items()}
         out = fn(leaves)
         out = out if isinstance(out, tuple) else (out,)
         grads = torch.autograd.grad(out, [leaves[k] for k in wanted], grad_outputs,
