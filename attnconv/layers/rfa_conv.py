@@ -290,7 +290,8 @@ class RFAConv2d(_ReceptiveFieldConv2d):
         nn.init.uniform_(self.attn_logit_scale, -1.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_fused(type(self).__name__, self.impl, x):
+        # An empty batch takes the eager path, which returns an empty batch as nn.BatchNorm2d does.
+        if x.shape[0] > 0 and use_fused(type(self).__name__, self.impl, x):
             self._check_input(x)
             return _keep_memory_format(x, rfa_layer_forward(self, x))
         return super().forward(x)
