@@ -332,7 +332,7 @@ class _TileAttentionConv2d(_ReceptiveFieldConv2d):
     impl: str | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] and use_fused(type(self).__name__, self.impl, x):
+        if x.shape[0] > 0 and use_fused(type(self).__name__, self.impl, x):
             self._check_input(x)
             return _keep_memory_format(x, tile_layer_forward(self, x))
         return super().forward(x)
