@@ -334,7 +334,8 @@ def _check_impl(impl: str | None, where: str = "impl") -> None:
 
 
 def set_rfa_impl(impl: str) -> None:
-    """The implementation of RFAConv2d layers built with ``impl=None`` (default "auto")."""
+    """The implementation of RFAConv2d, RFCBAMConv2d and RFCAConv2d layers built with
+    ``impl=None`` (default "auto")."""
     global _default_impl
     _check_impl(impl, "set_rfa_impl(impl)")
     _default_impl = impl or "auto"
