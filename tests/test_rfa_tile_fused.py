@@ -151,6 +151,7 @@ def test_ops_gradcheck(kind, batch_stats, stride):
     assert torch.autograd.gradcheck(attend, (x, wdt, gamma, beta, f1, f2, wt, bias))
 
 
+@pytest.mark.slow  # 15-25 s on 2 shared cores: numerical second derivatives of two ops
 @pytest.mark.parametrize("kind", [0, 1])
 def test_second_derivative_goes_through_the_eager_formulation(kind):
     x, wdt, gamma, beta, f1, f2, wt, bias = op_inputs(kind, n=1, c=2, h=3, w=4, o=2)
