@@ -1,7 +1,8 @@
-"""Fused RFAConv kernel (issue 13) against the official module, the eager layer and
+"""Fused RFA-family kernels (issue 13) against the official modules, the eager layers and
 conv + BN + ReLU, side by side in one process (interleaved rounds, medians).
 
     python benchmarks/bench_rfa_fused.py [--threads 2] [--repeats 10] [--models]
+                                         [--layers RFAConv2d RFCBAMConv2d RFCAConv2d]
 
 Prints markdown tables for benchmarks/RESULTS.md: per shape the eval forward, the training
 step (forward + backward of out.sum(), train mode) and the bytes autograd keeps for backward;
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from attnconv import RFAConv2d
+from attnconv import RFAConv2d, RFCAConv2d, RFCBAMConv2d
 from attnconv.ops import fused_available
 from attnconv.profiling import (
     forward_fn,
@@ -29,35 +30,40 @@ from attnconv.profiling import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reference_rfa import OfficialRFAConv
+from reference_rfa import OfficialRFAConv, OfficialRFCAConv, OfficialRFCBAMConv
 
 SHAPES = [(8, 64, 56, 1), (32, 128, 28, 2)]  # (batch, channels, size, stride), k = 3
+LAYERS = {"RFAConv2d": (OfficialRFAConv, RFAConv2d),
+          "RFCBAMConv2d": (OfficialRFCBAMConv, RFCBAMConv2d),
+          "RFCAConv2d": (OfficialRFCAConv, RFCAConv2d)}
 HEADERS = ["candidate", "eval fwd (ms)", "train step (ms)", "official / this, fwd",
            "official / this, train", "this / conv-BN-ReLU, train", "saved for bwd / input"]
 
 
-def bench_layers(repeats: int) -> None:
-    for batch, channels, size, stride in SHAPES:
-        x = torch.randn(batch, channels, size, size)
-        official = OfficialRFAConv(channels, channels, 3, stride)
-        fused = RFAConv2d(channels, channels, 3, stride, impl="fused")
-        fused.load_official_state_dict(official.state_dict())
-        eager = RFAConv2d(channels, channels, 3, stride, impl="eager")
-        eager.load_state_dict(fused.state_dict())
-        plain = nn.Sequential(nn.Conv2d(channels, channels, 3, stride, 1),
-                              nn.BatchNorm2d(channels), nn.ReLU())
-        candidates = {"official": official, "RFAConv2d eager": eager,
-                      "RFAConv2d fused": fused, "conv + BN + ReLU": plain}
-        fwd = median_times({k: forward_fn(m, x) for k, m in candidates.items()},
-                           repeats=repeats, warmup=1)
-        train = median_times({k: train_step_fn(m, x) for k, m in candidates.items()},
-                             repeats=repeats, warmup=1)
-        rows = [[name, fwd[name] * 1e3, train[name] * 1e3, fwd["official"] / fwd[name],
-                 train["official"] / train[name], train[name] / train["conv + BN + ReLU"],
-                 saved_tensor_bytes(m, x) / (x.numel() * x.element_size())]
-                for name, m in candidates.items()]
-        print(f"input ({batch}, {channels}, {size}, {size}), stride {stride}\n")
-        print(markdown_table(HEADERS, rows) + "\n", flush=True)
+def bench_layers(repeats: int, names: list[str]) -> None:
+    for name in names:
+        official_cls, cls = LAYERS[name]
+        for batch, channels, size, stride in SHAPES:
+            x = torch.randn(batch, channels, size, size)
+            official = official_cls(channels, channels, 3, stride)
+            fused = cls(channels, channels, 3, stride, impl="fused")
+            fused.load_official_state_dict(official.state_dict())
+            eager = cls(channels, channels, 3, stride, impl="eager")
+            eager.load_state_dict(fused.state_dict())
+            plain = nn.Sequential(nn.Conv2d(channels, channels, 3, stride, 1),
+                                  nn.BatchNorm2d(channels), nn.ReLU())
+            candidates = {"official": official, f"{name} eager": eager,
+                          f"{name} fused": fused, "conv + BN + ReLU": plain}
+            fwd = median_times({k: forward_fn(m, x) for k, m in candidates.items()},
+                               repeats=repeats, warmup=1)
+            train = median_times({k: train_step_fn(m, x) for k, m in candidates.items()},
+                                 repeats=repeats, warmup=1)
+            rows = [[key, fwd[key] * 1e3, train[key] * 1e3, fwd["official"] / fwd[key],
+                     train["official"] / train[key], train[key] / train["conv + BN + ReLU"],
+                     saved_tensor_bytes(m, x) / (x.numel() * x.element_size())]
+                    for key, m in candidates.items()]
+            print(f"{name}, input ({batch}, {channels}, {size}, {size}), stride {stride}\n")
+            print(markdown_table(HEADERS, rows) + "\n", flush=True)
 
 
 def bench_models(repeats: int) -> None:
@@ -99,6 +105,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--models", action="store_true", help="also the resnet18 comparison")
     parser.add_argument("--no-layers", action="store_true")
+    parser.add_argument("--layers", nargs="+", choices=list(LAYERS), default=list(LAYERS),
+                        help="which layers (default: all three)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reason = fused_available()
@@ -107,7 +115,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {machine_description()}, median of {args.repeats} "
           f"interleaved rounds\n")
     if not args.no_layers:
-        bench_layers(args.repeats)
+        bench_layers(args.repeats, args.layers)
     if args.models:
         bench_models(args.repeats)
 

@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 // MKL (statically linked into libtorch_cpu on x86) would run each tile's GEMM on all cores
@@ -204,6 +205,124 @@ void check_inputs(const at::Tensor& x, const at::Tensor& wdt, const Geometry& g)
               "rfa_fused: expected the depthwise weight as (k2, k2, C), got ", wdt.sizes());
 }
 
+
+// The part of the backward shared by every fused op, from du = dL/d(BN output) (P x K, in dz,
+// overwritten with dz) and its sums over positions (sum du, sum du * z): the BN backward
+// (through the batch statistics when batch_stats), the depthwise weight's gradient, and dx
+// gathered per input position from dz through the depthwise conv and, when dmp is given,
+// from dm (P x C) through the average pool. Returns dx (channels-last), dwdt, dgamma, dbeta.
+template <typename scalar_t>
+std::vector<at::Tensor> bn_dwconv_backward(const Geometry& g, const at::Tensor& x,
+                                           const at::Tensor& wdt, const at::Tensor& scale,
+                                           const at::Tensor& mean, const at::Tensor& inv_std,
+                                           const at::Tensor& sum_du, const at::Tensor& sum_duz,
+                                           at::Tensor& dz, const scalar_t* dmp,
+                                           bool batch_stats, int64_t tile) {
+  const int64_t P = g.positions(), K = g.K, C = g.C;
+  const int threads = at::get_num_threads();
+  const int64_t ntiles = tiles_of(P, tile);
+  auto dwdt_acc = at::zeros({threads, g.k2, K}, x.options());
+  auto dx = at::empty({g.N, g.H, g.W, C}, x.options());
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* wp = wdt.data_ptr<scalar_t>();
+  const scalar_t* sc = scale.data_ptr<scalar_t>();
+  scalar_t* dzp = dz.data_ptr<scalar_t>();
+  auto dbeta = sum_du.clone();
+  auto dgamma = inv_std.view({K}) * (sum_duz - mean.view({K}) * sum_du);
+  // dz = scale * du + alpha + beta_z * z (BN backward through the batch statistics)
+  at::Tensor alpha_t = at::zeros({K}, x.options()), beta_t = at::zeros({K}, x.options());
+  if (batch_stats) {
+    const double count = double(P);
+    beta_t = -scale.view({K}) * inv_std.view({K}) * dgamma / count;
+    alpha_t = -scale.view({K}) * dbeta / count - beta_t * mean.view({K});
+  }
+  const scalar_t* al = alpha_t.data_ptr<scalar_t>();
+  const scalar_t* bz = beta_t.data_ptr<scalar_t>();
+  at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
+    scalar_t* acc = dwdt_acc[at::get_thread_num()].data_ptr<scalar_t>();
+    std::vector<scalar_t> z(K);
+    for (int64_t p = begin * tile; p < std::min(P, end * tile); ++p) {
+      scalar_t* d = dzp + p * K;
+      if (batch_stats) {
+        features_at(g, xp, wp, p, z.data(), static_cast<scalar_t*>(nullptr));
+        for (int64_t f = 0; f < K; ++f) d[f] = d[f] * sc[f] + al[f] + bz[f] * z[f];
+      } else {
+        for (int64_t f = 0; f < K; ++f) d[f] *= sc[f];
+      }
+      const int64_t n = p / (g.Ho * g.Wo), r = p % (g.Ho * g.Wo);
+      const int64_t ho = r / g.Wo, wo = r % g.Wo;
+      for (int64_t i = 0; i < g.k; ++i) {
+        const int64_t hi = ho * g.s + i - g.pad;
+        if (hi < 0 || hi >= g.H) continue;
+        for (int64_t j = 0; j < g.k; ++j) {
+          const int64_t wi = wo * g.s + j - g.pad;
+          if (wi < 0 || wi >= g.W) continue;
+          const scalar_t* xq = xp + ((n * g.H + hi) * g.W + wi) * C;
+          scalar_t* ag = acc + (i * g.k + j) * K;
+          for (int64_t t = 0; t < g.k2; ++t)
+            for (int64_t c = 0; c < C; ++c) ag[t * C + c] += d[t * C + c] * xq[c];
+        }
+      }
+    }
+  });
+  scalar_t* dxp = dx.data_ptr<scalar_t>();
+  const scalar_t inv_k2 = scalar_t(1) / scalar_t(g.k2);
+  at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
+    const scalar_t* dz_rows[64];
+    const scalar_t* w_rows[64];
+    const scalar_t* dm_rows[64];
+    constexpr int64_t B = 64 / sizeof(scalar_t);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.H, hi = row % g.H;
+      for (int64_t wi = 0; wi < g.W; ++wi) {
+        // the output positions whose window holds input (hi, wi), and through which tap
+        int64_t count = 0;
+        for (int64_t i = 0; i < g.k; ++i) {
+          const int64_t hs = hi + g.pad - i;
+          if (hs < 0 || hs % g.s) continue;
+          const int64_t ho = hs / g.s;
+          if (ho >= g.Ho) continue;
+          for (int64_t j = 0; j < g.k; ++j) {
+            const int64_t ws = wi + g.pad - j;
+            if (ws < 0 || ws % g.s) continue;
+            const int64_t wo = ws / g.s;
+            if (wo >= g.Wo) continue;
+            const int64_t p = (n * g.Ho + ho) * g.Wo + wo;
+            dz_rows[count] = dzp + p * K;
+            dm_rows[count] = dmp ? dmp + p * C : nullptr;
+            w_rows[count++] = wp + (i * g.k + j) * K;
+          }
+        }
+        scalar_t* out = dxp + (row * g.W + wi) * C;
+        int64_t c0 = 0;
+        for (; c0 + B <= C; c0 += B) {
+          scalar_t acc[B] = {};
+          for (int64_t q = 0; q < count; ++q) {
+            if (dmp)
+              for (int64_t l = 0; l < B; ++l) acc[l] += dm_rows[q][c0 + l] * inv_k2;
+            for (int64_t t = 0; t < g.k2; ++t) {
+              const scalar_t* __restrict w = w_rows[q] + t * C + c0;
+              const scalar_t* __restrict d = dz_rows[q] + t * C + c0;
+              for (int64_t l = 0; l < B; ++l) acc[l] += w[l] * d[l];
+            }
+          }
+          for (int64_t l = 0; l < B; ++l) out[c0 + l] = acc[l];
+        }
+        for (int64_t c = c0; c < C; ++c) {
+          scalar_t acc = 0;
+          for (int64_t q = 0; q < count; ++q) {
+            if (dmp) acc += dm_rows[q][c] * inv_k2;
+            for (int64_t t = 0; t < g.k2; ++t) acc += w_rows[q][t * C + c] * dz_rows[q][t * C + c];
+          }
+          out[c] = acc;
+        }
+      }
+    }
+  });
+  return {dx.permute({0, 3, 1, 2}), dwdt_acc.sum(0).view({g.k2, g.k2, C}),
+          dgamma.view({g.k2, C}), dbeta.view({g.k2, C})};
+}
+
 }  // namespace
 
 // Per-feature batch mean and biased variance (k2, C) of z, accumulated in double.
@@ -313,11 +432,9 @@ std::vector<at::Tensor> rfa_backward(const at::Tensor& grad_out, const at::Tenso
   const auto shift = (beta - mean * scale).contiguous();
   auto dwt_acc = at::zeros({threads, O, K}, x.options());
   auto small = at::zeros({threads, 4, K}, x.options());  // da, sum du, sum du*z, -
-  auto dwdt_acc = at::zeros({threads, g.k2, K}, x.options());
   auto dz = at::empty({P, K}, x.options());
   auto dm = at::empty({P, C}, x.options());
-  auto dx = at::empty({g.N, g.H, g.W, C}, x.options());
-  at::Tensor dgamma, dbeta;
+  at::Tensor dx, dwdt, dgamma, dbeta;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rfa_backward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* wp = wdt.data_ptr<scalar_t>();
@@ -365,111 +482,369 @@ std::vector<at::Tensor> rfa_backward(const at::Tensor& grad_out, const at::Tenso
       }
     });
     auto sums = small.sum(0);
-    dbeta = sums[1].clone();
-    dgamma = inv_std.view({K}) * (sums[2] - mean.view({K}) * sums[1]);
-    // dz = scale * du + alpha + beta_z * z (BN backward through the batch statistics)
-    at::Tensor alpha_t = at::zeros({K}, x.options()), beta_t = at::zeros({K}, x.options());
-    if (batch_stats) {
-      const double count = double(P);
-      beta_t = -scale.view({K}) * inv_std.view({K}) * dgamma / count;
-      alpha_t = -scale.view({K}) * dbeta / count - beta_t * mean.view({K});
-    }
-    const scalar_t* al = alpha_t.data_ptr<scalar_t>();
-    const scalar_t* bz = beta_t.data_ptr<scalar_t>();
-    at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
-      scalar_t* acc = dwdt_acc[at::get_thread_num()].data_ptr<scalar_t>();
-      std::vector<scalar_t> z(K);
-      for (int64_t p = begin * tile; p < std::min(P, end * tile); ++p) {
-        scalar_t* d = dzp + p * K;
-        if (batch_stats) {
-          features_at(g, xp, wp, p, z.data(), static_cast<scalar_t*>(nullptr));
-          for (int64_t f = 0; f < K; ++f) d[f] = d[f] * sc[f] + al[f] + bz[f] * z[f];
-        } else {
-          for (int64_t f = 0; f < K; ++f) d[f] *= sc[f];
-        }
-        const int64_t n = p / (g.Ho * g.Wo), r = p % (g.Ho * g.Wo);
-        const int64_t ho = r / g.Wo, wo = r % g.Wo;
-        for (int64_t i = 0; i < g.k; ++i) {
-          const int64_t hi = ho * g.s + i - g.pad;
-          if (hi < 0 || hi >= g.H) continue;
-          for (int64_t j = 0; j < g.k; ++j) {
-            const int64_t wi = wo * g.s + j - g.pad;
-            if (wi < 0 || wi >= g.W) continue;
-            const scalar_t* xq = xp + ((n * g.H + hi) * g.W + wi) * C;
-            scalar_t* ag = acc + (i * g.k + j) * K;
-            for (int64_t t = 0; t < g.k2; ++t)
-              for (int64_t c = 0; c < C; ++c) ag[t * C + c] += d[t * C + c] * xq[c];
-          }
-        }
-      }
-    });
-    scalar_t* dxp = dx.data_ptr<scalar_t>();
-    const scalar_t inv_k2 = scalar_t(1) / scalar_t(g.k2);
-    at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
-      const scalar_t* dz_rows[64];
-      const scalar_t* w_rows[64];
-      const scalar_t* dm_rows[64];
-      constexpr int64_t B = 64 / sizeof(scalar_t);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t n = row / g.H, hi = row % g.H;
-        for (int64_t wi = 0; wi < g.W; ++wi) {
-          // the output positions whose window holds input (hi, wi), and through which tap
-          int64_t count = 0;
-          for (int64_t i = 0; i < g.k; ++i) {
-            const int64_t hs = hi + g.pad - i;
-            if (hs < 0 || hs % g.s) continue;
-            const int64_t ho = hs / g.s;
-            if (ho >= g.Ho) continue;
-            for (int64_t j = 0; j < g.k; ++j) {
-              const int64_t ws = wi + g.pad - j;
-              if (ws < 0 || ws % g.s) continue;
-              const int64_t wo = ws / g.s;
-              if (wo >= g.Wo) continue;
-              const int64_t p = (n * g.Ho + ho) * g.Wo + wo;
-              dz_rows[count] = dzp + p * K;
-              dm_rows[count] = dmp + p * C;
-              w_rows[count++] = wp + (i * g.k + j) * K;
-            }
-          }
-          scalar_t* out = dxp + (row * g.W + wi) * C;
-          int64_t c0 = 0;
-          for (; c0 + B <= C; c0 += B) {
-            scalar_t acc[B] = {};
-            for (int64_t q = 0; q < count; ++q) {
-              for (int64_t l = 0; l < B; ++l) acc[l] += dm_rows[q][c0 + l] * inv_k2;
-              for (int64_t t = 0; t < g.k2; ++t) {
-                const scalar_t* __restrict w = w_rows[q] + t * C + c0;
-                const scalar_t* __restrict d = dz_rows[q] + t * C + c0;
-                for (int64_t l = 0; l < B; ++l) acc[l] += w[l] * d[l];
-              }
-            }
-            for (int64_t l = 0; l < B; ++l) out[c0 + l] = acc[l];
-          }
-          for (int64_t c = c0; c < C; ++c) {
-            scalar_t acc = 0;
-            for (int64_t q = 0; q < count; ++q) {
-              acc += dm_rows[q][c] * inv_k2;
-              for (int64_t t = 0; t < g.k2; ++t) acc += w_rows[q][t * C + c] * dz_rows[q][t * C + c];
-            }
-            out[c] = acc;
-          }
-        }
-      }
-    });
+    auto rest = bn_dwconv_backward<scalar_t>(g, x, wdt, scale, mean, inv_std, sums[1], sums[2],
+                                             dz, dmp, batch_stats, tile);
+    dx = rest[0];
+    dwdt = rest[1];
+    dgamma = rest[2];
+    dbeta = rest[3];
   });
   auto small_sum = small.sum(0);
   auto dbias = has_bias ? go.sum(0) : at::Tensor();
-  return {dx.permute({0, 3, 1, 2}),
-          dwdt_acc.sum(0).view({g.k2, g.k2, C}),
-          dgamma.view({g.k2, C}),
-          dbeta.view({g.k2, C}),
+  return {dx, dwdt, dgamma, dbeta,
           small_sum[0].view({g.k2, C}),
           dwt_acc.sum(0),
           dbias};
+}
+
+// --- RFCBAMConv / RFCAConv: attention as a product of two small factors ----------------------
+//
+// Their attention A[p, t, c] multiplies two small tensors (kind 0, RFCBAM: a channel gate
+// f1 = ca (N, C) and a spatial gate per tap f2 = sa (P, k2); kind 1, RFCA: row and column
+// gates f1 = a_h (N, Ho, k, C) and f2 = a_w (N, Wo, k, C), tap t = i * k + j), and the
+// factors are computed from reductions of g = relu(z * scale + shift) over the k2-sized
+// features (kind 0: max and mean over channels per (p, t); kind 1: the mean over (wo, j) of
+// each (n, ho, i, c) and over (ho, i) of each (n, wo, j, c)). tile_reduce takes those
+// reductions in one pass that never stores g; the factors are computed by ordinary ops in
+// Python; tile_attend fuses g * A with the tile's GEMM, as rfa_forward does with its softmax.
+
+namespace {
+
+template <typename T>
+inline void factors_at(const Geometry& g, int64_t kind, const T* f1, const T* f2, int64_t p,
+                       T* __restrict A) {
+  const int64_t C = g.C, k = g.k;
+  const int64_t n = p / (g.Ho * g.Wo), r = p % (g.Ho * g.Wo), ho = r / g.Wo, wo = r % g.Wo;
+  if (kind == 0) {
+    const T* __restrict ca = f1 + n * C;
+    const T* sa = f2 + p * g.k2;
+    for (int64_t t = 0; t < g.k2; ++t)
+      for (int64_t c = 0; c < C; ++c) A[t * C + c] = ca[c] * sa[t];
+    return;
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    const T* __restrict ah = f1 + ((n * g.Ho + ho) * k + i) * C;
+    for (int64_t j = 0; j < k; ++j) {
+      const T* __restrict aw = f2 + ((n * g.Wo + wo) * k + j) * C;
+      T* __restrict at = A + (i * k + j) * C;
+      for (int64_t c = 0; c < C; ++c) at[c] = ah[c] * aw[c];
+    }
+  }
+}
+
+void check_kind(int64_t kind) {
+  TORCH_CHECK(kind == 0 || kind == 1, "rfa tile attention: expected kind 0 (RFCBAM) or 1 "
+              "(RFCA), got ", kind);
+}
+
+}  // namespace
+
+// The reductions of g the factors need: kind 0 max and mean over channels, each (P, k2);
+// kind 1 the row means (N, Ho, k, C) and the column means (N, Wo, k, C).
+std::vector<at::Tensor> tile_reduce(const at::Tensor& x, const at::Tensor& wdt,
+                                    const at::Tensor& scale, const at::Tensor& shift,
+                                    int64_t k, int64_t s, int64_t kind, int64_t tile) {
+  const Geometry g = geometry(x, k, s);
+  check_inputs(x, wdt, g);
+  check_kind(kind);
+  const int64_t P = g.positions(), K = g.K, C = g.C;
+  const int threads = at::get_num_threads();
+  at::Tensor r1, r2, acc1, acc2;
+  if (kind == 0) {
+    r1 = at::empty({P, g.k2}, x.options());
+    r2 = at::empty({P, g.k2}, x.options());
+  } else {
+    acc1 = at::zeros({threads, g.N * g.Ho * k * C}, x.options());
+    acc2 = at::zeros({threads, g.N * g.Wo * k * C}, x.options());
+  }
+  if (P > 0) AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tile_reduce", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = wdt.data_ptr<scalar_t>();
+    const scalar_t* sc = scale.data_ptr<scalar_t>();
+    const scalar_t* sh = shift.data_ptr<scalar_t>();
+    at::parallel_for(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> z(K);
+      scalar_t* rows = kind == 1 ? acc1[at::get_thread_num()].data_ptr<scalar_t>() : nullptr;
+      scalar_t* cols = kind == 1 ? acc2[at::get_thread_num()].data_ptr<scalar_t>() : nullptr;
+      for (int64_t p = begin * tile; p < std::min(P, end * tile); ++p) {
+        features_at(g, xp, wp, p, z.data(), static_cast<scalar_t*>(nullptr));
+        for (int64_t f = 0; f < K; ++f) z[f] = std::max(z[f] * sc[f] + sh[f], scalar_t(0));
+        if (kind == 0) {
+          scalar_t* mx = r1.data_ptr<scalar_t>() + p * g.k2;
+          scalar_t* mean = r2.data_ptr<scalar_t>() + p * g.k2;
+          for (int64_t t = 0; t < g.k2; ++t) {
+            scalar_t best = z[t * C], sum = 0;
+            for (int64_t c = 0; c < C; ++c) {
+              best = std::max(best, z[t * C + c]);
+              sum += z[t * C + c];
+            }
+            mx[t] = best;
+            mean[t] = sum / scalar_t(C);
+          }
+          continue;
+        }
+        const int64_t n = p / (g.Ho * g.Wo), r = p % (g.Ho * g.Wo), ho = r / g.Wo, wo = r % g.Wo;
+        for (int64_t i = 0; i < k; ++i)
+          for (int64_t j = 0; j < k; ++j) {
+            const scalar_t* __restrict gt = z.data() + (i * k + j) * C;
+            scalar_t* __restrict rr = rows + ((n * g.Ho + ho) * k + i) * C;
+            scalar_t* __restrict cc = cols + ((n * g.Wo + wo) * k + j) * C;
+            for (int64_t c = 0; c < C; ++c) {
+              rr[c] += gt[c];
+              cc[c] += gt[c];
+            }
+          }
+      }
+    });
+  });
+  if (kind == 1) {
+    r1 = (acc1.sum(0) / double(g.Wo * k)).view({g.N, g.Ho, k, C});
+    r2 = (acc2.sum(0) / double(g.Ho * k)).view({g.N, g.Wo, k, C});
+  }
+  return {r1, r2};
+}
+
+// Gradients of tile_reduce from dr1, dr2: dx, dwdt, dgamma, dbeta (BN as in rfa_backward).
+std::vector<at::Tensor> tile_reduce_backward(const at::Tensor& dr1, const at::Tensor& dr2,
+                                             const at::Tensor& x, const at::Tensor& wdt,
+                                             const at::Tensor& gamma, const at::Tensor& beta,
+                                             const at::Tensor& mean, const at::Tensor& inv_std,
+                                             int64_t k, int64_t s, int64_t kind,
+                                             bool batch_stats, int64_t tile) {
+  const Geometry g = geometry(x, k, s);
+  check_inputs(x, wdt, g);
+  check_kind(kind);
+  const int64_t P = g.positions(), K = g.K, C = g.C;
+  const int threads = at::get_num_threads();
+  const auto scale = (gamma * inv_std).contiguous();
+  const auto shift = (beta - mean * scale).contiguous();
+  const auto d1 = dr1.contiguous(), d2 = dr2.contiguous();
+  auto sums = at::zeros({threads, 2, K}, x.options());  // sum du, sum du * z
+  auto dz = at::empty({P, K}, x.options());
+  std::vector<at::Tensor> rest;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tile_reduce_backward", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = wdt.data_ptr<scalar_t>();
+    const scalar_t* sc = scale.data_ptr<scalar_t>();
+    const scalar_t* sh = shift.data_ptr<scalar_t>();
+    const scalar_t* g1 = d1.data_ptr<scalar_t>();
+    const scalar_t* g2 = d2.data_ptr<scalar_t>();
+    scalar_t* dzp = dz.data_ptr<scalar_t>();
+    const scalar_t row_w = scalar_t(1) / scalar_t(g.Wo * k), col_w = scalar_t(1) / scalar_t(g.Ho * k);
+    at::parallel_for(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> z(K);
+      scalar_t* sdu = sums[at::get_thread_num()][0].data_ptr<scalar_t>();
+      scalar_t* sduz = sdu + K;
+      for (int64_t p = begin * tile; p < std::min(P, end * tile); ++p) {
+        features_at(g, xp, wp, p, z.data(), static_cast<scalar_t*>(nullptr));
+        scalar_t* d = dzp + p * K;
+        if (kind == 0) {
+          // max: the gradient reaches the first maximal channel (as torch.max's indices); where
+          // the maximum is 0 every g is 0 and ReLU passes nothing, whichever channel it is
+          for (int64_t t = 0; t < g.k2; ++t) {
+            const scalar_t dmean = g2[p * g.k2 + t] / scalar_t(C);
+            int64_t arg = 0;
+            scalar_t best = -std::numeric_limits<scalar_t>::infinity();
+            for (int64_t c = 0; c < C; ++c) {
+              const int64_t f = t * C + c;
+              const scalar_t u = z[f] * sc[f] + sh[f];
+              const scalar_t gv = std::max(u, scalar_t(0));
+              if (gv > best) { best = gv; arg = c; }
+              d[f] = u > scalar_t(0) ? dmean : scalar_t(0);
+            }
+            const int64_t f = t * C + arg;
+            if (z[f] * sc[f] + sh[f] > scalar_t(0)) d[f] += g1[p * g.k2 + t];
+          }
+        } else {
+          const int64_t n = p / (g.Ho * g.Wo), r = p % (g.Ho * g.Wo), ho = r / g.Wo, wo = r % g.Wo;
+          for (int64_t i = 0; i < k; ++i)
+            for (int64_t j = 0; j < k; ++j) {
+              const scalar_t* __restrict dr = g1 + ((n * g.Ho + ho) * k + i) * C;
+              const scalar_t* __restrict dc = g2 + ((n * g.Wo + wo) * k + j) * C;
+              const int64_t o = (i * k + j) * C;
+              for (int64_t c = 0; c < C; ++c) {
+                const scalar_t u = z[o + c] * sc[o + c] + sh[o + c];
+                d[o + c] = u > scalar_t(0) ? dr[c] * row_w + dc[c] * col_w : scalar_t(0);
+              }
+            }
+        }
+        for (int64_t f = 0; f < K; ++f) {
+          sdu[f] += d[f];
+          sduz[f] += d[f] * z[f];
+        }
+      }
+    });
+    auto total = sums.sum(0);
+    rest = bn_dwconv_backward<scalar_t>(g, x, wdt, scale, mean, inv_std, total[0], total[1], dz,
+                                        static_cast<const scalar_t*>(nullptr), batch_stats, tile);
+  });
+  return rest;
+}
+
+// out (N, Ho, Wo, O) = (g * A) @ wt^T + bias, A = factors (f1, f2) of the kind.
+at::Tensor tile_attend(const at::Tensor& x, const at::Tensor& wdt, const at::Tensor& scale,
+                       const at::Tensor& shift, const at::Tensor& f1, const at::Tensor& f2,
+                       const at::Tensor& wt, const c10::optional<at::Tensor>& bias, int64_t k,
+                       int64_t s, int64_t kind, int64_t tile) {
+  const Geometry g = geometry(x, k, s);
+  check_inputs(x, wdt, g);
+  check_kind(kind);
+  const int64_t P = g.positions(), K = g.K, O = wt.size(0);
+  auto out = at::empty({g.N, g.Ho, g.Wo, O}, x.options());
+  if (P == 0) return out.permute({0, 3, 1, 2});
+  const auto wtT = wt.t();
+  const auto a1 = f1.contiguous(), a2 = f2.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tile_attend", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = wdt.data_ptr<scalar_t>();
+    const scalar_t* sc = scale.data_ptr<scalar_t>();
+    const scalar_t* sh = shift.data_ptr<scalar_t>();
+    const scalar_t* p1 = a1.data_ptr<scalar_t>();
+    const scalar_t* p2 = a2.data_ptr<scalar_t>();
+    at::parallel_for(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
+      SequentialBlas sequential;
+      auto feats = at::empty({tile, K}, x.options());
+      std::vector<scalar_t> A(K);
+      scalar_t* fp = feats.data_ptr<scalar_t>();
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t p0 = b * tile, len = std::min(P, p0 + tile) - p0;
+        for (int64_t q = 0; q < len; ++q) {
+          scalar_t* z = fp + q * K;
+          features_at(g, xp, wp, p0 + q, z, static_cast<scalar_t*>(nullptr));
+          factors_at(g, kind, p1, p2, p0 + q, A.data());
+          for (int64_t f = 0; f < K; ++f)
+            z[f] = std::max(z[f] * sc[f] + sh[f], scalar_t(0)) * A[f];
+        }
+        auto out_tile = out.view({P, O}).narrow(0, p0, len);
+        auto f_tile = feats.narrow(0, 0, len);
+        if (bias.has_value())
+          at::addmm_out(out_tile, *bias, f_tile, wtT);
+        else
+          at::mm_out(out_tile, f_tile, wtT);
+      }
+    });
+  });
+  return out.permute({0, 3, 1, 2});
+}
+
+// Gradients of tile_attend: dx, dwdt, dgamma, dbeta, df1, df2, dwt, dbias (undefined without
+// bias). Pass 1 per tile: recompute g * A, dwt += go^T (g A), dA = go wt, then the factors'
+// gradients (sums of dA * g times the other factor) and du = dA * A where u > 0; the rest is
+// bn_dwconv_backward.
+std::vector<at::Tensor> tile_attend_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& wdt,
+    const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
+    const at::Tensor& inv_std, const at::Tensor& f1, const at::Tensor& f2, const at::Tensor& wt,
+    bool has_bias, int64_t k, int64_t s, int64_t kind, bool batch_stats, int64_t tile) {
+  const Geometry g = geometry(x, k, s);
+  check_inputs(x, wdt, g);
+  check_kind(kind);
+  const int64_t P = g.positions(), K = g.K, C = g.C, O = wt.size(0);
+  const int threads = at::get_num_threads();
+  const auto go = grad_out.permute({0, 2, 3, 1}).contiguous().view({P, O});
+  const auto scale = (gamma * inv_std).contiguous();
+  const auto shift = (beta - mean * scale).contiguous();
+  const auto a1 = f1.contiguous(), a2 = f2.contiguous();
+  auto dwt_acc = at::zeros({threads, O, K}, x.options());
+  auto sums = at::zeros({threads, 2, K}, x.options());
+  // kind 0: df1 (N, C) summed over positions per thread, df2 (P, k2) written per position;
+  // kind 1: both summed per thread
+  auto df1_acc = at::zeros({threads, a1.numel()}, x.options());
+  auto df2_acc = at::zeros({kind == 0 ? 1 : threads, a2.numel()}, x.options());
+  auto dz = at::empty({P, K}, x.options());
+  std::vector<at::Tensor> rest;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tile_attend_backward", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = wdt.data_ptr<scalar_t>();
+    const scalar_t* sc = scale.data_ptr<scalar_t>();
+    const scalar_t* sh = shift.data_ptr<scalar_t>();
+    const scalar_t* p1 = a1.data_ptr<scalar_t>();
+    const scalar_t* p2 = a2.data_ptr<scalar_t>();
+    scalar_t* dzp = dz.data_ptr<scalar_t>();
+    at::parallel_for(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
+      const int tid = at::get_thread_num();
+      SequentialBlas sequential;
+      auto bufs = at::empty({2, tile, K}, x.options());
+      auto attended = bufs[0], zs = bufs[1];
+      auto dwt_t = dwt_acc[tid];
+      scalar_t* sdu = sums[tid][0].data_ptr<scalar_t>();
+      scalar_t* sduz = sdu + K;
+      scalar_t* d1 = df1_acc[tid].data_ptr<scalar_t>();
+      scalar_t* d2 = df2_acc[kind == 0 ? 0 : tid].data_ptr<scalar_t>();
+      std::vector<scalar_t> A(K), gd(K);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t p0 = b * tile, len = std::min(P, p0 + tile) - p0;
+        scalar_t* fa = attended.data_ptr<scalar_t>();
+        scalar_t* fz = zs.data_ptr<scalar_t>();
+        for (int64_t q = 0; q < len; ++q) {
+          scalar_t* z = fz + q * K;
+          features_at(g, xp, wp, p0 + q, z, static_cast<scalar_t*>(nullptr));
+          factors_at(g, kind, p1, p2, p0 + q, A.data());
+          for (int64_t f = 0; f < K; ++f)
+            fa[q * K + f] = std::max(z[f] * sc[f] + sh[f], scalar_t(0)) * A[f];
+        }
+        auto go_tile = go.narrow(0, p0, len);
+        dwt_t.addmm_(go_tile.t(), attended.narrow(0, 0, len));
+        auto dA = dz.narrow(0, p0, len);
+        at::mm_out(dA, go_tile, wt);
+        for (int64_t q = 0; q < len; ++q) {
+          const int64_t p = p0 + q;
+          const scalar_t* z = fz + q * K;
+          scalar_t* d = dzp + p * K;
+          factors_at(g, kind, p1, p2, p, A.data());
+          for (int64_t f = 0; f < K; ++f) {
+            const scalar_t u = z[f] * sc[f] + sh[f];
+            gd[f] = d[f] * std::max(u, scalar_t(0));  // dL/dA
+            d[f] = u > scalar_t(0) ? d[f] * A[f] : scalar_t(0);
+            sdu[f] += d[f];
+            sduz[f] += d[f] * z[f];
+          }
+          const int64_t n = p / (g.Ho * g.Wo), r = p % (g.Ho * g.Wo);
+          const int64_t ho = r / g.Wo, wo = r % g.Wo;
+          if (kind == 0) {
+            const scalar_t* ca = p1 + n * C;
+            const scalar_t* sa = p2 + p * g.k2;
+            scalar_t* dca = d1 + n * C;
+            for (int64_t t = 0; t < g.k2; ++t) {
+              scalar_t acc = 0;
+              for (int64_t c = 0; c < C; ++c) {
+                acc += gd[t * C + c] * ca[c];
+                dca[c] += gd[t * C + c] * sa[t];
+              }
+              d2[p * g.k2 + t] = acc;
+            }
+          } else {
+            for (int64_t i = 0; i < k; ++i)
+              for (int64_t j = 0; j < k; ++j) {
+                const int64_t hoff = ((n * g.Ho + ho) * k + i) * C;
+                const int64_t woff = ((n * g.Wo + wo) * k + j) * C;
+                const scalar_t* __restrict gt = gd.data() + (i * k + j) * C;
+                for (int64_t c = 0; c < C; ++c) {
+                  d1[hoff + c] += gt[c] * p2[woff + c];
+                  d2[woff + c] += gt[c] * p1[hoff + c];
+                }
+              }
+          }
+        }
+      }
+    });
+    auto total = sums.sum(0);
+    rest = bn_dwconv_backward<scalar_t>(g, x, wdt, scale, mean, inv_std, total[0], total[1], dz,
+                                        static_cast<const scalar_t*>(nullptr), batch_stats, tile);
+  });
+  rest.push_back(df1_acc.sum(0).view(a1.sizes()));
+  rest.push_back((kind == 0 ? df2_acc[0] : df2_acc.sum(0)).view(a2.sizes()));
+  rest.push_back(dwt_acc.sum(0));
+  rest.push_back(has_bias ? go.sum(0) : at::Tensor());
+  return rest;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rfa_stats", &rfa_stats, "batch mean and biased variance of the RFA features");
   m.def("rfa_forward", &rfa_forward, "fused RFAConv forward");
   m.def("rfa_backward", &rfa_backward, "fused RFAConv backward");
+  m.def("tile_reduce", &tile_reduce, "RFCBAM/RFCA: the reductions of the features");
+  m.def("tile_reduce_backward", &tile_reduce_backward, "backward of tile_reduce");
+  m.def("tile_attend", &tile_attend, "RFCBAM/RFCA: fused product with the factors and GEMM");
+  m.def("tile_attend_backward", &tile_attend_backward, "backward of tile_attend");
 }

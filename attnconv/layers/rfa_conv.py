@@ -56,6 +56,7 @@ from attnconv.layers.helpers import (
     layer_name,
 )
 from attnconv.ops.rfa import _check_impl, rfa_layer_forward, use_fused
+from attnconv.ops.rfa_tile import tile_layer_forward
 
 __all__ = ["RFAConv2d", "RFCAConv2d", "RFCBAMConv2d"]
 
@@ -323,7 +324,18 @@ class RFAConv2d(_ReceptiveFieldConv2d):
 
 class _TileAttentionConv2d(_ReceptiveFieldConv2d):
     """RFCBAM/RFCA: g = ReLU(BN(dwconv(x))), an attention (f1, f2) computed from g (and x),
-    then conv_1x1(g * f1 * f2). Subclasses define :meth:`attention` on g in tap layout."""
+    then conv_1x1(g * f1 * f2). Subclasses define :meth:`attention` on g in tap layout.
+
+    ``impl`` as in :class:`RFAConv2d`; the fused path is :mod:`attnconv.ops.rfa_tile`.
+    """
+
+    impl: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 0 and use_fused(type(self).__name__, self.impl, x):
+            self._check_input(x)
+            return _keep_memory_format(x, tile_layer_forward(self, x))
+        return super().forward(x)
 
     def attention(self, x: torch.Tensor, g: torch.Tensor, update_stats: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -387,13 +399,16 @@ class RFCBAMConv2d(_TileAttentionConv2d):
         groups: int = 1,
         bias: bool = True,
         hidden_channels: int = 16,
+        impl: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         check_positive(type(self).__name__, hidden_channels=hidden_channels)
+        _check_impl(impl, f"{type(self).__name__}: impl")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, device=device, dtype=dtype)
         factory = {"device": device, "dtype": dtype}
+        self.impl = impl
         self.hidden_channels = hidden_channels
         self.channel_fc1 = nn.Linear(in_channels, hidden_channels, bias=False, **factory)
         self.channel_fc2 = nn.Linear(hidden_channels, in_channels, bias=False, **factory)
@@ -444,13 +459,16 @@ class RFCAConv2d(_TileAttentionConv2d):
         groups: int = 1,
         bias: bool = True,
         reduction: int = 32,
+        impl: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         check_positive(type(self).__name__, reduction=reduction)
+        _check_impl(impl, f"{type(self).__name__}: impl")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, device=device, dtype=dtype)
         factory = {"device": device, "dtype": dtype}
+        self.impl = impl
         self.reduction = reduction
         mip = max(8, in_channels // reduction)
         self.coord_conv = nn.Conv2d(in_channels, mip, 1, **factory)

@@ -190,14 +190,11 @@ def _eager_backward(grad_out, x, wdt, gamma, beta, mean, inv_std, a, wt, bias, k
 
 # --- the same function in plain ops ----------------------------------------------------------
 
-def rfa_eager(x: Tensor, wdt: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor | None,
-              inv_std: Tensor | None, a: Tensor, wt: Tensor, bias: Tensor | None,
-              kernel_size: int, stride: int, eps: float = 1e-5) -> Tensor:
-    """:func:`rfa_fused` in differentiable ATen ops (any device, any order of derivative).
-
-    ``mean``/``inv_std`` None means batch statistics, computed here (with ``eps``) so that
-    autograd differentiates through them.
-    """
+def tap_features_eager(x: Tensor, wdt: Tensor, gamma: Tensor, beta: Tensor,
+                       mean: Tensor | None, inv_std: Tensor | None, kernel_size: int,
+                       stride: int, eps: float = 1e-5) -> Tensor:
+    """BN(depthwise_k,s(x)) before the ReLU, (N, k2, C, H', W') (tap-major), in plain ops;
+    arguments as in :func:`rfa_eager`."""
     k2, _, c = wdt.shape
     k = kernel_size
     pad = k // 2
@@ -214,6 +211,22 @@ def rfa_eager(x: Tensor, wdt: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor 
         mean = mu
     u = (z - mean.view(1, k2, c, 1, 1)) * (inv_std * gamma).view(1, k2, c, 1, 1) + beta.view(
         1, k2, c, 1, 1)
+    return u
+
+
+def rfa_eager(x: Tensor, wdt: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor | None,
+              inv_std: Tensor | None, a: Tensor, wt: Tensor, bias: Tensor | None,
+              kernel_size: int, stride: int, eps: float = 1e-5) -> Tensor:
+    """:func:`rfa_fused` in differentiable ATen ops (any device, any order of derivative).
+
+    ``mean``/``inv_std`` None means batch statistics, computed here (with ``eps``) so that
+    autograd differentiates through them.
+    """
+    k2, _, c = wdt.shape
+    k = kernel_size
+    pad = k // 2
+    u = tap_features_eager(x, wdt, gamma, beta, mean, inv_std, kernel_size, stride, eps)
+    n, _, _, h, w = u.shape
     pooled = F.avg_pool2d(x, k, stride, pad, count_include_pad=True).unsqueeze(1)
     attn = torch.softmax(a.view(1, k2, c, 1, 1) * pooled, dim=1)
     attended = (F.relu(u) * attn).reshape(n, k2 * c, h, w)
@@ -245,6 +258,19 @@ def rfa_layer_forward(layer, x: Tensor) -> Tensor:
 
 
 def _rfa_layer_forward(layer, x: Tensor) -> Tensor:
+    ops = layer_operands(layer, x)
+    a = ops.pop("cast")(layer.attn_logit_scale).t()
+    return rfa_fused(ops["x"], ops["wdt"], ops["gamma"], ops["beta"], ops["mean"],
+                     ops["inv_std"], a, ops["wt"], ops["bias"], ops["kernel_size"],
+                     ops["stride"], ops["batch_stats"], ops["eps"])
+
+
+def layer_operands(layer, x: Tensor) -> dict:
+    """The operands the fused ops share, from an RFA-family layer and its input: x in the
+    compute dtype (float32 for bf16/fp16), the depthwise weight, BN affine and statistics and
+    the final conv in tap-major order (differentiable: gradients reach the layer's
+    parameters), and ``cast`` (a tensor to the compute dtype). Takes the BN batch statistics
+    with :func:`rfa_feature_stats` and updates the running ones as nn.BatchNorm2d does."""
     bn = layer.feature_bn
     c, k2, k, s = layer.in_channels, layer.taps, layer.kernel_size[0], layer.stride[0]
     dtype = torch.promote_types(x.dtype, layer.weight.dtype)
@@ -258,7 +284,6 @@ def _rfa_layer_forward(layer, x: Tensor) -> Tensor:
     wdt = cast(layer.feature_conv.weight).view(c, k2, k2).permute(2, 1, 0)
     gamma = _tap_major(cast(bn.weight), c, k2) if bn.affine else x.new_ones(k2, c)
     beta = _tap_major(cast(bn.bias), c, k2) if bn.affine else x.new_zeros(k2, c)
-    a = cast(layer.attn_logit_scale).t()
     wt = cast(layer.weight).view(layer.out_channels, c, k2).transpose(1, 2).reshape(
         layer.out_channels, k2 * c)
     batch_stats = layer.training or bn.running_mean is None
@@ -275,9 +300,10 @@ def _rfa_layer_forward(layer, x: Tensor) -> Tensor:
     else:
         mean = _tap_major(bn.running_mean.to(dtype), c, k2)
         var = _tap_major(bn.running_var.to(dtype), c, k2)
-    inv_std = torch.rsqrt(var + bn.eps)
-    return rfa_fused(x, wdt, gamma, beta, mean, inv_std, a, wt, cast(layer.bias), k, s,
-                     batch_stats, bn.eps)
+    return {"x": x, "wdt": wdt, "gamma": gamma, "beta": beta, "mean": mean,
+            "inv_std": torch.rsqrt(var + bn.eps), "wt": wt, "bias": cast(layer.bias),
+            "kernel_size": k, "stride": s, "batch_stats": batch_stats, "eps": bn.eps,
+            "cast": cast}
 
 
 @torch.no_grad()
@@ -311,7 +337,8 @@ def _check_impl(impl: str | None, where: str = "impl") -> None:
 
 
 def set_rfa_impl(impl: str) -> None:
-    """The implementation of RFAConv2d layers built with ``impl=None`` (default "auto")."""
+    """The implementation of RFAConv2d, RFCBAMConv2d and RFCAConv2d layers built with
+    ``impl=None`` (default "auto")."""
     global _default_impl
     _check_impl(impl, "set_rfa_impl(impl)")
     _default_impl = impl or "auto"
