@@ -8,9 +8,8 @@ import warnings
 
 import pytest
 import torch
-from helpers import randomise
+from helpers import assert_matches_official, randomise, run
 from reference_rfa import OfficialRFAConv
-from torch import nn
 
 from attnconv import RFAConv2d
 from attnconv.ops import _build, rfa
@@ -30,27 +29,6 @@ def make_pair(cin=6, cout=5, k=3, stride=1, seed=0, impl="fused"):
     layer = RFAConv2d(cin, cout, k, stride, impl=impl)
     layer.load_official_state_dict(ref.state_dict())
     return ref, layer
-
-
-def run(module: nn.Module, x: torch.Tensor):
-    x = x.detach().clone().requires_grad_(True)
-    out = module(x)
-    out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape))
-    return out.detach(), x.grad
-
-
-def assert_matches_official(ref, layer, x, **tol):
-    out_ref, grad_ref = run(ref, x)
-    out, grad = run(layer, x)
-    torch.testing.assert_close(out, out_ref, **tol)
-    torch.testing.assert_close(grad, grad_ref, **tol)
-    ref_params, ref_state = dict(ref.named_parameters()), ref.state_dict()
-    for key, (tensor, _) in layer._official_keys().items():
-        torch.testing.assert_close(tensor.reshape(ref_state[key].shape), ref_state[key],
-                                   msg=key, **tol)  # running statistics included
-        if key in ref_params:
-            torch.testing.assert_close(tensor.grad.reshape(ref_params[key].shape),
-                                       ref_params[key].grad, msg=key, **tol)
 
 
 # --- 1. equal to the official module in float64 -------------------------------------------
