@@ -81,10 +81,14 @@ def check_conv_args(layer: str, *, in_channels: object, out_channels: object,
 
 
 def check_conv_input(layer: nn.Module, x: torch.Tensor, in_channels: int) -> None:
-    """Raise a ValueError naming ``layer`` unless ``x`` is (N, in_channels, H, W)."""
+    """Raise a ValueError naming ``layer`` unless ``x`` is (N, in_channels, H, W), and a
+    TypeError unless it is floating point (nn.Conv2d refuses integer and bool input too)."""
     if x.dim() != 4 or x.shape[1] != in_channels:
         raise ValueError(f"{layer_name(layer)}: expected input of shape (N, {in_channels}, H, W), "
                          f"got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{layer_name(layer)}: expected a floating-point input (float32, "
+                        f"float64, bfloat16 or float16), got {x.dtype}")
 
 
 def layer_name(layer: nn.Module) -> str:
