@@ -304,7 +304,7 @@ def _mnist_family(cfg: DataConfig, size: int) -> Datasets:
     channels = cfg.channels or 1
     # Flipped digits and characters are other symbols; flipped clothes are still clothes.
     train_tf, val_tf = image_transforms(
-        crop_policy(cfg.crop, 28, size), size, cfg.augment, [mean] * channels, [std] * channels,
+        crop_policy(cfg.crop, 28, size), size, cfg.augment, *_stats([mean], [std], channels),
         flip=cfg.name == "fashion_mnist", channels=cfg.channels)
     folder = _idx_folder(root, cls)
     if folder is None and cfg.download:
@@ -365,7 +365,7 @@ def _imagefolder(cfg: DataConfig, size: int) -> Datasets:
     channels = cfg.channels or (1 if gray else 3)
     if gray or channels == 1:
         mean, std = _grayscale_stats([p for p, _ in splits["train"].samples])
-        stats = ([mean] * channels, [std] * channels)
+        stats = _stats([mean], [std], channels)
     else:  # colour photographs: the statistics every pretrained network expects
         stats = (list(IMAGENET_MEAN), list(IMAGENET_STD))
     transforms = image_transforms(crop_policy(cfg.crop, stored_size, size), size, cfg.augment,
