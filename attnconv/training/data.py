@@ -337,7 +337,7 @@ def _grayscale_stats(paths: Sequence[str], limit: int = 1000) -> tuple[float, fl
         total, total_sq, count = (total + pixels.sum(), total_sq + (pixels ** 2).sum(),
                                   count + pixels.size)
     mean = total / count
-    return mean, max((total_sq / count - mean ** 2) ** 0.5, 1e-6)
+    return float(mean), float(max((total_sq / count - mean ** 2) ** 0.5, 1e-6))
 
 
 def _imagefolder(cfg: DataConfig, size: int) -> Datasets:
