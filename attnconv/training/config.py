@@ -31,17 +31,29 @@ __all__ = ["SECTIONS", "ConfigError", "DataConfig", "OptimConfig", "RunConfig",
 @dataclass
 class DataConfig:
     name: str = _opt("digits", "dataset: digits (embedded, no download), cifar10, cifar100, "
-                               "imagefolder (ROOT/train/CLASS/*.png and ROOT/val/CLASS/*)")
-    root: str | None = _opt(None, "dataset folder; required for cifar10/100 and imagefolder")
-    download: bool = _opt(False, "download CIFAR into root when it is not there")
+                               "mnist, fashion_mnist, kmnist, imagefolder "
+                               "(ROOT/train/CLASS/*.png and ROOT/val/CLASS/*)")
+    root: str | None = _opt(None, "dataset folder; required for every dataset but digits (MNIST "
+                                  "family: torchvision's layout or a folder of the IDX files)")
+    download: bool = _opt(False, "download CIFAR or the MNIST family into root when it is not "
+                                 "there")
     image_size: int | None = _opt(None, "side of the square images fed to the model; None: the "
-                                        "dataset's own (digits 8, CIFAR 32, imagefolder 224)",
+                                        "dataset's own (digits 8, MNIST family 28, CIFAR 32, "
+                                        "imagefolder 224)",
                                   min=1)
+    crop: str = _opt("auto", "geometry of the images: imagenet (random resized crop; validation "
+                             "resized to size/0.875 and centre-cropped), cifar (random crop of "
+                             "the image padded by 1/8 of its side), none (resize only); cifar "
+                             "and none validate on the training geometry; auto: cifar for "
+                             "images of at most 64 px, else imagenet",
+                     choices=("auto", "imagenet", "cifar", "none"))
+    channels: int | None = _opt(None, "image channels fed to the model; None: the data's own "
+                                      "(1 for grayscale images)", choices=(None, 1, 3))
     batch_size: int = _opt(64, "samples per batch on each device", min=1)
     num_workers: int = _opt(0, "data-loading worker processes per device", min=0)
     val_fraction: float = _opt(0.2, "digits only: share of samples held out for validation")
-    augment: bool = _opt(True, "training augmentation (random-resized crop, flip if the data "
-                               "allows; a small random shift for digits)")
+    augment: bool = _opt(True, "training augmentation (data.crop's random crop, flip if the "
+                               "data allows; a small random shift for digits)")
     check: bool = _opt(False, "open every image file once before training (names every file "
                               "that cannot be read)")
 
