@@ -229,3 +229,10 @@ def test_a_first_use_past_the_limit_runs_eager_and_says_why(monkeypatch, tmp_pat
         proc.kill()
         proc.wait()
     assert "held the build lock" in reason and "ATTNCONV_BUILD_WAIT" in reason
+
+
+@pytest.mark.parametrize("name", RFA_LAYERS)
+def test_auto_is_the_eager_path_off_cpu_without_a_warning(name, recwarn):
+    layer = RFA_LAYERS[name](4, 4)
+    assert not rfa.use_fused(name, layer.impl, torch.empty(1, 4, 3, 3, device="meta"))
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

@@ -252,14 +252,18 @@ def test_impl_reaches_the_dispatch(name, monkeypatch):
     assert calls == []
     cls(6, 5, impl="fused")(x)
     assert calls == [1]
-    cls(6, 5)(x)  # auto on CPU: fused
-    assert calls == [1, 1]
+    auto = cls(6, 5)
+    for training in (False, True):  # auto on CPU: the layer's measured choice for the mode
+        before = len(calls)
+        auto.train(training)(x)
+        assert len(calls) - before == int(cls._auto_fused[training])
+    calls.clear()
     try:
         rfa.set_rfa_impl("eager")
         cls(6, 5)(x)
-        assert calls == [1, 1]
+        assert calls == []
         cls(6, 5, impl="fused")(x)  # the constructor's choice wins
-        assert calls == [1, 1, 1]
+        assert calls == [1]
     finally:
         rfa.set_rfa_impl("auto")
 

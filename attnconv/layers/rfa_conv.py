@@ -99,6 +99,11 @@ class _ReceptiveFieldConv2d(AttentionConv2d):
     #: the official module's key prefix of the depthwise conv + BN ("generate_feature" / "generate")
     _official_feature_prefix = "generate"
 
+    #: whether ``impl="auto"`` runs the fused kernels on CPU (in eval, in training): yes where
+    #: interleaved measurements of both paths found them faster at (8, 64, 56, 56) stride 1
+    #: and (32, 128, 28, 28) stride 2 on 2 threads (benchmarks/RESULTS.md)
+    _auto_fused: tuple[bool, bool] = (True, True)  # (eval, training)
+
     def __init__(
         self,
         in_channels: int,
@@ -370,7 +375,8 @@ class RFAConv2d(_ReceptiveFieldConv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # An empty batch takes the eager path, which returns an empty batch as nn.BatchNorm2d does.
-        if x.shape[0] > 0 and use_fused(type(self).__name__, self.impl, x):
+        if x.shape[0] > 0 and use_fused(type(self).__name__, self.impl, x,
+                                        self._auto_fused[self.training]):
             return self._fused(x, self._fused_forward)
         return super().forward(x)
 
@@ -425,7 +431,8 @@ class _TileAttentionConv2d(_ReceptiveFieldConv2d):
     _tile_kind: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > 0 and use_fused(type(self).__name__, self.impl, x):
+        if x.shape[0] > 0 and use_fused(type(self).__name__, self.impl, x,
+                                        self._auto_fused[self.training]):
             return self._fused(x, self._fused_forward)
         return super().forward(x)
 
@@ -496,6 +503,9 @@ class RFCBAMConv2d(_TileAttentionConv2d):
     """
 
     _tile_kind = 0
+    # its eager formulation (two small reductions over channels) measured faster than the
+    # fused kernels in both modes
+    _auto_fused = (False, False)
 
     def __init__(
         self,

@@ -214,10 +214,9 @@ def rfa_eager(x: Tensor, wdt: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor 
 
 # --- choosing the implementation -------------------------------------------------------------
 
-#: "auto": the fused kernel where it runs (CPU, built), else eager; "eager": the layers' own
-#: formulation; "fused": as "auto" (it falls back with a warning where the kernel cannot run).
-#: On CPU "auto" means fused: 2x-4x faster than eager (benchmarks/RESULTS.md); on
-#: GPUs eager, which torch.compile can fuse.
+#: "auto": on CPU the path each layer measured faster for its mode (its ``auto_fused``), on
+#: other devices eager (which torch.compile can fuse); "eager": the layers' own formulation;
+#: "fused": the fused kernel (falling back with a warning where it cannot run).
 RFA_IMPLS = ("auto", "eager", "fused")
 _default_impl = "auto"
 _forced_eager = False
@@ -255,12 +254,17 @@ def eager_rfa() -> Iterator[None]:
         _forced_eager = previous
 
 
-def use_fused(layer: str, impl: str | None, x: Tensor) -> bool:
-    """Whether ``layer`` runs the fused op on ``x``; warns once per reason when it cannot."""
+def use_fused(layer: str, impl: str | None, x: Tensor, auto_fused: bool = True) -> bool:
+    """Whether ``layer`` runs the fused op on ``x``. ``auto_fused``: whether "auto" picks the
+    fused kernel for this layer and mode on CPU (the layer's measured choice). On other
+    devices "auto" is the eager path, silently (torch.compile fuses it there); an explicit
+    "fused" that cannot run warns once per reason."""
     impl = impl or _default_impl
     if (impl == "eager" or _forced_eager or torch.compiler.is_exporting()
             or torch.onnx.is_in_onnx_export()):
         return False  # export keeps the decomposed formulation (ONNX has no such operator)
+    if impl == "auto" and (x.device.type != "cpu" or not auto_fused):
+        return False
     if x.device.type != "cpu":
         reason = f"the fused kernel covers CPU tensors only, got a {x.device.type} tensor"
     elif torch.compiler.is_compiling():
