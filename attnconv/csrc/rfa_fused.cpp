@@ -24,7 +24,7 @@
 #include <vector>
 
 // MKL (statically linked into libtorch_cpu on x86) would run each tile's GEMM on all cores
-// from inside the parallel region: measured 4x-18x slower with 2 threads on a loaded machine.
+// from inside the parallel region, oversubscribing the cores the tiles already occupy.
 // Weak, so a torch built without MKL loads the kernel all the same (mkl_service.h maps
 // mkl_set_num_threads_local to this C entry point; the lower-case symbol is Fortran's).
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
@@ -143,31 +143,39 @@ inline int64_t window_at(const Geometry& g, const T* x, int64_t p, const T** row
   return count;
 }
 
+// z[t, c0:c0+B] of one position for every feature t: the sums over the window stay in B / 8
+// vector registers, which hide the multiply-add latency once B spans four or more vectors.
+template <int64_t B, typename T>
+inline void feature_block(const Geometry& g, const T* const* rows, const int64_t* taps,
+                          int64_t count, const T* __restrict wdt, int64_t c0, T* __restrict z) {
+  const int64_t C = g.C, K = g.K;
+  for (int64_t t = 0; t < g.k2; ++t) {
+    T acc[B] = {};
+    for (int64_t q = 0; q < count; ++q) {
+      const T* __restrict xr = rows[q] + c0;
+      const T* __restrict wr = wdt + taps[q] * K + t * C + c0;
+      for (int64_t l = 0; l < B; ++l) acc[l] += wr[l] * xr[l];
+    }
+    for (int64_t l = 0; l < B; ++l) z[t * C + c0 + l] = acc[l];
+  }
+}
+
 // z (k2 x C) of output position p; also the average pool m (C) when m != nullptr.
 // x: channels-last (N, H, W, C); wdt: (k2 conv taps [ij], k2 features [t], C).
-// Channels go in blocks of B (one vector register) whose sum over the window stays in a
-// register: two loads per multiply-add instead of a load and a store of z as well.
+// Channels go in blocks of 4 vectors (then 1) whose sum over the window stays in registers:
+// two loads per multiply-add instead of a load and a store of z as well.
 template <typename T>
 inline void features_at(const Geometry& g, const T* __restrict x, const T* __restrict wdt,
                         int64_t p, T* __restrict z, T* __restrict m) {
-  constexpr int64_t B = 64 / sizeof(T);
+  constexpr int64_t V = 32 / sizeof(T);  // one AVX2 vector
   const int64_t C = g.C, K = g.K;
   const T* rows[64];
   int64_t taps[64];
   const int64_t count = window_at(g, x, p, rows, taps);
   int64_t c0 = 0;
-  for (; c0 + B <= C; c0 += B) {
-    for (int64_t t = 0; t < g.k2; ++t) {
-      T acc[B] = {};
-      for (int64_t q = 0; q < count; ++q) {
-        const T* __restrict xr = rows[q] + c0;
-        const T* __restrict wr = wdt + taps[q] * K + t * C + c0;
-        for (int64_t l = 0; l < B; ++l) acc[l] += wr[l] * xr[l];
-      }
-      for (int64_t l = 0; l < B; ++l) z[t * C + c0 + l] = acc[l];
-    }
-  }
-  for (int64_t t = 0; t < g.k2; ++t)  // the channels after the last whole block
+  for (; c0 + 4 * V <= C; c0 += 4 * V) feature_block<4 * V>(g, rows, taps, count, wdt, c0, z);
+  for (; c0 + V <= C; c0 += V) feature_block<V>(g, rows, taps, count, wdt, c0, z);
+  for (int64_t t = 0; t < g.k2; ++t)  // the channels after the last whole vector
     for (int64_t c = c0; c < C; ++c) {
       T acc = 0;
       for (int64_t q = 0; q < count; ++q) acc += wdt[taps[q] * K + t * C + c] * rows[q][c];
@@ -260,6 +268,26 @@ void check_inputs(const at::Tensor& x, const at::Tensor& wdt, const Geometry& g)
 }
 
 
+// dx[c0:c0+B] of one input position, gathered from the dz rows of the output positions whose
+// window holds it (and from dm through the average pool when pooled), in B / 8 registers.
+template <int64_t B, typename T>
+inline void input_grad_block(const Geometry& g, const T* const* dz_rows, const T* const* w_rows,
+                             const T* const* dm_rows, bool pooled, int64_t count, T inv_k2,
+                             int64_t c0, T* __restrict out) {
+  const int64_t C = g.C;
+  T acc[B] = {};
+  for (int64_t q = 0; q < count; ++q) {
+    if (pooled)
+      for (int64_t l = 0; l < B; ++l) acc[l] += dm_rows[q][c0 + l] * inv_k2;
+    for (int64_t t = 0; t < g.k2; ++t) {
+      const T* __restrict w = w_rows[q] + t * C + c0;
+      const T* __restrict d = dz_rows[q] + t * C + c0;
+      for (int64_t l = 0; l < B; ++l) acc[l] += w[l] * d[l];
+    }
+  }
+  for (int64_t l = 0; l < B; ++l) out[c0 + l] = acc[l];
+}
+
 // The part of the backward shared by every fused op, from du = dL/d(BN output) (P x K, in dz,
 // overwritten with dz) and its sums over positions (sum du, sum du * z): the BN backward
 // (through the batch statistics when batch_stats), the depthwise weight's gradient, and dx
@@ -325,7 +353,7 @@ std::vector<at::Tensor> bn_dwconv_backward(const Geometry& g, const at::Tensor& 
     const scalar_t* dz_rows[64];
     const scalar_t* w_rows[64];
     const scalar_t* dm_rows[64];
-    constexpr int64_t B = 64 / sizeof(scalar_t);
+    constexpr int64_t V = 32 / sizeof(scalar_t);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.H, hi = row % g.H;
       for (int64_t wi = 0; wi < g.W; ++wi) {
@@ -349,19 +377,12 @@ std::vector<at::Tensor> bn_dwconv_backward(const Geometry& g, const at::Tensor& 
         }
         scalar_t* out = dxp + (row * g.W + wi) * C;
         int64_t c0 = 0;
-        for (; c0 + B <= C; c0 += B) {
-          scalar_t acc[B] = {};
-          for (int64_t q = 0; q < count; ++q) {
-            if (dmp)
-              for (int64_t l = 0; l < B; ++l) acc[l] += dm_rows[q][c0 + l] * inv_k2;
-            for (int64_t t = 0; t < g.k2; ++t) {
-              const scalar_t* __restrict w = w_rows[q] + t * C + c0;
-              const scalar_t* __restrict d = dz_rows[q] + t * C + c0;
-              for (int64_t l = 0; l < B; ++l) acc[l] += w[l] * d[l];
-            }
-          }
-          for (int64_t l = 0; l < B; ++l) out[c0 + l] = acc[l];
-        }
+        for (; c0 + 4 * V <= C; c0 += 4 * V)
+          input_grad_block<4 * V>(g, dz_rows, w_rows, dm_rows, dmp != nullptr, count, inv_k2,
+                                  c0, out);
+        for (; c0 + V <= C; c0 += V)
+          input_grad_block<V>(g, dz_rows, w_rows, dm_rows, dmp != nullptr, count, inv_k2, c0,
+                              out);
         for (int64_t c = c0; c < C; ++c) {
           scalar_t acc = 0;
           for (int64_t q = 0; q < count; ++q) {

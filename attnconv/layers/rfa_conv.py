@@ -342,10 +342,11 @@ class RFAConv2d(_ReceptiveFieldConv2d):
     keeps ``weight`` (O, C, k, k) / ``bias`` of the final conv. ``attn_logit_scale`` (C, k2)
     holds the official ``get_weight.1.weight``.
 
-    ``impl``: "fused" runs the fused C++ kernel (:mod:`attnconv.ops.rfa`, built on first use)
-    on CPU, "eager" the formulation below, "auto" (the default) the fused kernel wherever it
-    runs; None follows :func:`attnconv.ops.set_rfa_impl`. Where the kernel cannot run (CUDA,
-    no compiler) the layer runs eager and warns once.
+    ``impl``: "fused" runs the fused C++ kernels (:mod:`attnconv.ops`, built by ``make`` or
+    on first use) on CPU, "eager" the formulation below, "auto" (the default) on CPU the path
+    measured faster for the layer and mode (``_auto_fused``), on other devices eager; None
+    follows :func:`attnconv.ops.set_rfa_impl`. Where "fused" cannot run (CUDA, no compiler)
+    the layer runs eager and warns once with the reason.
     """
 
     _official_feature_prefix = "generate_feature"
