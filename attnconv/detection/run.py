@@ -29,12 +29,13 @@ from attnconv.engine.progress import JobProgress
 from attnconv.engine.trainer import (
     NonFiniteLossError,
     check_devices,
+    claim_run_dir,
     evaluation_trainer,
     make_trainer,
-    prepare_run_dir,
     quiet_lightning,
     resume_notes,
     resume_path,
+    run_dir_path,
     stopped_note,
 )
 from attnconv.loading import CheckpointError
@@ -133,13 +134,17 @@ def train_det(config: DetConfig, callbacks: Sequence[L.Callback] = ()) -> DetRes
     quiet_lightning()
     check_config(config)
     check_devices(config.trainer)
-    run_dir = Path(config.out_dir) / config.run_name
+    run_dir = run_dir_path(config.out_dir, config.run_name)
     resume = resume_path(config.resume, run_dir)
     for note in resume_notes(resume, _plain(config)):
         print(f"resume: applying {note}")
-    prepare_run_dir(run_dir, resuming=resume is not None, overwrite=config.overwrite)
-    L.seed_everything(config.seed, verbose=False)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with claim_run_dir(run_dir, resuming=resume is not None, overwrite=config.overwrite):
+        return _train_det(config, run_dir, resume, callbacks)
+
+
+def _train_det(config: DetConfig, run_dir: Path, resume: Path | None,
+               callbacks: Sequence[L.Callback]) -> DetResult:
+    L.seed_everything(config.seed, workers=True, verbose=False)
     train, val, num_classes = _datasets(config, run_dir)
     model = build_detector(config, num_classes, load_init=resume is None)
     meta = {"config": _plain(config), "num_classes": num_classes}
@@ -153,8 +158,9 @@ def train_det(config: DetConfig, callbacks: Sequence[L.Callback] = ()) -> DetRes
     data = config.data
     start = time.perf_counter()
     try:
-        trainer.fit(module, detection_loader(train, data.batch_size, True, data.num_workers,
-                                             config.seed),
+        # The shuffle draws from the global generator, whose state the checkpoints keep
+        # (RNGState), so that a resumed run sees the data in the same order.
+        trainer.fit(module, detection_loader(train, data.batch_size, True, data.num_workers),
                     detection_loader(val, data.batch_size, False, data.num_workers),
                     ckpt_path=resume)
     except NonFiniteLossError as err:

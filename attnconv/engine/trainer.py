@@ -3,9 +3,14 @@ non-finite stop, atomic weights-only checkpoints and resume."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
+import shutil
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,7 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     for message in (".*does not have many workers.*", ".*smaller than the logging interval.*",
                     ".*LeafSpec.*", ".*isinstance.*treespec.*",
-                    # A resume writes into its own run's folder (prepare_run_dir refuses others).
+                    # A resume writes into its own run's folder (check_run_dir refuses others).
                     ".*Checkpoint directory .* exists and is not empty.*"):
         warnings.filterwarnings("ignore", message=message)
 
@@ -115,23 +120,138 @@ def check_devices(t: TrainerConfig) -> None:
                           f"{'s' * (found != 1)} (torch.cuda.device_count()){cpu}")
 
 
-def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
-    """A run folder belongs to one run and its resumes: an earlier run's folder is refused
-    (ConfigError) unless ``overwrite`` (then it is emptied, by the first process only)."""
-    import os
-    import shutil
+#: What runs write into their folder (and ``logs-N``, the logs of resumed parts); a folder
+#: holding anything else is not a run's, and no run starts in it.
+RUN_ENTRIES = frozenset({"checkpoints", "logs", "tensorboard", "curves.png", "data",
+                         "detector.pt", "coco_metrics.json", "coco_metrics.csv",
+                         "seg_metrics.json", "seg_metrics.md", ".lock"})
+LOCK_FILE = ".lock"
 
-    earlier = run_dir.is_dir() and any(
-        (run_dir / name).exists() for name in ("checkpoints", "logs", "detector.pt"))
-    if resuming or not earlier:
+
+def run_dir_path(out_dir: str | Path, name: str) -> Path:
+    """``OUT_DIR/NAME``; ConfigError unless ``name`` is a plain folder name (not empty, ``.``,
+    ``..``, absolute or a path) and ``out_dir`` is a folder or does not exist yet."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name
+            or Path(name).is_absolute()):
+        raise ConfigError(f"name must be a plain folder name, created inside out_dir (no '/', "
+                          f"'.' or '..'), not {name!r}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir {out} is a file, not a folder")
+    return out / name
+
+
+def _is_run_entry(name: str) -> bool:
+    # ``.NAME.PID.XXXX.tmp``: an atomic write in progress or abandoned by a killed run.
+    return (name in RUN_ENTRIES or (name.startswith("logs-") and name[5:].isdigit())
+            or (name.startswith(".") and name.endswith(".tmp")))
+
+
+def _check_not_foreign(run_dir: Path, resuming: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} is a file: choose another --name")
+    if resuming or not run_dir.is_dir():
         return
-    if not overwrite:
-        raise ConfigError(f"run folder {run_dir} holds an earlier run: pass --resume last to "
-                          "continue it, --overwrite true to replace it, or another --name")
-    if os.environ.get("RANK", "0") == "0":
-        for child in run_dir.iterdir():
-            if child.name != "data":  # generated data (detection) is the run's input
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    foreign = sorted(p.name for p in run_dir.iterdir() if not _is_run_entry(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
+                                          else "")
+        raise ConfigError(f"run folder {run_dir} holds files that are not a run's ({shown}): "
+                          "a run starts only in a new folder or in its own; choose another "
+                          "--name or --out_dir")
+
+
+def check_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool,
+                  can_resume: bool = True) -> None:
+    """ConfigError when a run may not start in ``run_dir``: it is a file, it holds anything
+    that is not a run's (never emptied, whatever ``overwrite`` says), or it holds an earlier
+    run and the run neither resumes nor overwrites it (``can_resume``: whether the command
+    has ``--resume`` to suggest)."""
+    _check_not_foreign(run_dir, resuming)
+    if resuming or not run_dir.is_dir():
+        return
+    earlier = any((run_dir / name).exists() for name in ("checkpoints", "logs", "detector.pt"))
+    if earlier and not overwrite:
+        resumable = can_resume and (run_dir / "checkpoints" / "last.ckpt").is_file()
+        hint = ("pass --resume last to continue it, --overwrite true to replace it, or another "
+                "--name" if resumable else "pass --overwrite true to replace it, or another --name")
+        raise ConfigError(f"run folder {run_dir} holds an earlier run: {hint}")
+
+
+def _first_process() -> bool:
+    # Under torchrun or Lightning's launcher only one process owns the run folder.
+    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def _lock(run_dir: Path) -> Any:
+    """The open, exclusively locked lock file of ``run_dir`` (ConfigError when another run
+    holds it). flock locks go with the process: a killed run leaves no stale lock."""
+    handle = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 -- held for the whole run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip()
+        handle.close()
+        raise ConfigError(f"run folder {run_dir} is in use by another run"
+                          f"{f' (process {owner})' if owner.isdigit() else ''}: wait for it to "
+                          "end, or choose another --name") from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+@contextlib.contextmanager
+def claim_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> Iterator[Path]:
+    """Hold ``run_dir`` for one run: :func:`check_run_dir`, then (first process only) an
+    exclusive lock for the run's whole length and, with ``overwrite``, the earlier run's files
+    removed (generated ``data`` is the run's input and stays).
+
+    A run that ends in an error before it wrote a checkpoint (a refusal while its data is
+    read, a stop in its first epoch) leaves the folder as it found it: what it added is
+    removed, so the corrected command starts again in the same folder.
+    """
+    if not _first_process():
+        check_run_dir(run_dir, resuming=resuming, overwrite=overwrite)
+        yield run_dir
+        return
+    _check_not_foreign(run_dir, resuming)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = _lock(run_dir)
+    except ConfigError:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    try:
+        check_run_dir(run_dir, resuming=resuming, overwrite=overwrite)
+        if overwrite and not resuming:
+            for child in run_dir.iterdir():
+                if child.name not in ("data", LOCK_FILE):
+                    _remove(child)
+        before = {p.name for p in run_dir.iterdir()}
+        start = time.time()
+        try:
+            yield run_dir
+        except BaseException:
+            saved = any(p.stat().st_mtime >= start
+                        for p in (run_dir / "checkpoints").glob("*.ckpt"))
+            if not saved:
+                if created:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                else:
+                    for child in run_dir.iterdir():
+                        if child.name not in before:
+                            _remove(child)
+            raise
+    finally:
+        lock.close()
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -18,12 +18,13 @@ from attnconv.engine.config import apply, to_dict
 from attnconv.engine.trainer import (
     NonFiniteLossError,
     check_devices,
+    claim_run_dir,
     evaluation_trainer,
     make_trainer,
-    prepare_run_dir,
     quiet_lightning,
     resume_notes,
     resume_path,
+    run_dir_path,
     stopped_note,
 )
 from attnconv.loading import CheckpointError
@@ -107,11 +108,16 @@ def train_seg(cfg: SegConfig, callbacks: Sequence[L.Callback] = ()) -> SegResult
     quiet_lightning()
     check_model_name(cfg.model)
     check_devices(cfg.trainer)
-    run_dir = Path(cfg.out_dir) / cfg.run_name
+    run_dir = run_dir_path(cfg.out_dir, cfg.run_name)
     resume = resume_path(cfg.resume, run_dir)
     for note in resume_notes(resume, _plain(cfg)):
         print(f"resume: applying {note}")
-    prepare_run_dir(run_dir, resuming=resume is not None, overwrite=cfg.overwrite)
+    with claim_run_dir(run_dir, resuming=resume is not None, overwrite=cfg.overwrite):
+        return _train_seg(cfg, run_dir, resume, callbacks)
+
+
+def _train_seg(cfg: SegConfig, run_dir: Path, resume: Path | None,
+               callbacks: Sequence[L.Callback]) -> SegResult:
     sets = build_sets(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg, sets.num_classes, load_init=resume is None)
