@@ -292,20 +292,18 @@ def check_resume(stored: dict[str, Any], asked: dict[str, Any],
 
 
 def parse_devices(devices: str) -> int | str | list[int]:
-    """``'4'`` -> 4, ``'0,1'`` -> [0, 1], ``'auto'`` -> ``'auto'`` (Lightning's forms)."""
+    """``'4'`` -> 4, ``'0,1'`` -> [0, 1], ``'auto'`` -> ``'auto'`` (Lightning's forms);
+    ConfigError for anything else (``-1``, Lightning's "all GPUs", included: say auto)."""
     text = str(devices).strip()
     if text.isdigit():
         return int(text)
-    if "," in text:
-        try:
-            return [int(d) for d in text.split(",") if d.strip()]
-        except ValueError as err:
-            raise ConfigError(f"trainer.devices must be a count, a list such as '0,1', or "
-                              f"auto, not {devices!r}") from err
-    if text == "auto" or text == "-1":
-        return text if text == "auto" else -1
-    raise ConfigError(f"trainer.devices must be a count, a list such as '0,1', or auto, "
-                      f"not {devices!r}")
+    if text == "auto":
+        return text
+    parts = [d.strip() for d in text.split(",") if d.strip()]
+    if "," in text and parts and all(d.isdigit() for d in parts):
+        return [int(d) for d in parts]
+    raise ConfigError(f"trainer.devices must be a count >= 1, a list of device indices such "
+                      f"as '0,1', or auto, not {devices!r}")
 
 
 def resume_path(resume: str | None, run_dir: Path) -> Path | None:

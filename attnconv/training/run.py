@@ -32,7 +32,7 @@ from attnconv.loading import Trained, is_trained_checkpoint, load_model, load_tr
 from attnconv.pretrained import init_from
 from attnconv.profiling import count_macs, count_params, markdown_table
 from attnconv.training.callbacks import Throughput
-from attnconv.training.config import ConfigError, RunConfig, apply
+from attnconv.training.config import ConfigError, RunConfig, apply, check_model_args
 from attnconv.training.data import ClassificationData, Datasets, build_datasets
 from attnconv.training.models import build_model, check_model_name
 from attnconv.training.module import Classifier
@@ -105,6 +105,7 @@ def train(cfg: RunConfig, callbacks: Sequence[L.Callback] = (),
     quiet_lightning()
     check_devices(cfg.trainer)
     check_model_name(cfg.model)
+    check_model_args(cfg.model_args)
     sets = build_datasets(cfg.data)
     run_dir = run_dir_path(cfg.out_dir, cfg.name or f"{cfg.model}-s{cfg.seed}")
     resume = resume_path(cfg.resume, run_dir)
@@ -197,6 +198,7 @@ def compare(models: Sequence[str], seeds: int, cfg: RunConfig) -> Comparison:
         raise ConfigError("compare needs at least one model name")
     for name in models:  # every name is checked before the first model trains (or a bar shows)
         check_model_name(name)
+    check_model_args(cfg.model_args)
     sets = build_datasets(cfg.data)
     folder = run_dir_path(cfg.out_dir, cfg.name or "compare")
     for name in models:  # every run folder is checked before the first model trains
