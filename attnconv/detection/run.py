@@ -138,7 +138,8 @@ def train_det(config: DetConfig, callbacks: Sequence[L.Callback] = ()) -> DetRes
     resume = resume_path(config.resume, run_dir)
     for note in resume_notes(resume, _plain(config)):
         print(f"resume: applying {note}")
-    with claim_run_dir(run_dir, resuming=resume is not None, overwrite=config.overwrite):
+    with claim_run_dir(run_dir, resuming=resume is not None, overwrite=config.overwrite,
+                       asked=_plain(config)):
         return _train_det(config, run_dir, resume, callbacks)
 
 

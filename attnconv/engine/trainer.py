@@ -162,19 +162,29 @@ def _check_not_foreign(run_dir: Path, resuming: bool) -> None:
 
 
 def check_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool,
-                  can_resume: bool = True) -> None:
+                  asked: dict[str, Any] | None = None, can_resume: bool = True) -> None:
     """ConfigError when a run may not start in ``run_dir``: it is a file, it holds anything
     that is not a run's (never emptied, whatever ``overwrite`` says), or it holds an earlier
-    run and the run neither resumes nor overwrites it (``can_resume``: whether the command
-    has ``--resume`` to suggest)."""
+    run and the run neither resumes nor overwrites it. The message suggests ``--resume last``
+    only where it would work: the command has it (``can_resume``), there is a last
+    checkpoint, and its run had the settings ``asked`` (the run's config) where a resume
+    needs them."""
     _check_not_foreign(run_dir, resuming)
     if resuming or not run_dir.is_dir():
         return
     earlier = any((run_dir / name).exists() for name in ("checkpoints", "logs", "detector.pt"))
     if earlier and not overwrite:
-        resumable = can_resume and (run_dir / "checkpoints" / "last.ckpt").is_file()
-        hint = ("pass --resume last to continue it, --overwrite true to replace it, or another "
-                "--name" if resumable else "pass --overwrite true to replace it, or another --name")
+        last = run_dir / "checkpoints" / "last.ckpt"
+        hint = "pass --overwrite true to replace it, or another --name"
+        if can_resume and last.is_file():
+            from attnconv.weights import safe_load
+
+            stored = (safe_load(last).get("attnconv") or {}).get("config")
+            other = _refused_text(_changes(stored, asked or {})) if isinstance(stored, dict) \
+                else ""
+            hint = (f"it ran with other settings ({other}), so it cannot be resumed with these; "
+                    f"{hint}" if other else "pass --resume last to continue it, --overwrite true "
+                    "to replace it, or another --name")
         raise ConfigError(f"run folder {run_dir} holds an earlier run: {hint}")
 
 
@@ -207,7 +217,8 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def claim_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> Iterator[Path]:
+def claim_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool,
+                  asked: dict[str, Any] | None = None) -> Iterator[Path]:
     """Hold ``run_dir`` for one run: :func:`check_run_dir`, then (first process only) an
     exclusive lock for the run's whole length and, with ``overwrite``, the earlier run's files
     removed (generated ``data`` is the run's input and stays).
@@ -217,7 +228,7 @@ def claim_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> Iterator
     removed, so the corrected command starts again in the same folder.
     """
     if not _first_process():
-        check_run_dir(run_dir, resuming=resuming, overwrite=overwrite)
+        check_run_dir(run_dir, resuming=resuming, overwrite=overwrite, asked=asked)
         yield run_dir
         return
     _check_not_foreign(run_dir, resuming)
@@ -230,7 +241,7 @@ def claim_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> Iterator
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     try:
-        check_run_dir(run_dir, resuming=resuming, overwrite=overwrite)
+        check_run_dir(run_dir, resuming=resuming, overwrite=overwrite, asked=asked)
         if overwrite and not resuming:
             for child in run_dir.iterdir():
                 if child.name not in ("data", LOCK_FILE):
@@ -280,15 +291,25 @@ def check_resume(stored: dict[str, Any], asked: dict[str, Any],
     every other option that differs from the checkpoint's run (a resumed run continues the
     stored optimizer, schedule and data order: changing them would record a run that never
     happened)."""
-    old, new = _flat(stored), _flat(asked)
-    changed = {k: (old[k], new[k]) for k in old.keys() & new.keys() if old[k] != new[k]}
-    refused = sorted(k for k in changed if k not in applies)
+    changed = _changes(stored, asked)
+    refused = _refused_text(changed, applies)
     if refused:
-        parts = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
         raise ConfigError(f"--resume continues the checkpoint's run, which had other settings: "
-                          f"{parts}; drop these options, or start a new run")
+                          f"{refused}; drop these options, or start a new run")
     return [f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in sorted(changed)
             if k not in ("resume", "overwrite")]
+
+
+def _changes(stored: dict[str, Any], asked: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    old, new = _flat(stored), _flat(asked)
+    return {k: (old[k], new[k]) for k in old.keys() & new.keys() if old[k] != new[k]}
+
+
+def _refused_text(changed: dict[str, tuple[Any, Any]],
+                  applies: frozenset[str] = RESUME_APPLIES) -> str:
+    """``key old -> new`` of the changes a resume cannot apply ('' when there are none)."""
+    return ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}"
+                     for k in sorted(changed) if k not in applies)
 
 
 def parse_devices(devices: str) -> int | str | list[int]:

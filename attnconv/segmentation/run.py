@@ -112,7 +112,8 @@ def train_seg(cfg: SegConfig, callbacks: Sequence[L.Callback] = ()) -> SegResult
     resume = resume_path(cfg.resume, run_dir)
     for note in resume_notes(resume, _plain(cfg)):
         print(f"resume: applying {note}")
-    with claim_run_dir(run_dir, resuming=resume is not None, overwrite=cfg.overwrite):
+    with claim_run_dir(run_dir, resuming=resume is not None, overwrite=cfg.overwrite,
+                       asked=_plain(cfg)):
         return _train_seg(cfg, run_dir, resume, callbacks)
 
 

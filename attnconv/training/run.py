@@ -111,7 +111,8 @@ def train(cfg: RunConfig, callbacks: Sequence[L.Callback] = (),
     resume = resume_path(cfg.resume, run_dir)
     for note in resume_notes(resume, cfg.to_dict()):
         print(f"resume: applying {note}")
-    check_run_dir(run_dir, resuming=resume is not None, overwrite=cfg.overwrite)
+    check_run_dir(run_dir, resuming=resume is not None, overwrite=cfg.overwrite,
+                  asked=cfg.to_dict())
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg.model, sets.num_classes, sets.in_chans, **cfg.model_args)
     if cfg.init and resume is None:  # a resumed run's checkpoint holds the weights
@@ -124,7 +125,8 @@ def train(cfg: RunConfig, callbacks: Sequence[L.Callback] = (),
                         channels_last=cfg.trainer.channels_last, compile=cfg.trainer.compile,
                         meta=_meta(cfg, sets))
     try:
-        with claim_run_dir(run_dir, resuming=resume is not None, overwrite=cfg.overwrite):
+        with claim_run_dir(run_dir, resuming=resume is not None, overwrite=cfg.overwrite,
+                           asked=cfg.to_dict()):
             trainer = make_trainer(cfg.trainer, run_dir, monitor="val_top1", mode="max",
                                    val_loss="val_loss",
                                    callbacks=[Throughput(),
