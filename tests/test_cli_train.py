@@ -154,5 +154,6 @@ def test_an_option_states_its_range_in_its_help(capsys: pytest.CaptureFixture) -
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "lr factor at each milestone (> 0.0; default: 0.1)" in text
-    assert "held out for validation (> 0.0 and < 1.0; default: 0.2)" in text
+    assert "lr factor at each milestone; > 0.0 (default: 0.1)" in text
+    assert "held out for validation; > 0.0 and < 1.0 (default: 0.2)" in text
+    assert "multiplied by gamma; each >= 0 (default: [30, 60, 90])" in text

@@ -181,6 +181,8 @@ def test_train_det_runs_on_the_shared_engine_and_eval_det_keeps_the_log(
         tmp_path, one_thread, capsys):
     main(["train-det", "--out_dir", str(tmp_path), "--name", "tiny", *TINY_DET])
     run = tmp_path / "tiny"
+    # The metrics say which epoch and file they are from: detector.pt, the last epoch's.
+    assert f"figures of epoch 2/2 (the last), {run / 'detector.pt'}" in capsys.readouterr().out
     # The engine's checkpoints (atomic, weights-only, resumable) and the detector file.
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
     assert safe_load(run / "checkpoints" / "last.ckpt")["epoch"] == 1
@@ -194,7 +196,9 @@ def test_train_det_runs_on_the_shared_engine_and_eval_det_keeps_the_log(
     # Before: eval-det wrote its own CSVLogger into the run folder and erased the training log.
     main(["eval-det", str(run / "checkpoints" / "last.ckpt")])
     assert log.read_text() == before
-    assert "| model | AP | AP50 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| model | AP | AP50 |" in out
+    assert f"figures of {run / 'checkpoints' / 'last.ckpt'} (epoch 2/2)" in out
     assert json.loads((run / "coco_metrics.json").read_text())["model"] == "resnet18"
     # The same engine rules as classification: the folder belongs to this run and its resumes.
     with pytest.raises(SystemExit) as exit_info:

@@ -447,7 +447,7 @@ def test_a_second_run_in_a_folder_in_use_is_refused_and_a_killed_runs_lock_is_go
 
     cfg = tiny_config(tmp_path, name="busy", trainer={"max_epochs": 1, "limit_train_batches": 1})
     folder = tmp_path / "busy"
-    folder.mkdir()
+    (folder / "logs").mkdir(parents=True)  # the other run has started writing
     holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(folder / ".lock")],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -458,7 +458,9 @@ def test_a_second_run_in_a_folder_in_use_is_refused_and_a_killed_runs_lock_is_go
     finally:
         holder.kill()  # as a run killed mid-way: the kernel drops its lock
         holder.wait()
-    train(cfg)
+    with pytest.raises(ConfigError, match="holds an earlier run: pass --overwrite true"):
+        train(cfg)
+    train(apply(cfg, {"overwrite": True}))
     assert (folder / "checkpoints" / "last.ckpt").is_file()
 
 
@@ -489,3 +491,26 @@ def test_an_earlier_run_is_offered_for_resume_only_when_a_resume_would_work(
     with pytest.raises(ConfigError, match=r"holds an earlier run: pass --overwrite true") as no:
         train(cfg)
     assert "--resume" not in str(no.value)
+
+
+def test_the_printed_figures_name_their_epoch_and_file_and_the_best_when_another(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from attnconv.cli import main
+
+    # The monitored score drops after epoch 0: best.ckpt is epoch 0, the figures are epoch 1's.
+    cfg = tiny_config(tmp_path, name="w", trainer={"max_epochs": 2, "limit_train_batches": 2})
+    result = train(cfg, callbacks=[_WorseAfterFirstEpoch()])
+    last, best = tmp_path / "w" / "checkpoints" / "last.ckpt", result.best_checkpoint
+    assert (result.last.path, result.last.epoch) == (last, 1)
+    assert (result.best.path, result.best.epoch) == (best, 0) and result.best.score > 0
+    assert result.note() == (f"figures of epoch 2/2 (the last), {last}; the best epoch was 1/2 "
+                             f"(top-1 {100 * result.best.score:.2f}), {best}")
+    # The command prints the note under its table.
+    main(["train", "--out_dir", str(tmp_path), "--name", "c", "--model_args",
+          "{cifar_stem: true, channels: [8, 8, 16, 16]}", "--trainer.accelerator", "cpu",
+          "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+          "--trainer.limit_val_batches", "1"])
+    out = capsys.readouterr().out
+    ckpts = tmp_path / "c" / "checkpoints"
+    assert (f"figures of epoch 1/1 (the last), {ckpts / 'last.ckpt'}; it is also the best "
+            f"epoch ({ckpts / 'best.ckpt'})") in out

@@ -38,8 +38,8 @@ def _train(args: argparse.Namespace) -> None:
     set_threads(args)
     result = train(config_from_args(args))
     print("\n" + summary_table([result]))
-    print(f"\nrun folder: {result.run_dir}  (best checkpoint: {result.best_checkpoint}; "
-          f"curves: {result.plot}; TensorBoard: tensorboard --logdir {result.run_dir})")
+    print(f"\n{result.note()}\nrun folder: {result.run_dir}  (curves: {result.plot}; "
+          f"TensorBoard: tensorboard --logdir {result.run_dir})")
 
 
 def _eval(args: argparse.Namespace) -> None:

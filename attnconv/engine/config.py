@@ -266,7 +266,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: Any,
     parser.add_argument("--config", metavar="NAME|YAML",
                         help="a shipped recipe's name (see `attnconv recipes`) or a YAML file; "
                         "options given on the command line override it")
-    for name, f, _ in _flat_fields(type(config)):
+    for name, f, hint in _flat_fields(type(config)):
         if name in exclude:
             continue
         default = config
@@ -275,9 +275,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: Any,
         # SUPPRESS: only options actually given override the recipe. Values stay text here
         # and are parsed by the field's type in config_from_args.
         bounds = range_text(f.metadata)
+        if bounds:
+            each = "each " if (typing.get_origin(hint) or hint) is list else ""
+            bounds = f"; {each}{bounds}"
         parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE",
-                            help=f"{f.metadata.get('help', '')} ("
-                                 f"{f'{bounds}; ' if bounds else ''}default: {default})")
+                            help=f"{f.metadata.get('help', '')}{bounds} (default: {default})")
 
 
 def _from_text(text: str, hint: Any, key: str) -> Any:

@@ -11,6 +11,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,51 @@ def stopped_note(run_dir: Path) -> str:
     return f"the last good checkpoint is {last} (epoch {epoch}, counting from 0)"
 
 
+@dataclass
+class SavedEpoch:
+    """A checkpoint a run wrote: its file, the epoch it ends (counting from 0) and its score
+    (the monitored validation metric)."""
+
+    path: Path
+    epoch: int
+    score: float | None = None
+
+    @classmethod
+    def read(cls, path: Path, score: Any = None) -> SavedEpoch | None:
+        from attnconv.weights import safe_load
+
+        if not path.is_file():
+            return None
+        return cls(path, int(safe_load(path)["epoch"]),
+                   None if score is None else float(score))
+
+
+def result_note(last: SavedEpoch | None, best: SavedEpoch | None, max_epochs: int,
+                metric: str, scale: float = 1.0) -> str:
+    """Which epoch the figures of a finished run are from (the last one's: ``last``), and the
+    best epoch's ``metric`` and file when that is another epoch."""
+    if last is None:
+        return "no checkpoint was written"
+    text = f"figures of epoch {last.epoch + 1}/{max_epochs} (the last), {last.path}"
+    if best is not None and best.epoch != last.epoch and best.score is not None:
+        text += (f"; the best epoch was {best.epoch + 1}/{max_epochs} ({metric} "
+                 f"{best.score * scale:.2f}), {best.path}")
+    elif best is not None:
+        text += f"; it is also the best epoch ({best.path})"
+    return text
+
+
+def saved_epochs(trainer: L.Trainer, run_dir: Path, monitor: str
+                 ) -> tuple[SavedEpoch | None, SavedEpoch | None]:
+    """The last and the best checkpoint of a finished run (None where none was written); the
+    last one's score is the last validation's ``monitor``."""
+    folder = run_dir / "checkpoints"
+    best = trainer.checkpoint_callback
+    return (SavedEpoch.read(folder / "last.ckpt", trainer.callback_metrics.get(monitor)),
+            SavedEpoch.read(folder / "best.ckpt",
+                            best.best_model_score if best is not None else None))
+
+
 def check_devices(t: TrainerConfig) -> None:
     """ConfigError when ``t`` asks for more GPUs than this machine has (instead of Lightning
     starting that many CPU processes under ``accelerator: auto``)."""
@@ -168,8 +214,15 @@ def check_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool,
     run and the run neither resumes nor overwrites it. The message suggests ``--resume last``
     only where it would work: the command has it (``can_resume``), there is a last
     checkpoint, and its run had the settings ``asked`` (the run's config) where a resume
-    needs them."""
+    needs them. A folder in use by another run (:func:`claim_run_dir`) is refused as such."""
     _check_not_foreign(run_dir, resuming)
+    if _first_process() and (run_dir / LOCK_FILE).is_file():
+        _lock(run_dir).close()
+    _check_no_earlier(run_dir, resuming, overwrite, asked, can_resume)
+
+
+def _check_no_earlier(run_dir: Path, resuming: bool, overwrite: bool,
+                      asked: dict[str, Any] | None, can_resume: bool) -> None:
     if resuming or not run_dir.is_dir():
         return
     earlier = any((run_dir / name).exists() for name in ("checkpoints", "logs", "detector.pt"))
@@ -241,7 +294,7 @@ def claim_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool,
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     try:
-        check_run_dir(run_dir, resuming=resuming, overwrite=overwrite, asked=asked)
+        _check_no_earlier(run_dir, resuming, overwrite, asked, can_resume=True)
         if overwrite and not resuming:
             for child in run_dir.iterdir():
                 if child.name not in ("data", LOCK_FILE):

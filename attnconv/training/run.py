@@ -17,15 +17,18 @@ from attnconv import profiling
 from attnconv.engine.progress import JobProgress
 from attnconv.engine.trainer import (
     NonFiniteLossError,
+    SavedEpoch,
     check_devices,
     check_run_dir,
     claim_run_dir,
     evaluation_trainer,
     make_trainer,
     quiet_lightning,
+    result_note,
     resume_notes,
     resume_path,
     run_dir_path,
+    saved_epochs,
     stopped_note,
 )
 from attnconv.loading import Trained, is_trained_checkpoint, load_model, load_trained
@@ -64,6 +67,14 @@ class RunResult:
     run_dir: Path
     best_checkpoint: Path | None
     plot: Path | None
+    #: The checkpoint the figures above are from (the last epoch's) and the best one.
+    last: SavedEpoch | None = None
+    best: SavedEpoch | None = None
+    max_epochs: int = 0
+
+    def note(self) -> str:
+        """Which epoch and file the figures are from, and the best epoch's when another."""
+        return result_note(self.last, self.best, self.max_epochs, "top-1", scale=100)
 
     def row(self) -> tuple:
         return (self.model, self.top1, self.top5, self.loss, self.params / 1e6,
@@ -150,11 +161,13 @@ def train(cfg: RunConfig, callbacks: Sequence[L.Callback] = (),
             job.close()
     m = trainer.callback_metrics
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    last_saved, best_saved = saved_epochs(trainer, run_dir, "val_top1")
     return RunResult(cfg.model, cfg.seed, 100 * float(m.get("val_top1", float("nan"))),
                      100 * float(m.get("val_top5", float("nan"))),
                      float(m.get("val_loss", float("nan"))), params, macs,
                      float(m.get("train_img_per_s", float("nan"))), run_dir,
-                     Path(best) if best else None, plot)
+                     Path(best) if best else None, plot, last_saved, best_saved,
+                     cfg.trainer.max_epochs)
 
 
 def evaluate(checkpoint: str | Path, data_overrides: dict[str, Any] | None = None,
