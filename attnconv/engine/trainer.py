@@ -269,6 +269,19 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
+def _remove_created(created: list[Path]) -> None:
+    """Remove the run folder ``created[0]`` and, while they are empty, the folders above it
+    that were created with it (another run may have started in a new out_dir meanwhile)."""
+    if not created:
+        return
+    shutil.rmtree(created[0], ignore_errors=True)
+    for parent in created[1:]:
+        try:
+            parent.rmdir()
+        except OSError:
+            return
+
+
 @contextlib.contextmanager
 def claim_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool,
                   asked: dict[str, Any] | None = None) -> Iterator[Path]:
@@ -285,13 +298,13 @@ def claim_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool,
         yield run_dir
         return
     _check_not_foreign(run_dir, resuming)
-    created = not run_dir.exists()
+    # The folders this run creates (the run folder, and out_dir when it is new).
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         lock = _lock(run_dir)
     except ConfigError:
-        if created:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        _remove_created(created)
         raise
     try:
         _check_no_earlier(run_dir, resuming, overwrite, asked, can_resume=True)
@@ -308,7 +321,7 @@ def claim_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool,
                         for p in (run_dir / "checkpoints").glob("*.ckpt"))
             if not saved:
                 if created:
-                    shutil.rmtree(run_dir, ignore_errors=True)
+                    _remove_created(created)
                 else:
                     for child in run_dir.iterdir():
                         if child.name not in before:
