@@ -503,6 +503,10 @@ def test_train_seg_and_eval_seg_from_the_command_line(tmp_path, capsys, one_thre
     main(["train-seg", *args])
     out = capsys.readouterr().out
     assert "fcn_resnet18_rfa: mean IoU" in out and "| triangle |" in out
+    folder = tmp_path / "r" / "checkpoints"
+    # The figures say which epoch and file they are from.
+    assert (f"figures of epoch 1/1 (the last), {folder / 'last.ckpt'}; it is also the best "
+            f"epoch ({folder / 'best.ckpt'})") in out
     report = json.loads((tmp_path / "r" / "seg_metrics.json").read_text())
     assert set(report["iou"]) == {"background", "rectangle", "ellipse", "triangle"}
     checkpoint = tmp_path / "r" / "checkpoints" / "best.ckpt"
@@ -510,7 +514,9 @@ def test_train_seg_and_eval_seg_from_the_command_line(tmp_path, capsys, one_thre
     assert result.miou == pytest.approx(report["miou"], abs=1e-6)
     assert isinstance(result.iou, dict) and result.model == "resnet18_rfa"
     main(["eval-seg", str(checkpoint), "--accelerator", "cpu"])
-    assert f"mean IoU {100 * report['miou']:.2f}%" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"mean IoU {100 * report['miou']:.2f}%" in out
+    assert f"figures of {checkpoint} (epoch 1/1)" in out
 
 
 @pytest.mark.parametrize(("argv", "message"), [
