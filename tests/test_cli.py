@@ -250,3 +250,22 @@ def test_the_readmes_commands_are_accepted() -> None:
             run_config_from_args(args)
         elif argv[0] == "train-det":  # was: model_args.pretrained_backbone, which is refused
             check_config(config_from_args(args, DetConfig()))
+
+
+@pytest.mark.parametrize("command", ["train", "train-det", "train-seg"])
+@pytest.mark.parametrize("options, asked", [
+    (["--trainer.accelerator", "gpu"], "trainer.accelerator gpu: this machine has 0 GPUs"),
+    (["--trainer.accelerator", "gpu", "--trainer.devices", "2"],
+     "trainer.devices 2: this machine has 0 GPUs"),
+    (["--trainer.accelerator", "auto", "--trainer.devices", "2"],
+     "trainer.devices 2: this machine has 0 GPUs")])
+def test_every_task_refuses_missing_gpus_with_the_cpu_hint(
+        command: str, options: list[str], asked: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *options, "--out_dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert asked in err and "say --trainer.accelerator cpu" in err, err
+    assert not (tmp_path / "runs").exists()
