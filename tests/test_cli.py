@@ -269,3 +269,23 @@ def test_every_task_refuses_missing_gpus_with_the_cpu_hint(
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert asked in err and "say --trainer.accelerator cpu" in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_recipes_lists_each_recipes_command_and_whole_first_sentence(
+        capsys: pytest.CaptureFixture) -> None:
+    from attnconv.recipes import list_recipes
+
+    main(["recipes"])
+    out = capsys.readouterr().out
+    assert "attnconv train --config demo\n" in out
+    assert "attnconv train-det --config fasterrcnn_r101_aw_coco_1x\n" in out
+    assert "attnconv train-seg --config deeplabv3_voc_aug\n" in out
+    entries = ("\n" + out.split("\n\n")[0]).split("\nattnconv ")[1:]
+    assert len(entries) == len(list_recipes())
+    for entry in entries:
+        command, description = entry.split("\n", 1)
+        assert command.startswith(("train --config", "train-det --config", "train-seg --config"))
+        assert description.rstrip().endswith(".") and description.startswith("    "), entry
+    # A sentence runs across the recipe's comment lines and past "et al.".
+    assert "(He et al. 2016, adapted to 200 epochs" in " ".join(out.split())
+    assert "the setting of Chen et al., \"Rethinking Atrous" in " ".join(out.split())

@@ -82,12 +82,15 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _recipes(args: argparse.Namespace) -> None:
-    from attnconv.recipes import describe, list_recipes, recipe_path
+    import textwrap
+
+    from attnconv.recipes import describe, list_recipes, recipe_command, recipe_path
 
     for name in list_recipes():
-        print(f"{name:28s} {describe(name)}")
-    print(f"\n(in {recipe_path(list_recipes()[0]).parent}; use: attnconv train --config NAME, "
-          "attnconv train-det --config NAME)")
+        print(f"attnconv {recipe_command(name)} --config {name}")
+        print(textwrap.fill(describe(name), 100, initial_indent="    ",
+                            subsequent_indent="    "))
+    print(f"\n(in {recipe_path(list_recipes()[0]).parent})")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
