@@ -289,3 +289,36 @@ def test_recipes_lists_each_recipes_command_and_whole_first_sentence(
     # A sentence runs across the recipe's comment lines and past "et al.".
     assert "(He et al. 2016, adapted to 200 epochs" in " ".join(out.split())
     assert "the setting of Chen et al., \"Rethinking Atrous" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_zero_prints_the_results(rank: int, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    import attnconv.segmentation.run as seg_run
+    import attnconv.training.run as cls_run
+    from attnconv.detection.coco_eval import COCO_METRICS
+    from attnconv.detection.run import _report
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank)  # as under torchrun, or the trainer's
+    monkeypatch.setattr(cls_run, "train", lambda cfg: SimpleNamespace(
+        run_dir=tmp_path, best_checkpoint=None, plot=None))
+    monkeypatch.setattr(cls_run, "summary_table", lambda results: "| train table |")
+    monkeypatch.setattr(cls_run, "compare", lambda models, seeds, cfg: SimpleNamespace(
+        table="| compare table |", plot=tmp_path / "compare.png"))
+    monkeypatch.setattr(seg_run, "train_seg", lambda cfg: SimpleNamespace(
+        report=lambda: "| seg table |", run_dir=tmp_path, best_checkpoint=None))
+    main(["train", "--out_dir", str(tmp_path)])
+    main(["compare", "resnet18", "--out_dir", str(tmp_path)])
+    main(["train-seg", "--out_dir", str(tmp_path)])
+    _report("fasterrcnn", dict.fromkeys(COCO_METRICS, 50.0), tmp_path, tmp_path / "d.pt", 1.0)
+    out = capsys.readouterr().out
+    tables = ("| train table |", "| compare table |", "| seg table |", "COCO box metrics")
+    if rank == 0:
+        assert all(table in out for table in tables), out
+    else:
+        assert out == ""

@@ -33,10 +33,13 @@ def set_threads(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from attnconv.engine.trainer import is_global_zero
     from attnconv.training.run import summary_table, train
 
     set_threads(args)
     result = train(config_from_args(args))
+    if not is_global_zero():  # every process of a distributed run gets here; one reports
+        return
     print("\n" + summary_table([result]))
     print(f"\nrun folder: {result.run_dir}  (best checkpoint: {result.best_checkpoint}; "
           f"curves: {result.plot}; TensorBoard: tensorboard --logdir {result.run_dir})")
@@ -52,10 +55,13 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
+    from attnconv.engine.trainer import is_global_zero
     from attnconv.training.run import compare
 
     set_threads(args)
     result = compare(args.models, args.seeds, config_from_args(args))
+    if not is_global_zero():
+        return
     print("\n" + result.table + f"\n\nbar chart: {result.plot}")
 
 

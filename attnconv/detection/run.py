@@ -30,6 +30,7 @@ from attnconv.engine.trainer import (
     NonFiniteLossError,
     check_devices,
     evaluation_trainer,
+    is_global_zero,
     make_trainer,
     prepare_run_dir,
     quiet_lightning,
@@ -179,9 +180,10 @@ def _plain(config: DetConfig) -> dict[str, Any]:
 def _report(model: str, metrics: dict[str, float], run_dir: Path, checkpoint: Path,
             seconds: float) -> DetResult:
     json_path, csv_path = write_metrics(run_dir, metrics, model)
-    print(f"\nCOCO box metrics (percent), {run_dir}\n")
-    print(metrics_table({model: metrics}))
-    print(f"\nwritten: {json_path}, {csv_path}")
+    if is_global_zero():  # every process of a distributed run gets here; one reports
+        print(f"\nCOCO box metrics (percent), {run_dir}\n")
+        print(metrics_table({model: metrics}))
+        print(f"\nwritten: {json_path}, {csv_path}")
     return DetResult(model, metrics, run_dir, checkpoint, seconds)
 
 

@@ -14,6 +14,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from attnconv.engine.config import ConfigError, TrainerConfig
 from attnconv.engine.progress import EpochBars, RunBar, RunProgress
@@ -98,6 +99,12 @@ def stopped_note(run_dir: Path) -> str:
         return "no checkpoint was written (the run stopped in its first epoch)"
     epoch = safe_load(last).get("epoch")
     return f"the last good checkpoint is {last} (epoch {epoch}, counting from 0)"
+
+
+def is_global_zero() -> bool:
+    """Whether this process reports a run's results: the only process, or global rank 0 of a
+    distributed run (Lightning's rank: torchrun's environment, then the trainer's)."""
+    return rank_zero_only.rank == 0
 
 
 def check_devices(t: TrainerConfig) -> None:
