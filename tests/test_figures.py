@@ -209,3 +209,50 @@ def test_detection_table_prints_a_dash_for_metrics_coco_cannot_compute() -> None
     row = table.splitlines()[-1]
     assert row == "| resnet18_aw | 41.2 | 80 | 45.5 | 30 | 52.2 | \u2013 |"
     assert "-1" not in table
+
+
+# ---- one honest scale per figure --------------------------------------------------------------
+
+def test_aw_panels_share_one_scale_per_row(tmp_path: Path, drawn: list) -> None:
+    torch.manual_seed(0)
+    layer = AWConv2d(4, 6, 3, padding=1)
+    torch.nn.init.normal_(layer.pointconv2.weight, std=0.3)
+    x = torch.randn(3, 4, 10, 10)
+    figure = viz.plot_aw_attention(layer, x, tmp_path / "aw.png", filters=3)
+    (fig,) = drawn
+    images = {ax.get_title(): ax.images[0] for ax in fig.axes if ax.images}
+    means = [im for title, im in images.items() if title.endswith("mean")]
+    stds = [im for title, im in images.items() if title.endswith("std")]
+    assert len(means) == len(stds) == 3
+    assert len({(im.norm.vmin, im.norm.vmax) for im in means}) == 1
+    assert len({(im.norm.vmin, im.norm.vmax) for im in stds}) == 1
+    spread = max(np.nanmax(np.abs(figure.panels[f"filter {o}: 1+A mean"] - 1)) for o in range(3))
+    assert means[0].norm.vcenter == 1.0
+    assert means[0].norm.vmax == pytest.approx(1 + spread)  # the largest deviation, any panel
+    assert stds[0].norm.vmin == 0
+    assert stds[0].norm.vmax == pytest.approx(
+        max(np.nanmax(figure.panels[f"filter {o}: 1+A std"]) for o in range(3)))
+
+
+def test_rfa_map_diverges_from_uniform_and_says_so(tmp_path: Path, drawn: list) -> None:
+    torch.manual_seed(0)
+    # Near uniform, as a trained layer is: within about 1% of 1/9.
+    attention = torch.softmax(0.02 * torch.randn(1, 4, 9, 6, 6), dim=2)
+    pixels, _ = viz.load_image(size=24)
+    viz.plot_rfa_attention(attention, pixels, tmp_path / "rfa.png")
+    (fig,) = drawn
+    heat = fig.axes[1].images[1]
+    assert heat.norm.vcenter == pytest.approx(1 / 9)
+    assert heat.norm.vmin < 1 / 9 < heat.norm.vmax
+    assert heat.norm.vmax - 1 / 9 == pytest.approx(1 / 9 - heat.norm.vmin)
+    assert heat.get_cmap().name == "RdBu_r"  # a diverging map
+    bar_labels = [ax.get_ylabel() for ax in fig.axes]
+    assert any("uniform 1/9" in label for label in bar_labels), bar_labels
+
+
+def test_gate_maps_are_titled_by_what_the_module_is() -> None:
+    model = create_model("resnet50_cbam", **NARROW)
+    modules = dict(model.named_modules())
+    names = [n for n, m in modules.items() if isinstance(m, viz._attention_kinds()["gate"])]
+    assert names[0] == "layer1.0.se"  # timm's attribute name for any attention
+    assert viz.gate_title(names[0], modules[names[0]]) == "CBAM in layer1.0"
