@@ -151,18 +151,20 @@ def _bars(ax) -> list[float]:
 
 def test_compare_with_one_seed_has_no_error_bar_and_no_nan() -> None:
     fig = comparison_figure({"resnet18": [61.0], "resnet18_aw": [63.5]}, "digits, 1 seed")
-    (ax,) = fig.axes
+    ax, delta_ax = fig.axes
     assert _bars(ax) == [61.0, 63.5]
     assert not [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     assert not [line for line in ax.lines if len(line.get_xdata())]  # no dots, no bars
     assert mean_std_text([61.0]) == "61.00"
     assert difference_text([61.0], [63.5]) == "+2.50 (one seed: no interval)"
+    assert not [c for c in delta_ax.containers if isinstance(c, ErrorbarContainer)]
+    assert "+2.50\n(one seed: no interval)" in [t.get_text() for t in delta_ax.texts]
 
 
 def test_compare_with_several_seeds_shows_each_seed_beside_the_mean() -> None:
     top1 = {"a": [60.0, 62.0, 64.0], "b": [70.0, 71.0, 75.0]}
     fig = comparison_figure(top1)
-    (ax,) = fig.axes
+    ax = fig.axes[0]
     assert _bars(ax) == [62.0, pytest.approx(72.0)]
     errorbars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     spans = [seg[:, 1] for c in errorbars for seg in c.lines[2][0].get_segments()]
@@ -173,6 +175,28 @@ def test_compare_with_several_seeds_shows_each_seed_beside_the_mean() -> None:
     assert [set(d.get_xdata()) for d in dots] == [{0 + DOT_OFFSET}, {1 + DOT_OFFSET}]
     assert mean_std_text(top1["a"]) == "62.00 ± 2.00"
     assert difference_text(top1["a"], top1["b"]).startswith("+10.00 [")
+
+
+def test_compare_figure_starts_at_zero_and_draws_the_tables_difference() -> None:
+    from attnconv.training.report import welch_interval
+
+    top1 = {"resnet18": [92.78, 94.72], "resnet18_aw": [96.94, 97.50],
+            "resnet18_rfa": [97.22, 97.22]}
+    fig = comparison_figure(top1)
+    ax, delta_ax = fig.axes
+    assert ax.get_ylim() == (0, 100)  # bar lengths are the accuracies
+    assert [t.get_text() for t in ax.texts] == ["93.75", "97.22", "97.22"]
+    spans = [c.lines[2][0].get_segments()[0][:, 1] for c in delta_ax.containers
+             if isinstance(c, ErrorbarContainer)]
+    for name, span in zip(["resnet18_aw", "resnet18_rfa"], spans, strict=True):
+        _, low, high = welch_interval(top1["resnet18"], top1[name])
+        np.testing.assert_allclose(span, [low, high])
+        text = difference_text(top1["resnet18"], top1[name])
+        assert text in [t.get_text() for t in delta_ax.texts]
+    low, high = delta_ax.get_ylim()
+    assert low < 0 < high  # zero, "no difference", is on the axis
+    assert any(line.get_ydata()[0] == 0 for line in delta_ax.lines)
+    assert "vs resnet18" in delta_ax.get_ylabel()
 
 
 def test_comparison_table_prints_no_nan_for_one_seed(tmp_path: Path) -> None:
