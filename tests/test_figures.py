@@ -280,3 +280,54 @@ def test_gate_maps_are_titled_by_what_the_module_is() -> None:
     names = [n for n, m in modules.items() if isinstance(m, viz._attention_kinds()["gate"])]
     assert names[0] == "layer1.0.se"  # timm's attribute name for any attention
     assert viz.gate_title(names[0], modules[names[0]]) == "CBAM in layer1.0"
+
+
+# ---- training speed: the models timed side by side ---------------------------------------------
+
+class _Logged(torch.nn.Module):
+    """A tiny classifier that notes each forward pass in ``calls``."""
+
+    def __init__(self, name: str, calls: list[str]) -> None:
+        super().__init__()
+        self.name, self.calls = name, calls
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(self.name)
+        return self.fc(x.flatten(1))
+
+
+def test_training_speed_is_measured_with_the_models_interleaved() -> None:
+    from attnconv.demo import train_throughput
+
+    calls: list[str] = []
+    models = {"a": _Logged("a", calls), "b": _Logged("b", calls)}
+    before = models["a"].fc.weight.detach().clone()
+    speed = train_throughput(models, torch.randn(8, 1, 2, 2), torch.randint(0, 3, (8,)),
+                             rounds=3)
+    assert calls == ["a", "b"] * 4  # one warm-up round, then 3 rounds, alternating
+    assert set(speed) == {"a", "b"} and all(v > 0 for v in speed.values())
+    assert not torch.equal(models["a"].fc.weight, before)  # real steps: the weights moved
+
+
+def test_speed_report_gives_the_load_it_was_measured_under(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import attnconv.training.models as models
+    from attnconv.demo import demo_config, throughput_report
+    from attnconv.training.data import Datasets
+
+    calls: list[str] = []
+    monkeypatch.setattr(models, "build_model", lambda name, *a, **k: _Logged(name, calls))
+    loads = iter([(1.5, 0, 0), (2.25, 0, 0)])
+    monkeypatch.setattr("os.getloadavg", lambda: next(loads))
+    sets = Datasets(None, None, num_classes=3, in_chans=1, image_size=2)
+    text = throughput_report(["p", "q"], demo_config(), sets, rounds=2)
+    assert "load average 1.5 before, 2.2 after" in text
+    assert "interleaved" in text and "median of 2 rounds" in text
+    assert "| p |" in text and "| q |" in text and "| 1.00 |" in text
+
+
+def test_the_comparison_table_has_no_speed_of_runs_timed_apart() -> None:
+    from attnconv.training.run import COMPARE_HEADERS
+
+    assert not [h for h in COMPARE_HEADERS if "img/s" in h]

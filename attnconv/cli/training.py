@@ -62,13 +62,14 @@ def _compare(args: argparse.Namespace) -> None:
     result = compare(args.models, args.seeds, config_from_args(args))
     if not is_global_zero():
         return
-    print("\n" + result.table + f"\n\nbar chart: {result.plot}")
+    print("\n" + result.table + f"\n\nbar chart: {result.plot}\ntraining speed, the models "
+          f"timed side by side: attnconv bench {' '.join(args.models)}")
 
 
 def _demo(args: argparse.Namespace) -> None:
     import torch
 
-    from attnconv.demo import DEMO_MODELS, demo_config
+    from attnconv.demo import DEMO_MODELS, demo_config, throughput_report
 
     set_threads(args)
     cfg = demo_config(out_dir=args.out_dir, progress_bar=args.progress,
@@ -78,12 +79,15 @@ def _demo(args: argparse.Namespace) -> None:
           f"(scikit-learn, {cfg.data.image_size}x{cfg.data.image_size}), "
           f"{cfg.trainer.max_epochs} epochs, {args.seeds} seeds each, "
           f"{torch.get_num_threads()} CPU thread(s)...", flush=True)
+    from attnconv.training.data import build_datasets
     from attnconv.training.run import compare  # Lightning: seconds to import, after the line
 
     start = time.perf_counter()
     result = compare(models, args.seeds, cfg)
+    # Runs timed one after another compare badly on a busy machine: time the models together.
+    speed = throughput_report(models, cfg, build_datasets(cfg.data))
     print(f"\n{result.table}\n\nΔ: difference in mean top-1 to {models[0]} with a Welch t "
-          f"95% interval over seeds.\nbar chart: {result.plot}\nper-run curves: "
+          f"95% interval over seeds.\n\n{speed}\n\nbar chart: {result.plot}\nper-run curves: "
           f"{result.plot.parent}/*/curves.png\ntook {time.perf_counter() - start:.0f} s")
 
 
