@@ -322,3 +322,21 @@ def test_only_rank_zero_prints_the_results(rank: int, tmp_path: Path,
         assert all(table in out for table in tables), out
     else:
         assert out == ""
+
+
+def test_demo_prints_the_speed_of_its_models_timed_side_by_side(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    import attnconv.demo as demo
+    import attnconv.training.run as cls_run
+
+    timed = []
+    monkeypatch.setattr(cls_run, "compare", lambda models, seeds, cfg: SimpleNamespace(
+        table="| accuracy table |", plot=tmp_path / "compare.png"))
+    monkeypatch.setattr(demo, "throughput_report", lambda models, cfg, sets: timed.append(
+        (list(models), sets.image_size)) or "| speed table, load average |")
+    main(["demo", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert timed == [(list(demo.DEMO_MODELS), 16)]  # once, all three, at the recipe's size
+    assert out.index("| accuracy table |") < out.index("| speed table, load average |")
