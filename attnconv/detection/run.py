@@ -32,6 +32,7 @@ from attnconv.engine.trainer import (
     check_devices,
     claim_run_dir,
     evaluation_trainer,
+    is_global_zero,
     make_trainer,
     quiet_lightning,
     result_note,
@@ -196,9 +197,10 @@ def _plain(config: DetConfig) -> dict[str, Any]:
 def _report(model: str, metrics: dict[str, float], run_dir: Path, checkpoint: Path,
             seconds: float, note: str) -> DetResult:
     json_path, csv_path = write_metrics(run_dir, metrics, model)
-    print(f"\nCOCO box metrics (percent), {run_dir}\n")
-    print(metrics_table({model: metrics}))
-    print(f"\n{note}\nwritten: {json_path}, {csv_path}")
+    if is_global_zero():  # every process of a distributed run gets here; one reports
+        print(f"\nCOCO box metrics (percent), {run_dir}\n")
+        print(metrics_table({model: metrics}))
+        print(f"\n{note}\nwritten: {json_path}, {csv_path}")
     return DetResult(model, metrics, run_dir, checkpoint, seconds, note)
 
 

@@ -20,6 +20,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from attnconv.engine.config import ConfigError, TrainerConfig
 from attnconv.engine.progress import EpochBars, RunBar, RunProgress
@@ -151,19 +152,29 @@ def saved_epochs(trainer: L.Trainer, run_dir: Path, monitor: str
                             best.best_model_score if best is not None else None))
 
 
+def is_global_zero() -> bool:
+    """Whether this process reports a run's results: the only process, or global rank 0 of a
+    distributed run (Lightning's rank: torchrun's environment, then the trainer's)."""
+    return rank_zero_only.rank == 0
+
+
 def check_devices(t: TrainerConfig) -> None:
-    """ConfigError when ``t`` asks for more GPUs than this machine has (instead of Lightning
-    starting that many CPU processes under ``accelerator: auto``)."""
+    """ConfigError when ``t`` asks for a GPU this machine lacks, or for more GPUs than it has
+    (instead of Lightning starting that many CPU processes under ``accelerator: auto``); the
+    refusal says how to run on the CPU instead."""
     devices = parse_devices(t.devices)
     wanted = len(devices) if isinstance(devices, list) else devices
-    if not isinstance(wanted, int) or wanted <= 1 or t.accelerator == "cpu":
+    if t.accelerator == "cpu":
         return
+    count = wanted if isinstance(wanted, int) else 0  # 'auto', -1: as many as there are
+    needed = max(count, 1) if t.accelerator in ("gpu", "cuda") else count
     found = torch.cuda.device_count()
-    if found < wanted:
-        cpu = (f"; for {wanted} CPU processes say --trainer.accelerator cpu"
-               if t.accelerator == "auto" else "")
-        raise ConfigError(f"trainer.devices {t.devices}: this machine has {found} GPU"
-                          f"{'s' * (found != 1)} (torch.cuda.device_count()){cpu}")
+    if found >= needed or (t.accelerator == "auto" and needed <= 1):
+        return
+    asked, cpu = ((f"trainer.devices {t.devices}", f"for {count} CPU processes") if count > 1
+                  else (f"trainer.accelerator {t.accelerator}", "to train on the CPU"))
+    raise ConfigError(f"{asked}: this machine has {found} GPU{'s' * (found != 1)} "
+                      f"(torch.cuda.device_count()); {cpu} say --trainer.accelerator cpu")
 
 
 #: What runs write into their folder (and ``logs-N``, the logs of resumed parts); a folder

@@ -198,8 +198,10 @@ class Comparison:
     plot: Path
 
 
+# No training speed: runs timed one after another are not comparable on a busy machine
+# (attnconv bench and the demo time the models side by side).
 COMPARE_HEADERS = ("model", "top-1 (%) mean ± std", "Δ top-1 vs first [95% CI]", "top-5 (%)",
-                   "params (M)", "MACs (M)", "train img/s", "seeds")
+                   "params (M)", "MACs (M)", "seeds")
 
 
 def compare(models: Sequence[str], seeds: int, cfg: RunConfig) -> Comparison:
@@ -252,7 +254,7 @@ def comparison_table(results: dict[str, list[RunResult]]) -> str:
         delta = "—" if i == 0 else difference_text(first, top1)
         rows.append((name, mean_std_text(top1), delta,
                      f"{statistics.fmean(r.top5 for r in runs):.2f}", runs[0].params / 1e6,
-                     runs[0].macs / 1e6, statistics.fmean(r.img_per_s for r in runs), len(runs)))
+                     runs[0].macs / 1e6, len(runs)))
     return markdown_table(COMPARE_HEADERS, rows)
 
 
