@@ -292,14 +292,17 @@ inline void input_grad_block(const Geometry& g, const T* const* dz_rows, const T
 // overwritten with dz) and its sums over positions (sum du, sum du * z): the BN backward
 // (through the batch statistics when batch_stats), the depthwise weight's gradient, and dx
 // gathered per input position from dz through the depthwise conv and, when dmp is given,
-// from dm (P x C) through the average pool. Returns dx (channels-last), dwdt, dgamma, dbeta.
+// from dm (P x C) through the average pool. zall, when given, holds every position's z (the
+// first pass kept them, so the features are not computed a third time). Returns dx
+// (channels-last), dwdt, dgamma, dbeta.
 template <typename scalar_t>
 std::vector<at::Tensor> bn_dwconv_backward(const Geometry& g, const at::Tensor& x,
                                            const at::Tensor& wdt, const at::Tensor& scale,
                                            const at::Tensor& mean, const at::Tensor& inv_std,
                                            const at::Tensor& sum_du, const at::Tensor& sum_duz,
                                            at::Tensor& dz, const scalar_t* dmp,
-                                           bool batch_stats, int64_t tile) {
+                                           const scalar_t* zall, bool batch_stats,
+                                           int64_t tile) {
   const int64_t P = g.positions(), K = g.K, C = g.C;
   const int threads = at::get_num_threads();
   const int64_t ntiles = tiles_of(P, tile);
@@ -326,8 +329,9 @@ std::vector<at::Tensor> bn_dwconv_backward(const Geometry& g, const at::Tensor& 
     for (int64_t p = begin * tile; p < std::min(P, end * tile); ++p) {
       scalar_t* d = dzp + p * K;
       if (batch_stats) {
-        features_at(g, xp, wp, p, z.data(), static_cast<scalar_t*>(nullptr));
-        for (int64_t f = 0; f < K; ++f) d[f] = d[f] * sc[f] + al[f] + bz[f] * z[f];
+        const scalar_t* zp = zall ? zall + p * K : z.data();
+        if (!zall) features_at(g, xp, wp, p, z.data(), static_cast<scalar_t*>(nullptr));
+        for (int64_t f = 0; f < K; ++f) d[f] = d[f] * sc[f] + al[f] + bz[f] * zp[f];
       } else {
         for (int64_t f = 0; f < K; ++f) d[f] *= sc[f];
       }
@@ -547,6 +551,8 @@ std::vector<at::Tensor> rfa_backward_impl(const at::Tensor& grad_out, const at::
   auto small = at::zeros({threads, 4, K}, x.options());  // da, sum du, sum du*z, -
   auto dz = at::empty({P, K}, x.options());
   auto dm = at::empty({P, C}, x.options());
+  // with batch statistics the BN backward needs z again: keep it rather than recompute it
+  auto zall = batch_stats ? at::empty({P, K}, x.options()) : at::Tensor();
   at::Tensor dx, dwdt, dgamma, dbeta;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rfa_backward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -572,8 +578,9 @@ std::vector<at::Tensor> rfa_backward_impl(const at::Tensor& grad_out, const at::
         scalar_t* fa = attended.data_ptr<scalar_t>();
         scalar_t* fz = zs.data_ptr<scalar_t>();
         scalar_t* fp = probs.data_ptr<scalar_t>();
+        scalar_t* kept = zall.defined() ? zall.data_ptr<scalar_t>() + p0 * K : fz;
         for (int64_t q = 0; q < len; ++q) {
-          scalar_t* z = fz + q * K;
+          scalar_t* z = kept + q * K;
           scalar_t* pr = fp + q * K;
           features_at(g, xp, wp, p0 + q, z, dmp + (p0 + q) * C);  // dm row holds m for now
           attention_at(g, ap, dmp + (p0 + q) * C, pr, tmp.data());
@@ -589,14 +596,16 @@ std::vector<at::Tensor> rfa_backward_impl(const at::Tensor& grad_out, const at::
         for (int64_t q = 0; q < len; ++q) {
           const int64_t p = p0 + q;
           std::copy(dmp + p * C, dmp + (p + 1) * C, m.begin());
-          attention_backward(g, fz + q * K, fp + q * K, sc, sh, ap, m.data(), dzp + p * K,
+          attention_backward(g, kept + q * K, fp + q * K, sc, sh, ap, m.data(), dzp + p * K,
                              dmp + p * C, s.data(), da, sdu, sduz);
         }
       }
     });
     auto sums = small.sum(0);
-    auto rest = bn_dwconv_backward<scalar_t>(g, x, wdt, scale, mean, inv_std, sums[1], sums[2],
-                                             dz, dmp, batch_stats, tile);
+    auto rest = bn_dwconv_backward<scalar_t>(
+        g, x, wdt, scale, mean, inv_std, sums[1], sums[2], dz, dmp,
+        zall.defined() ? zall.data_ptr<scalar_t>() : static_cast<const scalar_t*>(nullptr),
+        batch_stats, tile);
     dx = rest[0];
     dwdt = rest[1];
     dgamma = rest[2];
@@ -734,6 +743,7 @@ std::vector<at::Tensor> tile_reduce_backward_impl(const at::Tensor& dr1, const a
   const auto d1 = dr1.contiguous(), d2 = dr2.contiguous();
   auto sums = at::zeros({threads, 2, K}, x.options());  // sum du, sum du * z
   auto dz = at::empty({P, K}, x.options());
+  auto zall = batch_stats ? at::empty({P, K}, x.options()) : at::Tensor();
   std::vector<at::Tensor> rest;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tile_reduce_backward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -749,7 +759,8 @@ std::vector<at::Tensor> tile_reduce_backward_impl(const at::Tensor& dr1, const a
       scalar_t* sdu = sums[at::get_thread_num()][0].data_ptr<scalar_t>();
       scalar_t* sduz = sdu + K;
       for (int64_t p = begin * tile; p < std::min(P, end * tile); ++p) {
-        features_at(g, xp, wp, p, z.data(), static_cast<scalar_t*>(nullptr));
+        scalar_t* zp = zall.defined() ? zall.data_ptr<scalar_t>() + p * K : z.data();
+        features_at(g, xp, wp, p, zp, static_cast<scalar_t*>(nullptr));
         scalar_t* d = dzp + p * K;
         if (kind == 0) {
           // max: the gradient reaches the first maximal channel (as torch.max's indices); where
@@ -760,13 +771,13 @@ std::vector<at::Tensor> tile_reduce_backward_impl(const at::Tensor& dr1, const a
             scalar_t best = -std::numeric_limits<scalar_t>::infinity();
             for (int64_t c = 0; c < C; ++c) {
               const int64_t f = t * C + c;
-              const scalar_t u = z[f] * sc[f] + sh[f];
+              const scalar_t u = zp[f] * sc[f] + sh[f];
               const scalar_t gv = std::max(u, scalar_t(0));
               if (gv > best) { best = gv; arg = c; }
               d[f] = u > scalar_t(0) ? dmean : scalar_t(0);
             }
             const int64_t f = t * C + arg;
-            if (z[f] * sc[f] + sh[f] > scalar_t(0)) d[f] += g1[p * g.k2 + t];
+            if (zp[f] * sc[f] + sh[f] > scalar_t(0)) d[f] += g1[p * g.k2 + t];
           }
         } else {
           const int64_t n = p / (g.Ho * g.Wo), r = p % (g.Ho * g.Wo), ho = r / g.Wo, wo = r % g.Wo;
@@ -776,20 +787,23 @@ std::vector<at::Tensor> tile_reduce_backward_impl(const at::Tensor& dr1, const a
               const scalar_t* __restrict dc = g2 + ((n * g.Wo + wo) * k + j) * C;
               const int64_t o = (i * k + j) * C;
               for (int64_t c = 0; c < C; ++c) {
-                const scalar_t u = z[o + c] * sc[o + c] + sh[o + c];
+                const scalar_t u = zp[o + c] * sc[o + c] + sh[o + c];
                 d[o + c] = u > scalar_t(0) ? dr[c] * row_w + dc[c] * col_w : scalar_t(0);
               }
             }
         }
         for (int64_t f = 0; f < K; ++f) {
           sdu[f] += d[f];
-          sduz[f] += d[f] * z[f];
+          sduz[f] += d[f] * zp[f];
         }
       }
     });
     auto total = sums.sum(0);
-    rest = bn_dwconv_backward<scalar_t>(g, x, wdt, scale, mean, inv_std, total[0], total[1], dz,
-                                        static_cast<const scalar_t*>(nullptr), batch_stats, tile);
+    rest = bn_dwconv_backward<scalar_t>(
+        g, x, wdt, scale, mean, inv_std, total[0], total[1], dz,
+        static_cast<const scalar_t*>(nullptr),
+        zall.defined() ? zall.data_ptr<scalar_t>() : static_cast<const scalar_t*>(nullptr),
+        batch_stats, tile);
   });
   return rest;
 }
@@ -865,6 +879,7 @@ std::vector<at::Tensor> tile_attend_backward_impl(
   auto df1_acc = at::zeros({threads, a1.numel()}, x.options());
   auto df2_acc = at::zeros({kind == 0 ? 1 : threads, a2.numel()}, x.options());
   auto dz = at::empty({P, K}, x.options());
+  auto zall = batch_stats ? at::empty({P, K}, x.options()) : at::Tensor();
   std::vector<at::Tensor> rest;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tile_attend_backward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -888,7 +903,8 @@ std::vector<at::Tensor> tile_attend_backward_impl(
       for (int64_t b = begin; b < end; ++b) {
         const int64_t p0 = b * tile, len = std::min(P, p0 + tile) - p0;
         scalar_t* fa = attended.data_ptr<scalar_t>();
-        scalar_t* fz = zs.data_ptr<scalar_t>();
+        scalar_t* fz = zall.defined() ? zall.data_ptr<scalar_t>() + p0 * K
+                                      : zs.data_ptr<scalar_t>();
         for (int64_t q = 0; q < len; ++q) {
           scalar_t* z = fz + q * K;
           features_at(g, xp, wp, p0 + q, z, static_cast<scalar_t*>(nullptr));
@@ -942,8 +958,11 @@ std::vector<at::Tensor> tile_attend_backward_impl(
       }
     });
     auto total = sums.sum(0);
-    rest = bn_dwconv_backward<scalar_t>(g, x, wdt, scale, mean, inv_std, total[0], total[1], dz,
-                                        static_cast<const scalar_t*>(nullptr), batch_stats, tile);
+    rest = bn_dwconv_backward<scalar_t>(
+        g, x, wdt, scale, mean, inv_std, total[0], total[1], dz,
+        static_cast<const scalar_t*>(nullptr),
+        zall.defined() ? zall.data_ptr<scalar_t>() : static_cast<const scalar_t*>(nullptr),
+        batch_stats, tile);
   });
   rest.push_back(df1_acc.sum(0).view(a1.sizes()));
   rest.push_back((kind == 0 ? df2_acc[0] : df2_acc.sum(0)).view(a2.sizes()));

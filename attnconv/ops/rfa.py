@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,16 @@ __all__ = [
 
 STEM = "rfa_fused"
 _registered = False
+#: registrations (fake kernels, autograd) of the library's other operators, run once it loads
+_after_load: list[Callable[[], None]] = []
+
+
+def on_load(register: Callable[[], None]) -> Callable[[], None]:
+    """Run ``register`` once the C++ library is loaded (now, if it is); a decorator."""
+    _after_load.append(register)
+    if _registered:
+        register()
+    return register
 
 
 def _ops():
@@ -50,9 +60,8 @@ def ensure_loaded(build: bool = True) -> str | None:
     reason = load_extension(STEM, build=build)
     if reason is None and not _registered:
         _register_python_parts()
-        from attnconv.ops import rfa_tile
-
-        rfa_tile._register_python_parts()
+        for register in _after_load:
+            register()
         _registered = True
     return reason
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attnconv.ops.rfa import _out_size, tap_features_eager
+from attnconv.ops.rfa import _out_size, on_load, tap_features_eager
 
 __all__ = ["rfa_tile_attend", "rfa_tile_reduce", "tile_attend_eager", "tile_reduce_eager"]
 
@@ -167,6 +167,7 @@ def _attend_backward(ctx, grad_out):
             dbias if bias is not None else None, None, None, None, None, None)
 
 
+@on_load
 def _register_python_parts() -> None:
     torch.library.register_fake("attnconv::rfa_tile_reduce", _reduce_fake)
     torch.library.register_fake("attnconv::rfa_tile_reduce_backward", _reduce_backward_fake)
