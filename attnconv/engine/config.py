@@ -28,11 +28,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from attnconv.errors import ConfigError
+
 C = TypeVar("C")
-
-
-class ConfigError(ValueError):
-    """A recipe or an option that cannot describe a run (unknown key, wrong type or value)."""
 
 
 def opt(default: Any, help: str, *, choices: Sequence[Any] | None = None,

@@ -11,6 +11,8 @@ import difflib
 from importlib import resources
 from pathlib import Path
 
+from attnconv.errors import ConfigError
+
 
 def _folder() -> Path:
     return Path(str(resources.files(__name__)))
@@ -26,8 +28,6 @@ def recipe_path(name_or_path: str | Path) -> Path:
 
     An unknown name raises ConfigError with the close names.
     """
-    from attnconv.engine.config import ConfigError
-
     path = Path(name_or_path)
     if path.is_file():
         return path
