@@ -12,14 +12,14 @@ _FORMATTER = argparse.RawDescriptionHelpFormatter
 
 
 def _thread_count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a thread count (0: torch's), got {text!r}")
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a thread count >= 1, got {text!r}")
     return int(text)
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
-    """``--threads N``: torch's CPU threads for the whole command (0: torch's default)."""
-    parser.add_argument("--threads", type=_thread_count, default=0, metavar="N",
+    """``--threads N``: torch's CPU threads for the whole command (default: torch's)."""
+    parser.add_argument("--threads", type=_thread_count, default=None, metavar="N",
                         help="torch CPU threads; on a machine busy with other work 1 can be "
                         f"much faster (default: torch's, here up to {os.cpu_count()})")
 
@@ -38,8 +38,8 @@ def _train(args: argparse.Namespace) -> None:
     set_threads(args)
     result = train(config_from_args(args))
     print("\n" + summary_table([result]))
-    print(f"\nrun folder: {result.run_dir}  (best checkpoint: {result.best_checkpoint}; "
-          f"curves: {result.plot}; TensorBoard: tensorboard --logdir {result.run_dir})")
+    print(f"\n{result.note()}\nrun folder: {result.run_dir}  (curves: {result.plot}; "
+          f"TensorBoard: tensorboard --logdir {result.run_dir})")
 
 
 def _eval(args: argparse.Namespace) -> None:
