@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from attnconv.layers import CONV_LAYERS, create_conv, get_conv
+from attnconv.layers import create_conv, get_conv, is_attention_conv
 
 #: ``where``: None (3x3 convs outside the stem), a regex matched against the full module name,
 #: a collection of module names, or a predicate ``(name, conv) -> bool``.
@@ -66,11 +66,6 @@ def conv_like(conv: nn.Conv2d, name: str, **layer_kwargs) -> nn.Module:
     return layer.train(conv.training)
 
 
-def _attention_conv_types() -> tuple[type, ...]:
-    factories = (getattr(f, "func", f) for f in CONV_LAYERS.values())  # unwrap partials
-    return tuple(f for f in factories if isinstance(f, type) and f is not nn.Conv2d)
-
-
 def _selector(where: Where) -> Callable[[str, nn.Conv2d], bool]:
     if where is None or callable(where):
         return where
@@ -105,14 +100,13 @@ def convert_model(model: nn.Module, conv: str = "aw", where: Where = None,
     get_conv(conv)  # an unknown name raises here, not as a skip reason on every conv
     select = _selector(where)
     report = ConversionReport(conv)
-    attention_convs = _attention_conv_types()
     owned: list[str] = []  # prefixes of attention convs, whose inner convs are theirs
     stem: str | None = None
     targets: list[tuple[str, nn.Conv2d]] = []
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in owned):
             continue
-        if isinstance(module, attention_convs):
+        if is_attention_conv(module):
             owned.append(name)
         if not isinstance(module, nn.Conv2d):
             continue

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from attnconv.layers import ATTN_LAYERS, CONV_LAYERS
+from attnconv.layers import ATTN_LAYERS, is_attention_conv
 from attnconv.weights import read_state_dict
 
 
@@ -49,18 +49,15 @@ class InitReport:
         return text
 
 
-def _attention_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    factories = (getattr(f, "func", f) for f in CONV_LAYERS.values())  # unwrap partials
-    convs = tuple(f for f in factories if isinstance(f, type) and f is not nn.Conv2d)
+def _activation_attention_types() -> tuple[type, ...]:
     # attnconv's attention modules subclass timm's; timm's own (seresnet's SE) count too.
-    modules = tuple({base for cls in ATTN_LAYERS.values() for base in cls.__mro__[:2]})
-    return convs, modules
+    return tuple({base for cls in ATTN_LAYERS.values() for base in cls.__mro__[:2]})
 
 
 def attention_keys(model: nn.Module) -> tuple[set[str], set[str]]:
     """State-dict keys of ``model`` that a plain network lacks: the attention tensors, and the
     biases of attention convs (which a bias-free plain conv lacks; they start at zero)."""
-    conv_types, module_types = _attention_types()
+    module_types = _activation_attention_types()
     keys = list(model.state_dict())
     attention: set[str] = set()
     biases: set[str] = set()
@@ -68,7 +65,7 @@ def attention_keys(model: nn.Module) -> tuple[set[str], set[str]]:
         prefix = f"{name}." if name else ""
         if isinstance(module, module_types):
             attention.update(k for k in keys if k.startswith(prefix))
-        elif isinstance(module, conv_types):
+        elif is_attention_conv(module):
             attention.update(k for k in keys if k.startswith(prefix)
                              and k not in (f"{prefix}weight", f"{prefix}bias"))
             if getattr(module, "bias", None) is not None:

@@ -129,16 +129,14 @@ def attention_layers(model: nn.Module) -> list[tuple[str, int, str]]:
     ``where`` names the module slots, e.g. ``conv1 in layer1-4``; an attention inside another
     (the CAM of a CAMConv) belongs to the outer one.
     """
-    from attnconv.layers.attention import AttnConv2d
-    from attnconv.layers.create import ATTN_LAYERS, CONV_LAYERS
+    from attnconv.layers import ATTN_LAYERS, AttnConv2d, is_attention_conv
 
-    # The registries' classes (a partial's too); plain-conv factories are functions.
-    factories = [getattr(f, "func", f) for f in (*CONV_LAYERS.values(), *ATTN_LAYERS.values())]
-    kinds = tuple({f for f in factories if isinstance(f, type) and f is not nn.Conv2d})
+    gates = tuple(cls for cls in ATTN_LAYERS.values() if isinstance(cls, type))
     found: dict[str, list[str]] = {}
     outer: list[str] = []
     for name, module in model.named_modules():
-        if not isinstance(module, kinds) or any(name.startswith(o + ".") for o in outer):
+        if not (is_attention_conv(module) or isinstance(module, gates)) \
+                or any(name.startswith(o + ".") for o in outer):
             continue
         outer.append(name)
         kind = type(module).__name__

@@ -261,12 +261,15 @@ def gate_title(name: str, module: nn.Module) -> str:
 
 
 def _attention_kinds() -> dict[str, tuple[type, ...]]:
-    from attnconv.layers import AWConv2d
-    from attnconv.layers.create import ATTN_LAYERS
-    from attnconv.layers.rfa_conv import RFAConv2d, RFCAConv2d, RFCBAMConv2d
+    """The layer classes each figure draws ('aw', 'rfa', 'gate'); under 'conv', every attention
+    conv, so that the ones no figure draws are still listed."""
+    from attnconv.layers import ATTN_LAYERS, CONV_LAYERS, AttentionConv2d, AWConv2d
 
-    return {"aw": (AWConv2d,), "rfa": (RFAConv2d, RFCBAMConv2d, RFCAConv2d),
-            "gate": tuple(cls for cls in ATTN_LAYERS.values() if isinstance(cls, type))}
+    convs = {getattr(f, "func", f) for f in CONV_LAYERS.values()}  # a partial's class too
+    rfa = tuple(c for c in convs if isinstance(c, type) and hasattr(c, "receptive_field_attention"))
+    return {"aw": (AWConv2d,), "rfa": rfa,
+            "gate": tuple(cls for cls in ATTN_LAYERS.values() if isinstance(cls, type)),
+            "conv": (AttentionConv2d,)}
 
 
 @torch.no_grad()
@@ -290,7 +293,7 @@ def visualize(model: nn.Module, out_dir: str | Path, *, image: str | Path | None
                      and (layer is None or n == layer)] for kind, types in kinds.items()}
     gates = chosen["gate"]
     chosen["gate"] = gates[::max(1, -(-len(gates) // max_gates))][:max_gates]
-    if not any(chosen.values()):
+    if not any(chosen[kind] for kind in ("aw", "rfa", "gate")):
         raise ValueError(f"{type(model).__name__} has no AW, RFA-family or activation-attention "
                          f"layer{'' if layer is None else f' named {layer!r}'} to visualise")
     size = size or _input_size(model)

@@ -15,6 +15,7 @@ from torch import nn
 from attnconv import AWConv2d, create_conv
 from attnconv.functional import default_chunk_size
 from attnconv.layers import aw_conv as aw_conv_module
+from attnconv.layers import is_attention_conv
 
 pytestmark = pytest.mark.usefixtures("float64_by_default")
 
@@ -363,6 +364,17 @@ def test_wrong_input_is_rejected_with_the_layer_and_the_expected_shape():
         layer(torch.randn(4, 8, 8))
     with pytest.raises(ValueError, match="expected input of shape"):
         layer.attention(torch.randn(8, 8))
+
+
+def test_integer_input_is_refused_and_reset_attention_restores_a_zero_attention():
+    layer = AWConv2d(4, 6, 3)
+    assert is_attention_conv(layer)
+    with pytest.raises(TypeError, match=r"AWConv2d\(4, 6.*expected a floating-point input"):
+        layer(torch.ones(2, 4, 8, 8, dtype=torch.int64))
+    nn.init.kaiming_normal_(layer.pointconv2.weight)  # what a network's conv init does
+    layer.reset_attention()
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(layer(x), plain_conv(layer, x))
 
 
 @pytest.mark.parametrize("kwargs,message", [

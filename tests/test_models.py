@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -114,6 +115,16 @@ def test_aw_attention_starts_at_zero_after_timm_init() -> None:
     assert len(layers) == 8
     assert all(not m.pointconv2.weight.any() and not m.pointconv2.bias.any() for m in layers)
     assert all(m.pointconv1.weight.std() > 0 for m in layers)
+
+
+def test_rfa_logit_scale_starts_as_in_the_official_resnets() -> None:
+    model = create_model("resnet34_rfa")
+    layers = [m for m in model.modules() if isinstance(m, RFAConv2d)]
+    assert len(layers) == 16
+    for layer in layers:
+        # Kaiming-normal, std sqrt(2 / (C * k2)): 0.02 at C = 512, where U(-1, 1) gives 0.58
+        std = math.sqrt(2 / layer.attn_logit_scale.numel())
+        assert abs(layer.attn_logit_scale.std().item() - std) < 0.25 * std
 
 
 def test_every_3x3_placement_replaces_both_basic_block_convs() -> None:

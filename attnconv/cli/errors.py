@@ -15,7 +15,7 @@ REFUSED = 2
 STOPPED = 1
 
 ERRORS: dict[str, tuple[str, int]] = {
-    "attnconv.engine.config.ConfigError": ("error", REFUSED),
+    "attnconv.errors.ConfigError": ("error", REFUSED),
     "attnconv.training.data.DataError": ("error", REFUSED),
     "attnconv.models.ModelNameError": ("error", REFUSED),
     "attnconv.loading.CheckpointError": ("error", REFUSED),

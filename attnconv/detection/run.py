@@ -9,7 +9,7 @@ APs, APm, APl and writes them to ``RUN/coco_metrics.{json,csv}``.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,19 +48,13 @@ from attnconv.models.detection import check_fasterrcnn_args, fasterrcnn
 from attnconv.profiling import model_table
 from attnconv.weights import atomic_save, safe_load
 
-__all__ = ["SYNTHETIC_MODEL_ARGS", "DetConfig", "DetResult", "apply_overrides",
-           "build_detector", "eval_det", "load_det_recipe", "train_det"]
+__all__ = ["SYNTHETIC_MODEL_ARGS", "DetConfig", "DetResult", "build_detector", "eval_det",
+           "load_det_recipe", "train_det"]
 
 def load_det_recipe(name_or_path: str | Path, config: DetConfig | None = None) -> DetConfig:
     """A DetConfig from a shipped recipe's name (``fasterrcnn_r101_aw_coco_1x``) or a YAML
     file, applied over ``config`` (defaults when None)."""
     return load_recipe(name_or_path, config or DetConfig())
-
-
-def apply_overrides(config: DetConfig, values: Mapping[str, Any]) -> DetConfig:
-    """A copy of ``config`` with nested ``values`` applied as command-line options are
-    (``model_args`` keys update the config's); ConfigError on unknown keys or wrong types."""
-    return apply(config, values, "overrides", merge_mappings=True)
 
 
 def check_config(config: DetConfig) -> None:

@@ -29,6 +29,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from attnconv.errors import ConfigError
+
 C = TypeVar("C")
 
 
@@ -37,10 +39,6 @@ MAX_SEED = 2**32 - 1
 #: The largest image side an option accepts: larger ones only fail later, allocating
 #: terabytes.
 MAX_IMAGE_SIDE = 4096
-
-
-class ConfigError(ValueError):
-    """A recipe or an option that cannot describe a run (unknown key, wrong type or value)."""
 
 
 def opt(default: Any, help: str, *, choices: Sequence[Any] | None = None,

@@ -2,6 +2,7 @@
 
 from attnconv.layers.attention import CAM, CBAM, ECA, SE, AttnConv2d, CoordAttention
 from attnconv.layers.aw_conv import AWConv2d
+from attnconv.layers.base import AttentionConv2d, is_attention_conv
 from attnconv.layers.create import (
     ATTN_LAYERS,
     CONV_LAYERS,
@@ -20,6 +21,7 @@ __all__ = [
     "ECA",
     "SE",
     "AWConv2d",
+    "AttentionConv2d",
     "AttnConv2d",
     "CoordAttention",
     "RFAConv2d",
@@ -29,4 +31,5 @@ __all__ = [
     "create_conv",
     "get_attn",
     "get_conv",
+    "is_attention_conv",
 ]

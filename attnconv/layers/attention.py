@@ -26,9 +26,12 @@ from timm.layers.squeeze_excite import SEModule
 from torch import nn
 from torch.nn.common_types import _size_2_t
 
-from attnconv.layers.helpers import check_conv_args, check_conv_input, check_positive
+from attnconv.layers.base import AttentionConv2d
+from attnconv.layers.helpers import check_conv_args, check_conv_input, check_positive, lookup
 
-__all__ = ["CAM", "CBAM", "ECA", "SE", "AttnConv2d", "CoordAttention"]
+__all__ = ["ATTN_LAYERS", "CAM", "CBAM", "ECA", "SE", "AttnConv2d", "CoordAttention", "get_attn"]
+
+AttnFactory = Callable[..., nn.Module]
 
 
 class SE(SEModule):
@@ -144,13 +147,28 @@ class ECA(EcaModule):
         return f"{self.channels}"
 
 
-class AttnConv2d(nn.Conv2d):
+#: name -> callable taking the channel count (timm's ``attn_layer(channels)`` slot).
+ATTN_LAYERS: dict[str, AttnFactory] = {
+    "se": SE,
+    "cbam": CBAM,
+    "cam": CAM,
+    "ca": CoordAttention,
+    "eca": ECA,
+}
+
+
+def get_attn(name: str) -> AttnFactory:
+    """The attention class registered under ``name`` (see :data:`ATTN_LAYERS`); it takes the
+    channel count, so it fits timm's ``attn_layer`` argument."""
+    return lookup("attention layer", ATTN_LAYERS, name)
+
+
+class AttnConv2d(AttentionConv2d):
     """An activation attention on the input, then a standard conv: ``conv(attn(x))``.
 
     The RFAConv paper's baseline rows CAMConv (``attn_layer='cam'``), CBAMConv (``'cbam'``)
     and CAConv (``'ca'``). Takes nn.Conv2d's arguments and keeps its ``weight`` / ``bias``;
-    ``attn_layer`` is a name of :data:`attnconv.layers.create.ATTN_LAYERS` or a callable
-    taking the channel count.
+    ``attn_layer`` is a name of :data:`ATTN_LAYERS` or a callable taking the channel count.
     """
 
     def __init__(
@@ -168,8 +186,6 @@ class AttnConv2d(nn.Conv2d):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        from attnconv.layers.create import get_attn  # create.py imports this module
-
         check_conv_args(type(self).__name__, in_channels=in_channels, out_channels=out_channels,
                         kernel_size=kernel_size, stride=stride, padding=padding,
                         dilation=dilation, groups=groups)
@@ -184,7 +200,7 @@ class AttnConv2d(nn.Conv2d):
         self.attn = factory(in_channels, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_conv_input(self, x, self.in_channels)
+        self.check_input(x)
         return super().forward(self.attn(x))
 
     def extra_repr(self) -> str:

@@ -47,7 +47,8 @@ from attnconv.functional.aw import (
     aw_conv2d_unfold,
     aw_kernels,
 )
-from attnconv.layers.helpers import check_conv_args, check_conv_input, check_positive
+from attnconv.layers.base import AttentionConv2d
+from attnconv.layers.helpers import check_conv_args, check_positive
 
 Impl = Literal["auto", "chunked", "grouped", "unfold"]
 IMPLS: tuple[str, ...] = ("auto", "chunked", "grouped", "unfold")
@@ -61,7 +62,7 @@ def _exporting() -> bool:
     return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
-class AWConv2d(nn.Conv2d):
+class AWConv2d(AttentionConv2d):
     """Conv2d whose weight is attended per sample: ``W_n = K * (1 + A(x_n))`` (AW, Eq. F1/F2).
 
     Takes nn.Conv2d's arguments in nn.Conv2d's order and keeps its ``weight`` / ``bias``, plus
@@ -136,7 +137,7 @@ class AWConv2d(nn.Conv2d):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """Per-sample attention A of shape (N, C_out, C_in/groups, kh, kw) (AW, F1)."""
-        check_conv_input(self, x, self.in_channels)
+        self.check_input(x)
         attn = self.pointconv2(self._hidden(x))
         return attn.view(x.shape[0], *self.weight.shape)
 
@@ -145,7 +146,7 @@ class AWConv2d(nn.Conv2d):
         return F.relu(self.pointconv1(F.adaptive_avg_pool2d(x, self.kernel_size)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_conv_input(self, x, self.in_channels)
+        self.check_input(x)
         if x.shape[0] == 0:
             return self._conv_forward(x, self.weight, self.bias)
         impl = self.resolved_impl(x)

@@ -1,22 +1,30 @@
 """String factories for attention convs and activation attentions, so models and the CLI say
 ``conv='rfa'`` or ``attn_layer='se'`` and never import a layer class (as timm's ``create_attn``
-does for activation attention)."""
+does for activation attention).
+
+This module imports the layer classes and the layers never import it: :data:`CONV_LAYERS` is
+here, :data:`ATTN_LAYERS` beside the activation attentions in :mod:`attnconv.layers.attention`
+(an attention-then-conv layer looks its attention up there). A new attention conv is one file
+with an :class:`attnconv.layers.base.AttentionConv2d` subclass and one line in
+:data:`CONV_LAYERS`; the rest of the package asks
+:func:`attnconv.layers.base.is_attention_conv`.
+"""
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from functools import partial
 
 from torch import nn
 
-from attnconv.layers.attention import CAM, CBAM, ECA, SE, AttnConv2d, CoordAttention
+from attnconv.layers.attention import ATTN_LAYERS, AttnConv2d, get_attn
 from attnconv.layers.aw_conv import AWConv2d
-from attnconv.layers.helpers import check_conv_args
+from attnconv.layers.helpers import check_conv_args, lookup
 from attnconv.layers.rfa_conv import RFAConv2d, RFCAConv2d, RFCBAMConv2d
 
+__all__ = ["ATTN_LAYERS", "CONV_LAYERS", "create_attn", "create_conv", "get_attn", "get_conv"]
+
 ConvFactory = Callable[..., nn.Module]
-AttnFactory = Callable[..., nn.Module]
 
 
 def conv2d(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
@@ -41,30 +49,10 @@ CONV_LAYERS: dict[str, ConvFactory] = {
     "caconv": partial(AttnConv2d, attn_layer="ca"),
 }
 
-#: name -> callable taking the channel count (timm's ``attn_layer(channels)`` slot).
-ATTN_LAYERS: dict[str, AttnFactory] = {
-    "se": SE,
-    "cbam": CBAM,
-    "cam": CAM,
-    "ca": CoordAttention,
-    "eca": ECA,
-}
-
-
-def _lookup(kind: str, registry: dict, name: str):
-    if not isinstance(name, str):
-        raise TypeError(f"{kind} name must be a string, one of {sorted(registry)}; got "
-                        f"{type(name).__name__} {name!r}")
-    if name not in registry:
-        close = difflib.get_close_matches(name, registry, n=3)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown {kind} {name!r}: expected one of {sorted(registry)}{hint}")
-    return registry[name]
-
 
 def get_conv(name: str) -> ConvFactory:
     """The conv class registered under ``name`` (see :data:`CONV_LAYERS`)."""
-    return _lookup("conv layer", CONV_LAYERS, name)
+    return lookup("conv layer", CONV_LAYERS, name)
 
 
 def create_conv(name: str, in_channels: int, out_channels: int, kernel_size=3, stride=1,
@@ -72,12 +60,6 @@ def create_conv(name: str, in_channels: int, out_channels: int, kernel_size=3, s
     """Build the conv named ``name`` with nn.Conv2d's arguments, e.g.
     ``create_conv('rfa', 64, 64, 3, stride=2, padding=1)``."""
     return get_conv(name)(in_channels, out_channels, kernel_size, stride, **kwargs)
-
-
-def get_attn(name: str) -> AttnFactory:
-    """The attention class registered under ``name`` (see :data:`ATTN_LAYERS`); it takes the
-    channel count, so it fits timm's ``attn_layer`` argument."""
-    return _lookup("attention layer", ATTN_LAYERS, name)
 
 
 def create_attn(name: str, channels: int, **kwargs) -> nn.Module:

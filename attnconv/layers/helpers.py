@@ -4,12 +4,17 @@ the argument and what was expected."""
 
 from __future__ import annotations
 
+import difflib
 import operator
+from collections.abc import Mapping
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 PADDING_STRINGS = ("same", "valid")
+
+T = TypeVar("T")
 
 
 def _as_int(value: object) -> int | None:
@@ -94,3 +99,16 @@ def check_conv_input(layer: nn.Module, x: torch.Tensor, in_channels: int) -> Non
 def layer_name(layer: nn.Module) -> str:
     """``ClassName(extra_repr)``, the way the layer prints, for error messages."""
     return f"{type(layer).__name__}({layer.extra_repr()})"
+
+
+def lookup(kind: str, registry: Mapping[str, T], name: object) -> T:
+    """``registry[name]``, or a TypeError (not a string) / ValueError (unknown name, with the
+    close names) saying which names ``kind`` takes."""
+    if not isinstance(name, str):
+        raise TypeError(f"{kind} name must be a string, one of {sorted(registry)}; got "
+                        f"{type(name).__name__} {name!r}")
+    if name not in registry:
+        close = difflib.get_close_matches(name, registry, n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown {kind} {name!r}: expected one of {sorted(registry)}{hint}")
+    return registry[name]

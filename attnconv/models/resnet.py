@@ -17,7 +17,6 @@ parameters missing.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -29,7 +28,7 @@ from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
 from attnconv.convert import conv_like
-from attnconv.layers import RFAConv2d, get_attn
+from attnconv.layers import get_attn, is_attention_conv
 from attnconv.weights import read_state_dict
 
 ConvPlacement = Literal["first_3x3", "every_3x3"]
@@ -94,15 +93,11 @@ class AttnResNet(timm_resnet.ResNet):
 
     def init_weights(self, zero_init_last: bool = True) -> None:
         super().init_weights(zero_init_last=zero_init_last)
+        # timm's init re-initialises every nn.Conv2d, the attention's own sub-convs too (AW's
+        # Pointconv2, which must start at zero): each layer restores its starting state.
         for module in self.modules():
-            # Kaiming init also hits AW's Pointconv2, which must start at zero (A = 0).
-            if hasattr(module, "reset_attention"):
+            if is_attention_conv(module):
                 module.reset_attention()
-            # The official RFA ResNets kaiming-initialise the logit scale too (there it is the
-            # grouped 1x1 conv get_weight.1, fan-out C * k2): near-uniform softmax at the start.
-            if isinstance(module, RFAConv2d):
-                nn.init.normal_(module.attn_logit_scale,
-                                std=math.sqrt(2.0 / module.attn_logit_scale.numel()))
 
     def block_conv_names(self) -> list[str]:
         """Module names of the block convs that ``conv_layer`` replaces (or would replace)."""

@@ -12,6 +12,8 @@ import re
 from importlib import resources
 from pathlib import Path
 
+from attnconv.errors import ConfigError
+
 
 def _folder() -> Path:
     return Path(str(resources.files(__name__)))
@@ -27,8 +29,6 @@ def recipe_path(name_or_path: str | Path) -> Path:
 
     An unknown name raises ConfigError with the close names.
     """
-    from attnconv.engine.config import ConfigError
-
     path = Path(name_or_path)
     if path.is_file():
         return path

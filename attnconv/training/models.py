@@ -6,13 +6,9 @@ from typing import Any
 
 from torch import nn
 
-from attnconv.models import ModelNameError, check_model_name, list_models
+from attnconv.models import ModelNameError, check_model_name
 
-__all__ = ["ModelNameError", "build_model", "check_model_name", "model_names"]
-
-
-def model_names() -> list[str]:
-    return list_models()
+__all__ = ["ModelNameError", "build_model", "check_model_name"]
 
 
 def build_model(name: str, num_classes: int = 1000, in_chans: int = 3, **kwargs: Any

@@ -1,0 +1,11 @@
+"""Errors that modules on both sides of an import raise, in a module that imports nothing, so
+raising one never draws an import circle (the recipes raise the config system's error, and the
+config system reads the recipes)."""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A recipe or an option that cannot describe a run (unknown key, wrong type or value)."""
