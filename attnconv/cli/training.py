@@ -94,7 +94,7 @@ def _demo(args: argparse.Namespace) -> None:
 def _recipes(args: argparse.Namespace) -> None:
     import textwrap
 
-    from attnconv.recipes import describe, list_recipes, recipe_command, recipe_path
+    from attnconv.recipes import describe, list_recipes, recipe_path
 
     for name in list_recipes():
         print(f"attnconv {recipe_command(name)} --config {name}")
@@ -154,3 +154,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     recipes = sub.add_parser("recipes", help="list the shipped recipes (--config NAME)")
     recipes.set_defaults(func=_recipes)
+
+
+def recipe_command(name: str) -> str:
+    """The command a recipe is for (``train``, ``train-det`` or ``train-seg``): the one whose
+    config takes every key of the recipe."""
+    from attnconv.detection.config import DetConfig
+    from attnconv.engine.config import ConfigError, load_recipe
+    from attnconv.segmentation.config import SegConfig
+    from attnconv.training.config import RunConfig
+
+    fits = []
+    for command, config in (("train", RunConfig()), ("train-det", DetConfig()),
+                            ("train-seg", SegConfig())):
+        try:
+            load_recipe(name, config)
+        except ConfigError:
+            continue
+        fits.append(command)
+    if len(fits) != 1:
+        which = f"the configs of {', '.join(fits)}" if fits else "no command's config"
+        raise ConfigError(f"recipe {name} fits {which}: a recipe states the keys of one "
+                          "command's config")
+    return fits[0]

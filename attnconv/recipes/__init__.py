@@ -60,26 +60,3 @@ def describe(name: str) -> str:
     text = " ".join(prose)
     end = _SENTENCE_END.search(text)
     return text[:end.end()] if end else text
-
-
-def recipe_command(name: str) -> str:
-    """The command a recipe is for (``train``, ``train-det`` or ``train-seg``): the one whose
-    config takes every key of the recipe."""
-    from attnconv.detection.config import DetConfig
-    from attnconv.engine.config import ConfigError, load_recipe
-    from attnconv.segmentation.config import SegConfig
-    from attnconv.training.config import RunConfig
-
-    fits = []
-    for command, config in (("train", RunConfig()), ("train-det", DetConfig()),
-                            ("train-seg", SegConfig())):
-        try:
-            load_recipe(name, config)
-        except ConfigError:
-            continue
-        fits.append(command)
-    if len(fits) != 1:
-        which = f"the configs of {', '.join(fits)}" if fits else "no command's config"
-        raise ConfigError(f"recipe {name} fits {which}: a recipe states the keys of one "
-                          "command's config")
-    return fits[0]
