@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import randomise
-from reference_rfa import OfficialRFAConv, OfficialRFCAConv, OfficialRFCBAMConv
 from torch import nn
 from torch.func import functional_call
 
@@ -31,6 +30,7 @@ from attnconv import (
     create_model,
 )
 from attnconv.export import export_program
+from attnconv.testing.reference_rfa import OfficialRFAConv, OfficialRFCAConv, OfficialRFCBAMConv
 
 #: every create_conv name, AW with each of its paths
 LAYERS = ["conv", "aw-chunked", "aw-grouped", "aw-unfold", "rfa", "rfcbam", "rfca", "camconv",
