@@ -1,7 +1,7 @@
 """Every attention conv of the registry on a GPU: results against float64 on the CPU, then time.
 
     python benchmarks/gpu_check.py [--out gpu_check.md] [--layers aw rfa ...] [--no-compile]
-                                   [--no-timing] [--budget 420] [--allow-load]
+                                   [--no-timing] [--budget 360] [--allow-load]
     python benchmarks/gpu_check.py --device cpu     # tiny shapes: keeps the script from rotting
 
 Checks, for each layer of ``attnconv.layers.CONV_LAYERS`` but the plain conv, at stride 1 and 2
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", nargs="+", choices=layer_names(), default=layer_names())
     parser.add_argument("--no-compile", action="store_true", help="skip every torch.compile")
     parser.add_argument("--no-timing", action="store_true", help="the checks only")
-    parser.add_argument("--budget", type=float, default=420.0,
+    parser.add_argument("--budget", type=float, default=360.0,
                         help="seconds after which no further compiled timing starts")
     parser.add_argument("--out", type=Path, help="also write the tables to this markdown file")
     args = parser.parse_args(argv)
