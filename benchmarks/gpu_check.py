@@ -151,12 +151,17 @@ def timed_candidates(name: str, shape: tuple[int, int, int, int], device: torch.
     return modules
 
 
+def shape_label(shape: tuple[int, int, int, int]) -> str:
+    batch, channels, size, stride = shape
+    return f"({batch}, {channels}, {size}, {size}) s{stride}"
+
+
 def time_layer(name: str, shape: tuple[int, int, int, int], device: torch.device,
                compiled: bool, args: argparse.Namespace) -> list:
     """``[layer, shape, mode, ms eval, ms train, eval / cbr, train / cbr, official / layer
     (eval, train)]``; an error becomes the row's message."""
-    batch, channels, size, stride = shape
-    label = f"({batch}, {channels}, {size}, {size}) s{stride}"
+    batch, channels, size, _ = shape
+    label = shape_label(shape)
     mode = "compiled" if compiled else "eager"
     try:
         modules = timed_candidates(name, shape, device, compiled)
@@ -221,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         for shape in [] if args.no_compile else TIME_SHAPES[device.type]:
             for name in args.layers:
                 if time.monotonic() - begin > args.budget:
-                    rows.append([name, str(shape), "compiled", "skipped (time budget)"])
+                    rows.append([name, shape_label(shape), "compiled", "skipped (time budget)"])
                 else:
                     rows.append(time_layer(name, shape, device, True, args))
         table(f"Times on {device.type} (median of {args.rounds} interleaved rounds; official = "

@@ -54,8 +54,9 @@ def test_a_check_beyond_its_tolerance_fails_the_run(gpu_check, monkeypatch, caps
 
 @pytest.mark.slow
 def test_compiled_layers_match_and_time_on_cpu(gpu_check, capsys) -> None:
+    # no time budget: inductor on a shared CPU may take longer than the GPU run's
     assert gpu_check.main(["--device", "cpu", "--layers", "aw", "rfa", "--rounds", "1",
-                           "--warmup", "0"]) == 0
+                           "--warmup", "0", "--budget", "1e9"]) == 0
     text = capsys.readouterr().out
     assert {r[6] for r in check_rows(text) if r[2] == "compile"} == {"ok"}
     times = text.split("### Times")[1]
