@@ -2,18 +2,19 @@
 checkpoint (weights + SGD momentum, as Lightning writes it) with and without the SHA-256 of its
 tensors, timed in interleaved rounds in one process.
 
-    .venv/bin/python benchmarks/bench_digest.py [--rounds 7] [--dir /tmp]
+    .venv/bin/python benchmarks/bench_digest.py [--rounds 7] [--dir /tmp] [--quick]
+                                                [--allow-load]
+
+``--quick`` uses a narrow ResNet-18 (a smoke test of the script, not a figure).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
+import harness
 import torch
 
 from attnconv import create_model
@@ -30,13 +31,15 @@ def plain_atomic_save(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
+def main(argv: list[str] | None = None) -> None:
+    parser = harness.parser(__doc__)
     parser.add_argument("--dir", default=tempfile.gettempdir())
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="a narrow ResNet-18 (smoke test)")
+    args = parser.parse_args(argv)
+    run = harness.start(args)
     torch.manual_seed(0)
-    model = create_model("resnet50")
+    name = "resnet18" if args.quick else "resnet50"
+    model = create_model(name, channels=(8, 16, 32, 64)) if args.quick else create_model(name)
     state = model.state_dict()
     momentum = {i: {"momentum_buffer": torch.randn_like(p)}
                 for i, p in enumerate(model.parameters())}
@@ -48,37 +51,33 @@ def main() -> None:
     assert tensor_digest(checkpoint) == tensor_digest(checkpoint, threads=1)
     folder = Path(tempfile.mkdtemp(dir=args.dir))
     with_digest, without = folder / "digest.ckpt", folder / "plain.ckpt"
-    times: dict[str, list[float]] = {k: [] for k in (
-        "save, no digest", "save, digest", "load, no digest", "load, verify digest",
-        "digest only", "digest only, 1 thread")}
-    for _ in range(args.rounds):
-        for name, fn in (
-                ("save, no digest", lambda: plain_atomic_save(checkpoint, without)),
-                ("save, digest", lambda: atomic_save(checkpoint, with_digest)),
-                ("load, no digest", lambda: torch.load(without, weights_only=True)),
-                ("load, verify digest", lambda: safe_load(with_digest)),
-                ("digest only", lambda: tensor_digest(checkpoint)),
-                ("digest only, 1 thread", lambda: tensor_digest(checkpoint, threads=1))):
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    # written once first: the order alternates, so a round's load may run before its save
+    plain_atomic_save(checkpoint, without)
+    atomic_save(checkpoint, with_digest)
+    times = harness.measure({
+        "save, no digest": lambda: plain_atomic_save(checkpoint, without),
+        "save, digest": lambda: atomic_save(checkpoint, with_digest),
+        "load, no digest": lambda: torch.load(without, weights_only=True),
+        "load, verify digest": lambda: safe_load(with_digest),
+        "digest only": lambda: tensor_digest(checkpoint),
+        "digest only, 1 thread": lambda: tensor_digest(checkpoint, threads=1)},
+        rounds=args.rounds, warmup=args.warmup, threads=args.threads[0])
     assert DIGEST_KEY in torch.load(with_digest, weights_only=True)
     size = with_digest.stat().st_size
     for f in (with_digest, without):
         f.unlink()
     folder.rmdir()
-    print(f"ResNet-50 checkpoint: {nbytes / 2**20:.1f} MiB of tensors, file {size / 2**20:.1f} "
-          f"MiB; {args.rounds} interleaved rounds, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
-    print("| step | median (s) | min (s) | ratio to the no-digest median |")
-    print("|---|---|---|---|")
-    base = {"save": statistics.median(times["save, no digest"]),
-            "load": statistics.median(times["load, no digest"])}
-    for name, values in times.items():
-        median = statistics.median(values)
-        ref = base.get(name.split(",")[0])
-        ratio = f"{median / ref:.2f}" if ref else f"{median / base['load']:.2f} (of load)"
-        print(f"| {name} | {median:.3f} | {min(values):.3f} | {ratio} |")
+    rows = []
+    for step in times.samples:
+        kind = step.split(",")[0]
+        ratio = (f"{times.ratio(step, f'{kind}, no digest'):.2f}" if kind in ("save", "load")
+                 else f"{times.ratio(step, 'load, no digest'):.2f} (of load)")
+        rows.append([step, f"{times.median(step):.3f}", f"{times.min(step):.3f}", ratio])
+    run.table(f"{name} checkpoint: {nbytes / 2**20:.1f} MiB of tensors, file "
+              f"{size / 2**20:.1f} MiB; median of {args.rounds} interleaved rounds",
+              ["step", "median (s)", "min (s)", "ratio to the no-digest median"], rows,
+              threads=args.threads[0])
+    run.finish()
 
 
 if __name__ == "__main__":

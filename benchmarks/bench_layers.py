@@ -1,17 +1,19 @@
 """Layer benchmarks: attention convs against nn.Conv2d (and, where one exists, the official
-formulation), side by side in one process. Prints markdown tables for benchmarks/RESULTS.md.
+formulation), side by side in interleaved rounds in one process. Prints markdown tables for
+benchmarks/RESULTS.md.
 
-    python benchmarks/bench_layers.py [--only aw|rfa|precision] [--threads 2] [--repeats 20]
-                                      [--device cpu]
+    python benchmarks/bench_layers.py [--only aw|rfa|precision] [--threads 2] [--rounds 20]
+                                      [--device cpu] [--quick] [--allow-load]
+
+The precision section is not a timing: it runs whatever the load.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
-from pathlib import Path
 
+import harness
 import torch
 from torch import nn
 
@@ -20,27 +22,17 @@ from attnconv.profiling import (
     count_macs,
     count_params,
     forward_fn,
-    machine_description,
-    markdown_table,
-    median_times,
     saved_tensor_bytes,
     train_step_fn,
 )
-
-# the faithful official modules live with the tests (one copy, shared)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reference_rfa import (
-    OfficialRFAConv,
-    OfficialRFCAConv,
-    OfficialRFCBAMConv,
-)
+from attnconv.testing.reference_rfa import OfficialRFAConv, OfficialRFCAConv, OfficialRFCBAMConv
 
 HEADERS = ("layer", "params", "MACs (M)", "fwd (ms)", "fwd+bwd (ms)", "fwd ratio",
            "fwd+bwd ratio", "max abs diff at init")
 
 
 def compare_aw_with_conv(batch: int, channels: int, size: int, kernel_size: int = 3, *,
-                         repeats: int = 10, seed: int = 0,
+                         rounds: int = 10, warmup: int = 2, seed: int = 0,
                          device: torch.device | str = "cpu",
                          other_impls: tuple[str, ...] = ()) -> list[tuple]:
     """Rows of :data:`HEADERS` for nn.Conv2d and the AWConv2d made from it (``from_conv``).
@@ -64,40 +56,43 @@ def compare_aw_with_conv(batch: int, channels: int, size: int, kernel_size: int 
         for layer in layers.values():
             if isinstance(layer, AWConv2d):
                 layer.load_state_dict(aw.state_dict())
-    fwd = median_times({k: forward_fn(m, x) for k, m in layers.items()}, repeats=repeats)
-    train = median_times({k: train_step_fn(m, x) for k, m in layers.items()}, repeats=repeats)
+    fwd = harness.measure({k: forward_fn(m, x) for k, m in layers.items()}, rounds=rounds,
+                          warmup=warmup)
+    train = harness.measure({k: train_step_fn(m, x) for k, m in layers.items()}, rounds=rounds,
+                            warmup=warmup)
     rows = []
     for name, layer in layers.items():
         rows.append((name, count_params(layer), count_macs(layer, x) / 1e6,
-                     fwd[name] * 1e3, train[name] * 1e3, fwd[name] / fwd["nn.Conv2d"],
-                     train[name] / train["nn.Conv2d"], diffs[name]))
+                     fwd.median(name) * 1e3, train.median(name) * 1e3,
+                     fwd.ratio(name, "nn.Conv2d"), train.ratio(name, "nn.Conv2d"), diffs[name]))
     return rows
 
 
 AW_SHAPES = [(1, 64, 56), (32, 64, 56), (32, 256, 14)]
+QUICK_AW_SHAPES = [(2, 8, 8)]
 
 
-def bench_aw(args: argparse.Namespace) -> None:
-    print("## AWConv2d vs nn.Conv2d (k=3, stride 1, padding 1; AWConv2d.from_conv, "
-          "random attention; the default path, then the other of chunked/grouped)\n")
-    for batch, channels, size in AW_SHAPES:
-        rows = compare_aw_with_conv(batch, channels, size, repeats=args.repeats,
-                                    device=args.device, other_impls=("chunked", "grouped"))
-        print(f"input ({batch}, {channels}, {size}, {size})\n")
-        print(markdown_table(HEADERS, rows) + "\n")
+def bench_aw(run: harness.Run, args: argparse.Namespace) -> None:
+    for batch, channels, size in QUICK_AW_SHAPES if args.quick else AW_SHAPES:
+        rows = compare_aw_with_conv(batch, channels, size, rounds=args.rounds,
+                                    warmup=args.warmup, device=args.device,
+                                    other_impls=("chunked", "grouped"))
+        run.table(f"AWConv2d vs nn.Conv2d, input ({batch}, {channels}, {size}, {size}) (k=3, "
+                  "stride 1, padding 1; AWConv2d.from_conv, random attention; the default path, "
+                  f"then the other of chunked/grouped; median of {args.rounds} rounds)",
+                  HEADERS, rows)
 
 
 RFA_SHAPES = [(8, 64, 56, 1), (32, 128, 28, 2)]  # (batch, channels, size, stride), k = 3
+QUICK_RFA_SHAPES = [(2, 8, 8, 1)]
 RFA_PAIRS = [(RFAConv2d, OfficialRFAConv), (RFCBAMConv2d, OfficialRFCBAMConv),
              (RFCAConv2d, OfficialRFCAConv)]
 RFA_HEADERS = ["layer", "fwd (ms)", "fwd+bwd (ms)", "fwd: ref / layer", "fwd+bwd: ref / layer",
                "fwd / conv", "fwd+bwd / conv", "saved for bwd / input"]
 
 
-def bench_rfa(args: argparse.Namespace) -> None:
-    print("## RFA family vs the faithful official module and nn.Conv2d (k=3, C_out = C_in; "
-          "forward in eval mode without autograd, forward+backward in train mode)\n")
-    for batch, channels, size, stride in RFA_SHAPES:
+def bench_rfa(run: harness.Run, args: argparse.Namespace) -> None:
+    for batch, channels, size, stride in QUICK_RFA_SHAPES if args.quick else RFA_SHAPES:
         x = torch.randn(batch, channels, size, size, device=args.device)
         conv = nn.Conv2d(channels, channels, 3, stride, 1, device=args.device)
         for layer_cls, official_cls in RFA_PAIRS:
@@ -106,19 +101,20 @@ def bench_rfa(args: argparse.Namespace) -> None:
             layer.load_official_state_dict(official.state_dict())
             candidates = {"reference (official)": official, layer_cls.__name__: layer,
                           "nn.Conv2d": conv}
-            fwd = median_times({k: forward_fn(m, x) for k, m in candidates.items()},
-                               repeats=args.repeats, warmup=1)
-            train = median_times({k: train_step_fn(m, x) for k, m in candidates.items()},
-                                 repeats=args.repeats, warmup=1)
+            fwd = harness.measure({k: forward_fn(m, x) for k, m in candidates.items()},
+                                  rounds=args.rounds, warmup=args.warmup)
+            train = harness.measure({k: train_step_fn(m, x) for k, m in candidates.items()},
+                                    rounds=args.rounds, warmup=args.warmup)
             ref, plain = "reference (official)", "nn.Conv2d"
-            rows = [[name, fwd[name] * 1e3, train[name] * 1e3, fwd[ref] / fwd[name],
-                     train[ref] / train[name], fwd[name] / fwd[plain],
-                     train[name] / train[plain],
+            rows = [[name, fwd.median(name) * 1e3, train.median(name) * 1e3,
+                     fwd.ratio(ref, name), train.ratio(ref, name), fwd.ratio(name, plain),
+                     train.ratio(name, plain),
                      saved_tensor_bytes(m, x) / (x.numel() * x.element_size())]
                     for name, m in candidates.items()]
-            print(f"{layer_cls.__name__}, input ({batch}, {channels}, {size}, {size}), "
-                  f"stride {stride}\n")
-            print(markdown_table(RFA_HEADERS, rows) + "\n", flush=True)
+            run.table(f"{layer_cls.__name__} vs the faithful official module and nn.Conv2d, "
+                      f"input ({batch}, {channels}, {size}, {size}), stride {stride} (k=3, "
+                      "C_out = C_in; forward in eval mode without autograd, forward+backward "
+                      f"in train mode; median of {args.rounds} rounds)", RFA_HEADERS, rows)
 
 
 PRECISION_LAYERS = ["conv", "aw", "rfa", "rfcbam", "rfca", "camconv", "cbamconv", "caconv"]
@@ -130,11 +126,9 @@ def _relative_error(low: torch.Tensor, ref: torch.Tensor) -> float:
     return ((low.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
-def bench_precision(args: argparse.Namespace) -> None:
+def bench_precision(run: harness.Run, args: argparse.Namespace) -> None:
     """Not a timing: the largest |autocast - fp32| over the largest |fp32| of each layer's
     output, input gradient and weight gradient (random parameters, AW's attention included)."""
-    print("## Autocast bf16 / fp16 vs float32, per layer (largest error / largest |fp32 value|; "
-          "(8, 32, 16, 16) input, k=3, C_out = 32, random parameters, same module state)\n")
     rows = []
     for name in PRECISION_LAYERS:
         for train in (True, False):
@@ -162,26 +156,30 @@ def bench_precision(args: argparse.Namespace) -> None:
             bf, fp = errors[torch.bfloat16], errors[torch.float16]
             rows.append([name, "train" if train else "eval", f"{bf[0]:.1e}", f"{fp[0]:.1e}",
                          f"{bf[1]:.1e}", f"{fp[1]:.1e}", f"{bf[2]:.1e}", f"{fp[2]:.1e}"])
-    print(markdown_table(PRECISION_HEADERS, rows) + "\n", flush=True)
+    run.table("Autocast bf16 / fp16 vs float32, per layer (largest error / largest |fp32 value|; "
+              "(8, 32, 16, 16) input, k=3, C_out = 32, random parameters, same module state)",
+              PRECISION_HEADERS, rows, timed=False)
 
 
 SECTIONS = {"aw": bench_aw, "rfa": bench_rfa, "precision": bench_precision}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = harness.parser(__doc__)
+    parser.set_defaults(rounds=20)
     parser.add_argument("--only", choices=sorted(SECTIONS), action="append",
                         help="run only these sections (repeatable); default: all")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {machine_description(args.device)}, "
-          f"median of {args.repeats} runs\n")
-    for name in args.only or SECTIONS:
-        SECTIONS[name](args)
+    parser.add_argument("--quick", action="store_true", help="one tiny shape (smoke test)")
+    args = parser.parse_args(argv)
+    if len(args.threads) != 1:
+        parser.error("--threads takes one value here")
+    torch.set_num_threads(args.threads[0])
+    sections = args.only or list(SECTIONS)
+    run = harness.start(args, timed=set(sections) != {"precision"})
+    for name in sections:
+        SECTIONS[name](run, args)
+    run.finish()
 
 
 if __name__ == "__main__":

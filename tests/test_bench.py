@@ -1,9 +1,13 @@
-"""The complexity table: what it counts (asserted exactly) and how it prints (never timings)."""
+"""The complexity table: what it counts (asserted exactly) and how it prints (never timings);
+the benchmarks' harness (load guard, interleaving, headers) and every script at tiny sizes."""
 
 from __future__ import annotations
 
 import csv
+import importlib
 import io
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +81,108 @@ def test_cli_bench_prints_csv(capsys: pytest.CaptureFixture[str]) -> None:
     rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
     assert [row[0] for row in rows] == ["model", "resnet18"]
     assert float(rows[1][1]) == pytest.approx(11.18, abs=0.01)  # 1000 -> 10 classes
+
+
+# --- benchmarks/: the harness and every script at tiny sizes ----------------------------------
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch):
+    """Import a script of benchmarks/ by name (they import their ``harness`` as a sibling)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module
+
+
+def fake_load(monkeypatch: pytest.MonkeyPatch, load: float) -> None:
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+
+
+def test_harness_refuses_to_time_under_load(bench, monkeypatch, capsys) -> None:
+    fake_load(monkeypatch, 0.9)
+    with pytest.raises(SystemExit, match=r"load average 0\.90 > 0\.5.*--allow-load"):
+        bench("bench_rfa_fused").main(["--quick"])
+    assert capsys.readouterr().out == ""  # nothing measured, nothing printed
+
+
+def test_allow_load_marks_every_table_not_comparable(bench, monkeypatch, capsys) -> None:
+    fake_load(monkeypatch, 1.5)
+    bench("bench_digest").main(["--quick", "--rounds", "1", "--warmup", "0", "--allow-load"])
+    out = capsys.readouterr().out
+    titles = [line for line in out.splitlines() if line.startswith("### ")]
+    assert titles and all(t.endswith("not comparable (load 1.50 before the run)")
+                          for t in titles)
+    assert "- **not comparable (load 1.50 before the run)**" in out
+    assert f"torch {torch.__version__}" in out and "caches " in out and "CPU: " in out
+    assert "load average (1 min): 1.50 before the run, 1.50 after" in out
+
+
+def test_idle_machine_figures_are_not_marked(bench, monkeypatch, capsys) -> None:
+    fake_load(monkeypatch, 0.2)
+    bench("bench_digest").main(["--quick", "--rounds", "2", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert "not comparable" not in out
+    rows = [line for line in out.splitlines() if line.startswith("| save, no digest |")]
+    assert rows and rows[0].endswith("| 1.00 |")  # the baseline against itself
+
+
+def test_measure_alternates_the_order_and_restores_threads(bench) -> None:
+    harness = bench("harness")
+    calls: list[str] = []
+    threads = torch.get_num_threads()
+    seen: list[int] = []
+    timings = harness.measure({"a": lambda: calls.append("a"),
+                               "b": lambda: (calls.append("b"), seen.append(
+                                   torch.get_num_threads()))},
+                              rounds=2, warmup=1, threads=1)
+    assert calls == ["a", "b", "b", "a", "a", "b"]  # warm-up round, then two timed rounds
+    assert {len(s) for s in timings.samples.values()} == {2}
+    assert seen == [1, 1, 1] and torch.get_num_threads() == threads
+    fixed = harness.Timings({"base": [1.0, 2.0, 9.0], "x": [3.0, 6.0, 4.0]})
+    assert fixed.ratio("x", "base") == 2.0 and fixed.min("x") == 3.0
+    with pytest.raises(ValueError, match="rounds"):
+        harness.measure({"a": lambda: None}, rounds=0)
+
+
+def test_cache_sizes_read_from_sysfs(bench, tmp_path) -> None:
+    for index, (level, kind, size) in enumerate([("1", "Data", "48K"),
+                                                 ("1", "Instruction", "32K"),
+                                                 ("2", "Unified", "2048K")]):
+        folder = tmp_path / f"index{index}"
+        folder.mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (folder / name).write_text(value + "\n")
+    cache_sizes = bench("harness").cache_sizes
+    assert cache_sizes(tmp_path) == "L1d 48K, L2 2048K"
+    assert cache_sizes(tmp_path / "missing") == "unknown"
+
+
+def test_bench_rfa_fused_runs_at_tiny_shapes(bench, monkeypatch, capsys) -> None:
+    fake_load(monkeypatch, 0.0)
+    bench("bench_rfa_fused").main(["--quick", "--layers", "rfa", "--rounds", "1",
+                                   "--warmup", "0", "--threads", "1", "2"])
+    out = capsys.readouterr().out
+    assert out.count("### rfa, input (2, 8, 8, 8)") == 2  # stride 1 and 2
+    for candidate in ("conv + BN + ReLU", "official", "rfa eager", "rfa fused"):
+        assert out.count(f"| {candidate} | 1 |") == 2 and out.count(f"| {candidate} | 2 |") == 2
+    assert "| train speed-up |" in out
+
+
+def test_bench_layers_runs_at_tiny_shapes(bench, monkeypatch, capsys) -> None:
+    fake_load(monkeypatch, 0.0)
+    bench("bench_layers").main(["--quick", "--only", "aw", "--only", "rfa", "--rounds", "1",
+                                "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert out.count("### AWConv2d vs nn.Conv2d") == 1 and out.count("vs the faithful") == 3
+    assert "| reference (official) |" in out
+
+
+@pytest.mark.slow
+def test_bench_models_runs_at_tiny_shapes(bench, monkeypatch, capsys) -> None:
+    fake_load(monkeypatch, 0.0)
+    bench("bench_models").main(["--quick", "--rounds", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    for name in ("resnet18", "resnet18_rfa", "resnet18_rfa eager"):
+        assert f"| {name} | 2 |" in out  # PyTorch rows, 2 threads
+    assert "### onnxruntime" in out and "| resnet18_rfa |" in out.split("### onnxruntime")[1]

@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import randomise
-from reference_rfa import OfficialRFAConv, OfficialRFCAConv, OfficialRFCBAMConv
 from torch import nn
 from torch.func import functional_call
 
@@ -34,6 +33,7 @@ from attnconv import (
 from attnconv.export import export_program
 from attnconv.layers.aw_conv import IMPLS as AW_IMPLS
 from attnconv.models import MODEL_ARGS
+from attnconv.testing.reference_rfa import OfficialRFAConv, OfficialRFCAConv, OfficialRFCBAMConv
 
 #: every create_conv name, AW with each of its paths
 LAYERS = [layer for name in CONV_LAYERS

@@ -1,5 +1,5 @@
 """RFAConv2d, RFCBAMConv2d, RFCAConv2d against faithful float64 references of the official
-modules (tests/reference_rfa.py: rearrange + stride-k conv)."""
+modules (attnconv/testing/reference_rfa.py: rearrange + stride-k conv)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import randomise
-from reference_rfa import OfficialRFAConv, OfficialRFCAConv, OfficialRFCBAMConv
 from torch import nn
 from torch.func import functional_call
 
 from attnconv import RFAConv2d, RFCAConv2d, RFCBAMConv2d, create_conv
 from attnconv.profiling import saved_tensor_bytes
+from attnconv.testing.reference_rfa import OfficialRFAConv, OfficialRFCAConv, OfficialRFCBAMConv
 
 pytestmark = pytest.mark.usefixtures("float64_by_default")
 

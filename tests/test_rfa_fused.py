@@ -1,5 +1,5 @@
 """The fused RFAConv kernel (attnconv.ops.rfa, csrc/rfa_fused.cpp) against the faithful float64
-official module (tests/reference_rfa.py) and against its own eager formulation; the dispatch
+official module (attnconv/testing/reference_rfa.py) and against its own eager formulation; the dispatch
 (impl=, set_rfa_impl) and the fallback with its warning."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import warnings
 import pytest
 import torch
 from helpers import assert_matches_official, randomise, run
-from reference_rfa import OfficialRFAConv
 
 from attnconv import RFAConv2d
 from attnconv.layers import rfa_conv
 from attnconv.ops import _build, rfa
 from attnconv.profiling import saved_tensor_bytes
+from attnconv.testing.reference_rfa import OfficialRFAConv
 
 pytestmark = pytest.mark.usefixtures("float64_by_default")
 

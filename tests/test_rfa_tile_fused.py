@@ -1,5 +1,5 @@
 """The fused RFCBAMConv2d / RFCAConv2d (attnconv.ops.rfa_tile on csrc/rfa_fused.cpp) against the
-faithful float64 official modules (tests/reference_rfa.py) and their own eager formulation; the
+faithful float64 official modules (attnconv/testing/reference_rfa.py) and their own eager formulation; the
 ops' gradients, the modes (autocast, compile, export, double backward) and the dispatch."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import warnings
 import pytest
 import torch
 from helpers import assert_matches_official, randomise, run
-from reference_rfa import OfficialRFCAConv, OfficialRFCBAMConv
 
 from attnconv import RFCAConv2d, RFCBAMConv2d
 from attnconv.layers import rfa_conv
 from attnconv.ops import _build, rfa, rfa_tile
 from attnconv.profiling import saved_tensor_bytes
+from attnconv.testing.reference_rfa import OfficialRFCAConv, OfficialRFCBAMConv
 
 pytestmark = pytest.mark.usefixtures("float64_by_default")
 

@@ -1,7 +1,6 @@
-"""Faithful references of the official RFAConv modules (Liuchen1997/RFAConv), written from
-``shared/spec/rfa_conv.md``: same sub-module layout and state-dict keys, the rearrange to
-(H'k, W'k) and the stride-k conv. Slow on purpose. Used by tests/test_rfa_conv.py and by
-benchmarks/bench_layers.py (the only copy).
+"""Faithful references of the official RFAConv modules (Liuchen1997/RFAConv): same sub-module
+layout and state-dict keys, the rearrange to (H'k, W'k) and the stride-k conv. Slow on purpose.
+The tests check the layers against them and the benchmarks time the layers against them.
 
 ``trailing_bn_relu=True`` gives the ``model.py`` layout (BatchNorm2d + ReLU after the final
 conv, keys ``conv.1.*``); the default is the ``classification/RF*resnet.py`` layout.
