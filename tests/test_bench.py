@@ -169,6 +169,16 @@ def test_bench_rfa_fused_runs_at_tiny_shapes(bench, monkeypatch, capsys) -> None
     assert "| train speed-up |" in out
 
 
+def test_bench_rfa_phases_times_every_phase_at_tiny_shapes(bench, monkeypatch, capsys) -> None:
+    fake_load(monkeypatch, 0.0)
+    bench("bench_rfa_phases").main(["--quick", "--rounds", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert out.count("### phases at (2, 8, 8, 8)") == 2  # stride 1 and 2
+    for phase in ("GEMM floor (torch.mm)", "features pass (rfa_feature_stats)", "rfa: backward",
+                  "rfcbam: product backward", "rfca: reduction pass"):
+        assert out.count(f"| {phase} |") == 2
+
+
 def test_bench_layers_runs_at_tiny_shapes(bench, monkeypatch, capsys) -> None:
     fake_load(monkeypatch, 0.0)
     bench("bench_layers").main(["--quick", "--only", "aw", "--only", "rfa", "--rounds", "1",

@@ -1,6 +1,6 @@
 """The fused RFAConv kernel (attnconv.ops.rfa, csrc/rfa_fused.cpp) against the faithful float64
-official module (attnconv/testing/reference_rfa.py) and against its own eager formulation; the dispatch
-(impl=, set_rfa_impl) and the fallback with its warning."""
+official module (attnconv.testing.reference_rfa) and against its own eager formulation; the
+dispatch (impl=, set_rfa_impl) and the fallback with its warning."""
 
 from __future__ import annotations
 
