@@ -1,6 +1,7 @@
 """The fused RFCBAMConv2d / RFCAConv2d (attnconv.ops.rfa_tile on csrc/rfa_fused.cpp) against the
 faithful float64 official modules (attnconv.testing.reference_rfa) and their own eager
-formulation; the ops' gradients, the modes (autocast, compile, export, double backward) and the dispatch."""
+formulation; the ops' gradients, the modes (autocast, compile, export, double backward)
+and the dispatch."""
 
 from __future__ import annotations
 
