@@ -12,8 +12,8 @@ _FORMATTER = argparse.RawDescriptionHelpFormatter
 
 
 def _thread_count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a thread count (0: torch's), got {text!r}")
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a thread count >= 1, got {text!r}")
     return int(text)
 
 
