@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from attnconv.cli import main
-from attnconv.export import export_onnx
+from attnconv.export import ExportError, export_onnx
 from attnconv.models import create_model
 from attnconv.pretrained import InitError, init_from
 from attnconv.segmentation.data import MaskFolder, build_segmentation_sets
@@ -138,6 +138,21 @@ def test_bench_refuses_cuda_without_a_gpu(capsys: pytest.CaptureFixture,
     assert err == "attnconv bench: error: device cuda: torch sees no CUDA GPU here; use cpu\n"
 
 
+def test_an_opset_the_exporter_did_not_write_is_an_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def exporter_keeping_opset_18(model, args, path, **kwargs) -> None:
+        graph = onnx.helper.make_graph([], "g", [], [])
+        onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]),
+                  path)
+
+    monkeypatch.setattr(torch.onnx, "export", exporter_keeping_opset_18)
+    with pytest.raises(ExportError, match="could not write opset 20 \\(it wrote 18\\)"):
+        export_onnx(nn.Conv2d(3, 4, 3), tmp_path / "m.onnx", input_size=(3, 8, 8), opset=20,
+                    verify=False)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.slow
 def test_export_writes_the_opset_asked_for(tmp_path: Path) -> None:
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
     export_onnx(net, tmp_path / "m.onnx", input_size=(3, 8, 8), opset=21)
@@ -225,11 +240,15 @@ def test_train_seg_refuses_before_training(argv: list[str], message: str, tmp_pa
     assert not list((tmp_path / "runs").rglob("*.ckpt"))
 
 
-def test_a_dilated_rfa_yolo_block_is_refused_for_its_dilation() -> None:
+def test_a_dilated_rfa_yolo_block_is_refused_for_its_dilation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As tests/test_yolo.py: ultralytics reads these on import and must not go online.
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path))
+    monkeypatch.setenv("YOLO_OFFLINE", "1")
     pytest.importorskip("ultralytics", reason="the attnconv[yolo] extra is not installed")
     from attnconv.integrations.ultralytics import RFAConv
 
     # [RFAConv, [128, 3, 2, None, 1, 2]]: was "padding must be None or kernel_size // 2".
     with pytest.raises(ValueError, match="dilation must be 1"):
         RFAConv(64, 128, 3, 2, None, 1, 2)
-    assert RFAConv(64, 128, 3, 2, None, 1, 1)(torch.randn(1, 64, 8, 8)).shape == (1, 128, 4, 4)
+    assert RFAConv(64, 128, 3, 2, None, 1, 1).conv.padding == (1, 1)  # autopad's k // 2
