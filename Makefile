@@ -13,7 +13,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[all,dev]"
 	touch $(STAMP)
 
+# the fused RFA kernels, compiled once per source, torch and CPU (a second or two when built)
 install: $(STAMP)
+	$(PY) -m attnconv.ops.build
 
 lint: install
 	$(PY) -m ruff check .

@@ -141,19 +141,25 @@ def plot_aw_attention(layer: nn.Module, x: torch.Tensor, path: str | Path, *,
     scale = (1 + attention)[:, :filters].cpu()
     mean = scale.mean(0)
     std = scale.std(0) if scale.shape[0] > 1 else torch.zeros_like(mean)
-    from matplotlib.colors import CenteredNorm
+    from matplotlib.colors import CenteredNorm, Normalize
 
+    # One scale per row, shared by every filter, so that colours compare across panels.
+    spread = float((mean - 1).abs().max())
+    rows = (("1+A mean", mean, "coolwarm", CenteredNorm(vcenter=1.0, halfrange=spread or 1e-6),
+             "1+A (white: 1, the conv's own weight)"),
+            ("1+A std", std, "viridis", Normalize(0.0, float(std.max()) or 1e-6),
+             "std of 1+A over the views"))
     fig, axes = _subplots(2, mean.shape[0])
+    fig.set_layout_engine("constrained")  # room for the colour bar each row shares
     panels = {}
-    for o in range(mean.shape[0]):
-        for row, (label, values, cmap, norm) in enumerate((
-                ("1+A mean", mean[o], "coolwarm", CenteredNorm(vcenter=1.0)),
-                ("1+A std", std[o], "viridis", None))):
-            mosaic = kernel_mosaic(values)
-            im = axes[row, o].imshow(mosaic, cmap=cmap, norm=norm, interpolation="nearest")
+    for row, (label, values, cmap, norm, bar_label) in enumerate(rows):
+        for o in range(mean.shape[0]):
+            im = axes[row, o].imshow(kernel_mosaic(values[o]), cmap=cmap, norm=norm,
+                                     interpolation="nearest")
             axes[row, o].set_title(f"filter {o}: {label}", fontsize=7)
-            fig.colorbar(im, ax=axes[row, o], fraction=0.046)
             panels[f"filter {o}: {label}"] = np.asarray(im.get_array())
+        bar = fig.colorbar(im, ax=list(axes[row]), fraction=0.02)
+        bar.set_label(bar_label, fontsize=7)
     kh, kw = mean.shape[-2:]
     axes[0, 0].set_ylabel(f"input channels, {kh}x{kw} taps each", fontsize=7)
     where = " · ".join(part for part in (model, name) if part)
@@ -162,7 +168,6 @@ def plot_aw_attention(layer: nn.Module, x: torch.Tensor, path: str | Path, *,
     if untrained:
         title += "\nuntrained: A = 0 (the attention's last 1x1 conv is still zero)"
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     return _save(fig, Path(path), panels)
 
 
@@ -179,16 +184,26 @@ def rfa_tiles(attention: torch.Tensor) -> torch.Tensor:
 def plot_rfa_attention(attention: torch.Tensor, image: np.ndarray, path: str | Path,
                        title: str = "receptive-field attention", model: str = "") -> Figure:
     """The first sample's receptive-field attention (from the layer's ``attention(x)``) as a
-    heat-map grid of k x k tiles over ``image``; ``model`` names the network in the title."""
+    heat-map grid of k x k tiles over ``image``; ``model`` names the network in the title.
+
+    The colour map diverges from the uniform weight 1/k² (white): red taps get more than an
+    even share of their receptive field, blue ones less, on a scale symmetric around it."""
+    from matplotlib.colors import CenteredNorm
+
     tiles = rfa_tiles(attention)[0].cpu().numpy()
+    taps = attention.shape[2]
+    uniform = 1.0 / taps
     fig, axes = _subplots(1, 2, size=4.0)
     axes[0, 0].imshow(image)
     axes[0, 0].set_title("input", fontsize=8)
     axes[0, 1].imshow(image)
     extent = (0, image.shape[1], image.shape[0], 0)
-    im = axes[0, 1].imshow(tiles, cmap="magma", alpha=0.7, extent=extent, interpolation="nearest")
+    norm = CenteredNorm(vcenter=uniform, halfrange=float(np.abs(tiles - uniform).max()) or 1e-6)
+    im = axes[0, 1].imshow(tiles, cmap="RdBu_r", norm=norm, alpha=0.8, extent=extent,
+                           interpolation="nearest")
     axes[0, 1].set_title(title, fontsize=8)
-    fig.colorbar(im, ax=axes[0, 1], fraction=0.046)
+    bar = fig.colorbar(im, ax=axes[0, 1], fraction=0.046)
+    bar.set_label(f"attention weight (white: uniform 1/{taps} = {uniform:.4f})", fontsize=7)
     if model:
         fig.suptitle(model, fontsize=9)
     fig.tight_layout()
@@ -214,7 +229,8 @@ NO_GATE = ("untrained: the input is 0 everywhere\n(zero-initialised BN),\n"
 @torch.no_grad()
 def plot_gate_maps(maps: dict[str, torch.Tensor], image: np.ndarray, path: str | Path,
                    model: str = "") -> Figure:
-    """Each (H, W) gate map, by module name, over ``image``. A map without any value (its
+    """Each (H, W) gate map, by panel title (:func:`gate_title`), over ``image``. A map
+    without any value (its
     module's input was 0 everywhere, see :func:`effective_gate`) is not drawn: the panel
     shows the image and :data:`NO_GATE`."""
     fig, axes = _subplots(1, len(maps), size=3.0)
@@ -236,6 +252,17 @@ def plot_gate_maps(maps: dict[str, torch.Tensor], image: np.ndarray, path: str |
                  "channels", fontsize=9)
     fig.tight_layout()
     return _save(fig, Path(path), panels)
+
+
+def gate_title(name: str, module: nn.Module) -> str:
+    """What an activation-attention module is and where: ``'CBAM in layer1.0'`` for timm's
+    ``layer1.0.se`` slot holding a CBAM module (its factory name in ``create_attn``)."""
+    from attnconv.layers.create import ATTN_LAYERS
+
+    kind = next((k.upper() for k, cls in ATTN_LAYERS.items() if type(module) is cls),
+                type(module).__name__)
+    block = name.rpartition(".")[0]
+    return f"{kind} in {block}" if block else kind
 
 
 def _attention_kinds() -> dict[str, tuple[type, ...]]:
@@ -304,7 +331,8 @@ def visualize(model: nn.Module, out_dir: str | Path, *, image: str | Path | None
                                           title=f"{name}: receptive-field attention",
                                           model=model_name))
     if chosen["gate"]:
-        maps = {n: effective_gate(*captured[n])[0] for n in chosen["gate"]}
+        maps = {gate_title(n, modules[n]): effective_gate(*captured[n])[0]
+                for n in chosen["gate"]}
         figures.append(plot_gate_maps(maps, pixels, out_dir / "gate_maps.png",
                                       model=model_name))
     return figures

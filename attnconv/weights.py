@@ -6,10 +6,12 @@ folder that then replaces the target with ``os.replace``: a kill leaves the old 
 one, never half of one; the temporary files of writers that were killed are removed by the next
 write of the same target.
 
-Every mapping written by :func:`atomic_save` carries a SHA-256 digest of its tensors under
-:data:`DIGEST_KEY`; :func:`safe_load` checks it and removes the key, so flipped bytes inside a
-weight tensor are an error that names the file instead of a silently worse model. Files without
-a digest (older checkpoints, other tools' files) load as before.
+Every mapping written by :func:`atomic_save` carries a SHA-256 digest of all it holds (every
+tensor, key and value: the metadata loaders rebuild a model and its data from, too) under
+:data:`DIGEST_KEY`; :func:`safe_load` checks it and removes the key, so a flipped byte anywhere
+in a checkpoint is an error that names the file instead of a silently wrong model or
+evaluation. Files without a digest (older checkpoints, other tools' files) load as before;
+files of earlier versions, whose digest covers their tensors only, are checked on those.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ DIGEST_KEY = "attnconv_digest"
 
 
 class CorruptCheckpointError(ValueError):
-    """A checkpoint whose tensors no longer match the digest stored when it was written."""
+    """A checkpoint whose contents no longer match the digest stored when it was written."""
 
 
 def _tensors(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
@@ -83,6 +85,56 @@ def tensor_digest(obj: Any, threads: int | None = None) -> str:
     return digest.hexdigest()
 
 
+def _leaves(obj: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every value inside nested dicts / lists / tuples with its path, in a fixed order; a
+    container's length and each key's type are part of the paths."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, Mapping):
+        keys = [k for k in obj if k != DIGEST_KEY]
+        yield f"{path}:map[{len(keys)}]", None
+        for key in keys:  # insertion order: torch.save keeps it
+            yield from _leaves(obj[key], f"{path}/{type(key).__name__}:{key!r}")
+        metadata = getattr(obj, "_metadata", None)  # a state dict's versions (load_state_dict)
+        if metadata is not None:
+            yield from _leaves(metadata, f"{path}._metadata")
+    elif isinstance(obj, list | tuple):
+        yield f"{path}:seq[{len(obj)}]", None
+        for i, value in enumerate(obj):
+            yield from _leaves(value, f"{path}/{i}")
+    elif isinstance(obj, set | frozenset):  # no fixed order: hashes differ between processes
+        yield path, sorted(map(repr, obj))
+    else:
+        yield path, obj
+
+
+def content_digest(obj: Any, threads: int | None = None) -> str:
+    """SHA-256 (hex) over everything in ``obj``: each tensor as :func:`tensor_digest` hashes
+    it, and every other value (config, class counts, epochs, RNG states) by its path, type and
+    ``repr``, so that no byte a loader reads can change unnoticed."""
+    leaves = list(_leaves(obj))
+    digest = hashlib.sha256()
+    digest.update(tensor_digest({"": [v for _, v in leaves if isinstance(v, torch.Tensor)]},
+                                threads).encode())
+    for path, value in leaves:
+        text = "tensor" if isinstance(value, torch.Tensor) else f"{type(value).__name__}:{value!r}"
+        digest.update(f"{path}={text}\n".encode())
+    return digest.hexdigest()
+
+
+def _verify(state: dict[str, Any], stored: Any, path: Path) -> None:
+    stored = stored if isinstance(stored, Mapping) else {}
+    if "content_sha256" in stored:
+        expected, actual = stored["content_sha256"], content_digest(state)
+    else:  # written by an earlier version: the digest of the tensors alone
+        expected, actual = stored.get("sha256"), tensor_digest(state)
+    if actual != expected:
+        raise CorruptCheckpointError(
+            f"{path} is corrupt: its contents do not match the SHA-256 digest stored when it "
+            f"was written ({actual[:12]}... != {str(expected)[:12]}...); restore it from a "
+            "copy or use another checkpoint")
+
+
 def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     """Tensors and plain containers from ``path``; anything else is refused (ValueError).
 
@@ -106,14 +158,7 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
                          f"readable with weights_only=True, or it is damaged "
                          f"({type(err).__name__}: {err})") from err
     if isinstance(state, dict) and DIGEST_KEY in state:
-        stored = state.pop(DIGEST_KEY)
-        expected = stored.get("sha256") if isinstance(stored, Mapping) else None
-        actual = tensor_digest(state)
-        if actual != expected:
-            raise CorruptCheckpointError(
-                f"{path} is corrupt: its tensors do not match the SHA-256 digest stored when it "
-                f"was written ({actual[:12]}... != {str(expected)[:12]}...); restore it from a "
-                "copy or use another checkpoint")
+        _verify(state, state.pop(DIGEST_KEY), path)
     return state
 
 
@@ -179,16 +224,17 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save ``obj`` to ``path`` through a temporary file and os.replace.
 
-    A mapping gets the digest of its tensors under :data:`DIGEST_KEY` (``obj`` itself is not
-    changed). The file gets the mode the umask gives a new file, like ``open(path, 'wb')``.
+    A mapping gets the digest of its contents (:func:`content_digest`) under
+    :data:`DIGEST_KEY` (``obj`` itself is not changed). The file gets the mode the umask gives
+    a new file, like ``open(path, 'wb')``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     if isinstance(obj, dict):
-        digest = tensor_digest(obj)
+        digest = content_digest(obj)
         obj = copy.copy(obj)  # keeps the type and attributes (a state dict's _metadata)
-        obj[DIGEST_KEY] = {"sha256": digest}
+        obj[DIGEST_KEY] = {"content_sha256": digest}
     tmp = _tmp_name(path)
     # os.open with 0o666 applies the umask, as open() does; mkstemp would force 0600.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

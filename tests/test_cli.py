@@ -250,3 +250,93 @@ def test_the_readmes_commands_are_accepted() -> None:
             run_config_from_args(args)
         elif argv[0] == "train-det":  # was: model_args.pretrained_backbone, which is refused
             check_config(config_from_args(args, DetConfig()))
+
+
+@pytest.mark.parametrize("command", ["train", "train-det", "train-seg"])
+@pytest.mark.parametrize("options, asked", [
+    (["--trainer.accelerator", "gpu"], "trainer.accelerator gpu: this machine has 0 GPUs"),
+    (["--trainer.accelerator", "gpu", "--trainer.devices", "2"],
+     "trainer.devices 2: this machine has 0 GPUs"),
+    (["--trainer.accelerator", "auto", "--trainer.devices", "2"],
+     "trainer.devices 2: this machine has 0 GPUs")])
+def test_every_task_refuses_missing_gpus_with_the_cpu_hint(
+        command: str, options: list[str], asked: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *options, "--out_dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert asked in err and "say --trainer.accelerator cpu" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_recipes_lists_each_recipes_command_and_whole_first_sentence(
+        capsys: pytest.CaptureFixture) -> None:
+    from attnconv.recipes import list_recipes
+
+    main(["recipes"])
+    out = capsys.readouterr().out
+    assert "attnconv train --config demo\n" in out
+    assert "attnconv train-det --config fasterrcnn_r101_aw_coco_1x\n" in out
+    assert "attnconv train-seg --config deeplabv3_voc_aug\n" in out
+    entries = ("\n" + out.split("\n\n")[0]).split("\nattnconv ")[1:]
+    assert len(entries) == len(list_recipes())
+    for entry in entries:
+        command, description = entry.split("\n", 1)
+        assert command.startswith(("train --config", "train-det --config", "train-seg --config"))
+        assert description.rstrip().endswith(".") and description.startswith("    "), entry
+    # A sentence runs across the recipe's comment lines and past "et al.".
+    assert "(He et al. 2016, adapted to 200 epochs" in " ".join(out.split())
+    assert "the setting of Chen et al., \"Rethinking Atrous" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank_zero_prints_the_results(rank: int, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    import attnconv.segmentation.run as seg_run
+    import attnconv.training.run as cls_run
+    from attnconv.detection.coco_eval import COCO_METRICS
+    from attnconv.detection.run import _report
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank)  # as under torchrun, or the trainer's
+    monkeypatch.setattr(cls_run, "train", lambda cfg: SimpleNamespace(
+        run_dir=tmp_path, best_checkpoint=None, plot=None))
+    monkeypatch.setattr(cls_run, "summary_table", lambda results: "| train table |")
+    monkeypatch.setattr(cls_run, "compare", lambda models, seeds, cfg: SimpleNamespace(
+        table="| compare table |", plot=tmp_path / "compare.png"))
+    monkeypatch.setattr(seg_run, "train_seg", lambda cfg: SimpleNamespace(
+        report=lambda: "| seg table |", run_dir=tmp_path, best_checkpoint=None))
+    main(["train", "--out_dir", str(tmp_path)])
+    main(["compare", "resnet18", "--out_dir", str(tmp_path)])
+    main(["train-seg", "--out_dir", str(tmp_path)])
+    _report("fasterrcnn", dict.fromkeys(COCO_METRICS, 50.0), tmp_path, tmp_path / "d.pt", 1.0)
+    out = capsys.readouterr().out
+    tables = ("| train table |", "| compare table |", "| seg table |", "COCO box metrics")
+    if rank == 0:
+        assert all(table in out for table in tables), out
+    else:
+        assert out == ""
+
+
+def test_demo_prints_the_speed_of_its_models_timed_side_by_side(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    import attnconv.demo as demo
+    import attnconv.training.run as cls_run
+
+    timed = []
+    monkeypatch.setattr(cls_run, "compare", lambda models, seeds, cfg: SimpleNamespace(
+        table="| accuracy table |", plot=tmp_path / "compare.png"))
+    monkeypatch.setattr(demo, "throughput_report", lambda models, cfg, sets: timed.append(
+        (list(models), sets.image_size)) or "| speed table, load average |")
+    main(["demo", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert timed == [(list(demo.DEMO_MODELS), 16)]  # once, all three, at the recipe's size
+    assert out.index("| accuracy table |") < out.index("| speed table, load average |")

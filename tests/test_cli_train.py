@@ -111,3 +111,49 @@ def test_a_killed_run_resumes_and_its_folder_is_not_taken_by_a_new_run(tmp_path:
     assert f"resume: applying trainer.max_epochs: 100 -> {epoch + 2}" in resumed.stdout
     assert "exists and is not empty" not in resumed.stderr  # Lightning's notice, not ours
     assert safe_load(last)["epoch"] == epoch + 1
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--optim.gamma", "-1"], "optim.gamma must be > 0.0, not -1.0"),
+    (["--optim.gamma", "0"], "optim.gamma must be > 0.0, not 0.0"),
+    (["--seed", "-1"], "seed must be >= 0 and <= 4294967295, not -1"),
+    (["--seed", str(2**70)], f"seed must be >= 0 and <= 4294967295, not {2**70}"),
+    (["--data.val_fraction", "0"], "data.val_fraction must be > 0.0 and < 1.0, not 0.0"),
+    (["--data.val_fraction", "1"], "data.val_fraction must be > 0.0 and < 1.0, not 1.0"),
+    (["--optim.label_smoothing", "1.5"],
+     "optim.label_smoothing must be >= 0.0 and < 1.0, not 1.5"),
+    (["--optim.momentum", "1.5"], "optim.momentum must be >= 0.0 and <= 1.0, not 1.5"),
+    (["--optim.milestones", "[3, -1]"], "each of optim.milestones must be >= 0, not [3, -1]"),
+    (["--trainer.devices", "-1"], "trainer.devices must be a count >= 1, a list of device "
+                                  "indices such as '0,1', or auto, not '-1'"),
+    (["--trainer.devices", "0,-1"], "trainer.devices must be a count >= 1"),
+    (["--model_args", "{channels: [8]}"],
+     "model_args.channels must be 4 widths >= 1, one per ResNet stage, not [8]"),
+    (["--model_args", "{channels: [0, 8, 8, 8]}"], "model_args.channels must be 4 widths >= 1"),
+    (["--model_args", "{channels: [8, 8"], "--model_args is not valid YAML"),
+    (["--data.image_size", "100000"], "data.image_size must be >= 8 and <= 4096, not 100000"),
+    (["--data.image_size", "2"], "data.image_size must be >= 8 and <= 4096, not 2"),
+    (["--threads", "0"], "--threads: expected a thread count >= 1, got '0'"),
+    (["--name", "."], "name must be a plain folder name"),
+    (["--name", ".."], "name must be a plain folder name"),
+    (["--name", "../x"], "name must be a plain folder name"),
+    (["--name", "/tmp/x"], "name must be a plain folder name"),
+])
+def test_train_options_out_of_range_are_refused_in_one_line(
+        argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *TINY, "--out_dir", str(tmp_path / "runs"), *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    # One line (argparse's own refusals, --threads, come after the usage lines).
+    assert message in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_option_states_its_range_in_its_help(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "lr factor at each milestone; > 0.0 (default: 0.1)" in text
+    assert "held out for validation; > 0.0 and < 1.0 (default: 0.2)" in text
+    assert "multiplied by gamma; each >= 0 (default: [30, 60, 90])" in text

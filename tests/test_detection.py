@@ -6,14 +6,18 @@ from __future__ import annotations
 import json
 import time
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from attnconv import list_models
-from attnconv.cli import main
+from attnconv.cli import build_parser, main
 from attnconv.detection import coco_box_metrics, coco_dataset, make_shapes_dataset
+from attnconv.detection.config import DetConfig
+from attnconv.detection.run import train_det
+from attnconv.engine.config import apply, config_from_args
 from attnconv.models.detection import create_backbone, fasterrcnn, load_backbone_weights
 from attnconv.weights import safe_load
 
@@ -177,6 +181,8 @@ def test_train_det_runs_on_the_shared_engine_and_eval_det_keeps_the_log(
         tmp_path, one_thread, capsys):
     main(["train-det", "--out_dir", str(tmp_path), "--name", "tiny", *TINY_DET])
     run = tmp_path / "tiny"
+    # The metrics say which epoch and file they are from: detector.pt, the last epoch's.
+    assert f"figures of epoch 2/2 (the last), {run / 'detector.pt'}" in capsys.readouterr().out
     # The engine's checkpoints (atomic, weights-only, resumable) and the detector file.
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
     assert safe_load(run / "checkpoints" / "last.ckpt")["epoch"] == 1
@@ -190,7 +196,9 @@ def test_train_det_runs_on_the_shared_engine_and_eval_det_keeps_the_log(
     # Before: eval-det wrote its own CSVLogger into the run folder and erased the training log.
     main(["eval-det", str(run / "checkpoints" / "last.ckpt")])
     assert log.read_text() == before
-    assert "| model | AP | AP50 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| model | AP | AP50 |" in out
+    assert f"figures of {run / 'checkpoints' / 'last.ckpt'} (epoch 2/2)" in out
     assert json.loads((run / "coco_metrics.json").read_text())["model"] == "resnet18"
     # The same engine rules as classification: the folder belongs to this run and its resumes.
     with pytest.raises(SystemExit) as exit_info:
@@ -208,3 +216,32 @@ def test_train_det_config_errors_are_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == ("attnconv train-det: error: trainer.max_epochs must be "
                                        "an integer, not 'ten'\n")
+
+
+class _StopAfterFirstEpoch(L.Callback):
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        trainer.should_stop = True
+
+
+def _tiny_det_config(out_dir, name: str) -> DetConfig:
+    args = build_parser().parse_args(
+        ["train-det", "--out_dir", str(out_dir), "--name", name, *TINY_DET,
+         "--data.synthetic_train", "12", "--trainer.max_epochs", "3",
+         "--trainer.deterministic", "true"])
+    return config_from_args(args, DetConfig())
+
+
+@pytest.mark.slow
+def test_a_stopped_and_resumed_detection_run_ends_with_the_same_weights(tmp_path, one_thread):
+    # 12 images in batches of 4: 3 steps per epoch, flips drawn, warm-up across the boundary.
+    whole = train_det(_tiny_det_config(tmp_path, "whole"))
+    stopped = _tiny_det_config(tmp_path, "stopped")
+    train_det(stopped, callbacks=[_StopAfterFirstEpoch()])
+    assert safe_load(tmp_path / "stopped" / "checkpoints" / "last.ckpt")["epoch"] == 0
+    resumed = train_det(apply(stopped, {"resume": "last"}))
+    expected = safe_load(tmp_path / "whole" / "checkpoints" / "last.ckpt")["state_dict"]
+    got = safe_load(tmp_path / "stopped" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert expected.keys() == got.keys()
+    differ = [k for k in expected if not torch.equal(expected[k], got[k])]
+    assert not differ, f"{len(differ)} of {len(expected)} tensors differ, e.g. {differ[:3]}"
+    assert resumed.metrics == whole.metrics

@@ -151,18 +151,20 @@ def _bars(ax) -> list[float]:
 
 def test_compare_with_one_seed_has_no_error_bar_and_no_nan() -> None:
     fig = comparison_figure({"resnet18": [61.0], "resnet18_aw": [63.5]}, "digits, 1 seed")
-    (ax,) = fig.axes
+    ax, delta_ax = fig.axes
     assert _bars(ax) == [61.0, 63.5]
     assert not [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     assert not [line for line in ax.lines if len(line.get_xdata())]  # no dots, no bars
     assert mean_std_text([61.0]) == "61.00"
     assert difference_text([61.0], [63.5]) == "+2.50 (one seed: no interval)"
+    assert not [c for c in delta_ax.containers if isinstance(c, ErrorbarContainer)]
+    assert "+2.50\n(one seed: no interval)" in [t.get_text() for t in delta_ax.texts]
 
 
 def test_compare_with_several_seeds_shows_each_seed_beside_the_mean() -> None:
     top1 = {"a": [60.0, 62.0, 64.0], "b": [70.0, 71.0, 75.0]}
     fig = comparison_figure(top1)
-    (ax,) = fig.axes
+    ax = fig.axes[0]
     assert _bars(ax) == [62.0, pytest.approx(72.0)]
     errorbars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     spans = [seg[:, 1] for c in errorbars for seg in c.lines[2][0].get_segments()]
@@ -173,6 +175,28 @@ def test_compare_with_several_seeds_shows_each_seed_beside_the_mean() -> None:
     assert [set(d.get_xdata()) for d in dots] == [{0 + DOT_OFFSET}, {1 + DOT_OFFSET}]
     assert mean_std_text(top1["a"]) == "62.00 ± 2.00"
     assert difference_text(top1["a"], top1["b"]).startswith("+10.00 [")
+
+
+def test_compare_figure_starts_at_zero_and_draws_the_tables_difference() -> None:
+    from attnconv.training.report import welch_interval
+
+    top1 = {"resnet18": [92.78, 94.72], "resnet18_aw": [96.94, 97.50],
+            "resnet18_rfa": [97.22, 97.22]}
+    fig = comparison_figure(top1)
+    ax, delta_ax = fig.axes
+    assert ax.get_ylim() == (0, 100)  # bar lengths are the accuracies
+    assert [t.get_text() for t in ax.texts] == ["93.75", "97.22", "97.22"]
+    spans = [c.lines[2][0].get_segments()[0][:, 1] for c in delta_ax.containers
+             if isinstance(c, ErrorbarContainer)]
+    for name, span in zip(["resnet18_aw", "resnet18_rfa"], spans, strict=True):
+        _, low, high = welch_interval(top1["resnet18"], top1[name])
+        np.testing.assert_allclose(span, [low, high])
+        text = difference_text(top1["resnet18"], top1[name])
+        assert text in [t.get_text() for t in delta_ax.texts]
+    low, high = delta_ax.get_ylim()
+    assert low < 0 < high  # zero, "no difference", is on the axis
+    assert any(line.get_ydata()[0] == 0 for line in delta_ax.lines)
+    assert "vs resnet18" in delta_ax.get_ylabel()
 
 
 def test_comparison_table_prints_no_nan_for_one_seed(tmp_path: Path) -> None:
@@ -209,3 +233,101 @@ def test_detection_table_prints_a_dash_for_metrics_coco_cannot_compute() -> None
     row = table.splitlines()[-1]
     assert row == "| resnet18_aw | 41.2 | 80 | 45.5 | 30 | 52.2 | \u2013 |"
     assert "-1" not in table
+
+
+# ---- one honest scale per figure --------------------------------------------------------------
+
+def test_aw_panels_share_one_scale_per_row(tmp_path: Path, drawn: list) -> None:
+    torch.manual_seed(0)
+    layer = AWConv2d(4, 6, 3, padding=1)
+    torch.nn.init.normal_(layer.pointconv2.weight, std=0.3)
+    x = torch.randn(3, 4, 10, 10)
+    figure = viz.plot_aw_attention(layer, x, tmp_path / "aw.png", filters=3)
+    (fig,) = drawn
+    images = {ax.get_title(): ax.images[0] for ax in fig.axes if ax.images}
+    means = [im for title, im in images.items() if title.endswith("mean")]
+    stds = [im for title, im in images.items() if title.endswith("std")]
+    assert len(means) == len(stds) == 3
+    assert len({(im.norm.vmin, im.norm.vmax) for im in means}) == 1
+    assert len({(im.norm.vmin, im.norm.vmax) for im in stds}) == 1
+    spread = max(np.nanmax(np.abs(figure.panels[f"filter {o}: 1+A mean"] - 1)) for o in range(3))
+    assert means[0].norm.vcenter == 1.0
+    assert means[0].norm.vmax == pytest.approx(1 + spread)  # the largest deviation, any panel
+    assert stds[0].norm.vmin == 0
+    assert stds[0].norm.vmax == pytest.approx(
+        max(np.nanmax(figure.panels[f"filter {o}: 1+A std"]) for o in range(3)))
+
+
+def test_rfa_map_diverges_from_uniform_and_says_so(tmp_path: Path, drawn: list) -> None:
+    torch.manual_seed(0)
+    # Near uniform, as a trained layer is: within about 1% of 1/9.
+    attention = torch.softmax(0.02 * torch.randn(1, 4, 9, 6, 6), dim=2)
+    pixels, _ = viz.load_image(size=24)
+    viz.plot_rfa_attention(attention, pixels, tmp_path / "rfa.png")
+    (fig,) = drawn
+    heat = fig.axes[1].images[1]
+    assert heat.norm.vcenter == pytest.approx(1 / 9)
+    assert heat.norm.vmin < 1 / 9 < heat.norm.vmax
+    assert heat.norm.vmax - 1 / 9 == pytest.approx(1 / 9 - heat.norm.vmin)
+    assert heat.get_cmap().name == "RdBu_r"  # a diverging map
+    bar_labels = [ax.get_ylabel() for ax in fig.axes]
+    assert any("uniform 1/9" in label for label in bar_labels), bar_labels
+
+
+def test_gate_maps_are_titled_by_what_the_module_is() -> None:
+    model = create_model("resnet50_cbam", **NARROW)
+    modules = dict(model.named_modules())
+    names = [n for n, m in modules.items() if isinstance(m, viz._attention_kinds()["gate"])]
+    assert names[0] == "layer1.0.se"  # timm's attribute name for any attention
+    assert viz.gate_title(names[0], modules[names[0]]) == "CBAM in layer1.0"
+
+
+# ---- training speed: the models timed side by side ---------------------------------------------
+
+class _Logged(torch.nn.Module):
+    """A tiny classifier that notes each forward pass in ``calls``."""
+
+    def __init__(self, name: str, calls: list[str]) -> None:
+        super().__init__()
+        self.name, self.calls = name, calls
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(self.name)
+        return self.fc(x.flatten(1))
+
+
+def test_training_speed_is_measured_with_the_models_interleaved() -> None:
+    from attnconv.demo import train_throughput
+
+    calls: list[str] = []
+    models = {"a": _Logged("a", calls), "b": _Logged("b", calls)}
+    before = models["a"].fc.weight.detach().clone()
+    speed = train_throughput(models, torch.randn(8, 1, 2, 2), torch.randint(0, 3, (8,)),
+                             rounds=3)
+    assert calls == ["a", "b"] * 4  # one warm-up round, then 3 rounds, alternating
+    assert set(speed) == {"a", "b"} and all(v > 0 for v in speed.values())
+    assert not torch.equal(models["a"].fc.weight, before)  # real steps: the weights moved
+
+
+def test_speed_report_gives_the_load_it_was_measured_under(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import attnconv.training.models as models
+    from attnconv.demo import demo_config, throughput_report
+    from attnconv.training.data import Datasets
+
+    calls: list[str] = []
+    monkeypatch.setattr(models, "build_model", lambda name, *a, **k: _Logged(name, calls))
+    loads = iter([(1.5, 0, 0), (2.25, 0, 0)])
+    monkeypatch.setattr("os.getloadavg", lambda: next(loads))
+    sets = Datasets(None, None, num_classes=3, in_chans=1, image_size=2)
+    text = throughput_report(["p", "q"], demo_config(), sets, rounds=2)
+    assert "load average 1.5 before, 2.2 after" in text
+    assert "interleaved" in text and "median of 2 rounds" in text
+    assert "| p |" in text and "| q |" in text and "| 1.00 |" in text
+
+
+def test_the_comparison_table_has_no_speed_of_runs_timed_apart() -> None:
+    from attnconv.training.run import COMPARE_HEADERS
+
+    assert not [h for h in COMPARE_HEADERS if "img/s" in h]

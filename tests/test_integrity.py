@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from attnconv.weights import (
     DIGEST_KEY,
     CorruptCheckpointError,
     atomic_save,
+    content_digest,
     read_state_dict,
     remove_stale_temporaries,
     safe_load,
@@ -67,7 +69,7 @@ def test_digest_is_stored_verified_and_removed(tmp_path: Path) -> None:
     atomic_save(ckpt, tmp_path / "a.ckpt")
     assert DIGEST_KEY not in ckpt  # the caller's dict is not changed
     raw = torch.load(tmp_path / "a.ckpt", weights_only=True)
-    assert raw[DIGEST_KEY] == {"sha256": tensor_digest(ckpt)}
+    assert raw[DIGEST_KEY] == {"content_sha256": content_digest(ckpt)}
     loaded = safe_load(tmp_path / "a.ckpt")
     assert DIGEST_KEY not in loaded and loaded.keys() == ckpt.keys()
     torch.testing.assert_close(loaded["state_dict"], ckpt["state_dict"])
@@ -96,10 +98,58 @@ def test_flipped_bytes_in_a_weight_are_an_error_naming_the_file(tmp_path: Path) 
     path = tmp_path / "best.ckpt"
     atomic_save(ckpt, path)
     _flip_inside(path, ckpt["state_dict"]["conv.weight"])
-    with pytest.raises(CorruptCheckpointError, match=rf"{path} is corrupt: its tensors do not"):
+    with pytest.raises(CorruptCheckpointError, match=rf"{path} is corrupt: its contents do not"):
         safe_load(path)
     with pytest.raises(CorruptCheckpointError, match="is corrupt"):
         SafeCheckpointIO().load_checkpoint(path)
+
+
+def test_one_changed_byte_of_metadata_is_an_error(tmp_path: Path) -> None:
+    # What `attnconv eval` rebuilds the data from: image_size 16 -> 8 evaluated silently.
+    ckpt = {**_checkpoint(), "attnconv": {"config": {"data": {"image_size": 16}},
+                                          "num_classes": 10}}
+    path = tmp_path / "best.ckpt"
+    atomic_save(ckpt, path)
+    data = path.read_bytes()
+    found = re.search(rb"image_size(?:q.|r....)?K\x10", data, re.DOTALL)
+    assert found and len(re.findall(rb"image_size", data)) == 1
+    end = found.end() - 1
+    path.write_bytes(data[:end] + b"\x08" + data[end + 1:])
+    assert torch.load(path, weights_only=True)["attnconv"]["config"]["data"]["image_size"] == 8
+    with pytest.raises(CorruptCheckpointError, match=rf"{path} is corrupt"):
+        safe_load(path)
+
+
+@pytest.mark.parametrize("change", ["value", "key", "added", "type"])
+def test_the_digest_covers_every_key_and_value(change: str) -> None:
+    ckpt = {**_checkpoint(), "attnconv": {"config": {"seed": 0, "name": "a"}, "classes": [1, 2]}}
+    changed = {**ckpt, "attnconv": {"config": {"seed": 0, "name": "a"}, "classes": [1, 2]}}
+    meta = changed["attnconv"]
+    if change == "value":
+        meta["config"]["name"] = "b"
+    elif change == "key":
+        meta["config"] = {"seed": 0, "nam": "a"}
+    elif change == "added":
+        meta["classes"].append(3)
+    else:
+        meta["config"]["seed"] = 0.0
+    assert content_digest(ckpt) == content_digest(_copy_of(ckpt))
+    assert content_digest(changed) != content_digest(ckpt)
+
+
+def _copy_of(ckpt: dict) -> dict:
+    return {**ckpt, "attnconv": {"config": dict(ckpt["attnconv"]["config"]),
+                                 "classes": list(ckpt["attnconv"]["classes"])}}
+
+
+def test_a_digest_of_the_tensors_alone_is_still_checked(tmp_path: Path) -> None:
+    # Files of earlier versions carry {"sha256": digest of the tensors}.
+    ckpt = _checkpoint()
+    torch.save({**ckpt, DIGEST_KEY: {"sha256": tensor_digest(ckpt)}}, tmp_path / "old.ckpt")
+    assert safe_load(tmp_path / "old.ckpt").keys() == ckpt.keys()
+    _flip_inside(tmp_path / "old.ckpt", ckpt["state_dict"]["conv.weight"])
+    with pytest.raises(CorruptCheckpointError, match="is corrupt"):
+        safe_load(tmp_path / "old.ckpt")
 
 
 def test_a_state_dict_keeps_its_type_and_metadata(tmp_path: Path) -> None:

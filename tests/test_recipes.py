@@ -20,7 +20,8 @@ from attnconv.recipes import list_recipes, recipe_path
 from attnconv.training.config import RunConfig, apply, load_recipe
 from attnconv.training.models import build_model
 
-CLASSIFICATION = {"cifar10", "cifar100", "demo", "imagenet_resnet_aw", "imagenet_rfaconv",
+CLASSIFICATION = {"cifar10", "cifar100", "demo", "fashion_mnist", "imagenet_resnet_aw",
+                  "imagenet_rfaconv",
                   # fine-tuning recipes: their networks are tested in tests/test_pretrained.py
                   "finetune_cifar10", "finetune_cifar100", "finetune_imagenet_resnet18_rfa",
                   "finetune_imagenet_resnet50_aw", "finetune_imagenet_resnet101_aw"}
@@ -111,6 +112,22 @@ def test_demo_recipe_builds_the_narrow_digits_network() -> None:
     model = _network("demo", 10, in_chans=1)
     assert model.conv1.in_channels == 1 and isinstance(model.maxpool, nn.Identity)
     assert model.num_features == 64
+
+
+def test_fashion_mnist_recipe_builds_the_demos_network_on_one_channel() -> None:
+    cfg = load_recipe("fashion_mnist")
+    assert cfg.model_args == load_recipe("demo").model_args
+    assert (cfg.data.name, cfg.data.image_size, cfg.data.crop) == ("fashion_mnist", 28, "cifar")
+    model = _network("fashion_mnist", 10, in_chans=1)
+    assert model.conv1.in_channels == 1 and model.num_features == 64
+
+
+@pytest.mark.parametrize("name", ["imagenet_resnet_aw", "imagenet_rfaconv",
+                                  "finetune_imagenet_resnet18_rfa",
+                                  "finetune_imagenet_resnet50_aw",
+                                  "finetune_imagenet_resnet101_aw"])
+def test_imagenet_recipes_ask_for_the_imagenet_crop(name: str) -> None:
+    assert load_recipe(name).data.crop == "imagenet"
 
 
 @pytest.mark.slow

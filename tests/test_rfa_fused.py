@@ -12,6 +12,7 @@ from helpers import assert_matches_official, randomise, run
 from reference_rfa import OfficialRFAConv
 
 from attnconv import RFAConv2d
+from attnconv.layers import rfa_conv
 from attnconv.ops import _build, rfa
 from attnconv.profiling import saved_tensor_bytes
 
@@ -208,7 +209,7 @@ def test_impl_reaches_the_dispatch(monkeypatch):
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(rfa, "rfa_fused", counting)
+    monkeypatch.setattr(rfa_conv, "rfa_fused", counting)
     x = torch.randn(2, 6, 7, 7)
     assert RFAConv2d(6, 5, impl="eager").impl == "eager"
     RFAConv2d(6, 5, impl="eager")(x)
@@ -236,7 +237,7 @@ def test_bad_impl_is_rejected(impl):
 
 
 def test_without_the_kernel_the_layer_runs_eager_and_warns_once(monkeypatch):
-    monkeypatch.setitem(_build._cache, "rfa_fused", "no compiler (test)")
+    monkeypatch.setitem(_build._loaded, "rfa_fused", "no compiler (test)")
     monkeypatch.setattr(rfa, "_warned", set())
     ref, layer = make_pair()
     x = torch.randn(2, 6, 7, 9)
@@ -255,6 +256,6 @@ def test_an_uncovered_device_runs_eager_and_says_why(monkeypatch):
 
 def test_a_failed_build_is_reported_with_its_reason(monkeypatch, tmp_path):
     monkeypatch.setattr(_build, "CSRC", tmp_path)
-    assert "is missing" in _build._build("rfa_fused")
+    assert "is missing" in _build._load("rfa_fused", build=True)
     monkeypatch.setenv("ATTNCONV_NO_EXTENSIONS", "1")
-    assert _build._build("rfa_fused") == "ATTNCONV_NO_EXTENSIONS is set"
+    assert _build._load("rfa_fused", build=True) == "ATTNCONV_NO_EXTENSIONS is set"

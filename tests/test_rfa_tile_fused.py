@@ -12,6 +12,7 @@ from helpers import assert_matches_official, randomise, run
 from reference_rfa import OfficialRFCAConv, OfficialRFCBAMConv
 
 from attnconv import RFCAConv2d, RFCBAMConv2d
+from attnconv.layers import rfa_conv
 from attnconv.ops import _build, rfa, rfa_tile
 from attnconv.profiling import saved_tensor_bytes
 
@@ -243,7 +244,7 @@ def test_impl_reaches_the_dispatch(name, monkeypatch):
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(rfa_tile, "rfa_tile_attend", counting)
+    monkeypatch.setattr(rfa_conv, "rfa_tile_attend", counting)
     cls = LAYERS[name][1]
     x = torch.randn(2, 6, 7, 7)
     assert cls(6, 5, impl="eager").impl == "eager"
@@ -251,14 +252,18 @@ def test_impl_reaches_the_dispatch(name, monkeypatch):
     assert calls == []
     cls(6, 5, impl="fused")(x)
     assert calls == [1]
-    cls(6, 5)(x)  # auto on CPU: fused
-    assert calls == [1, 1]
+    auto = cls(6, 5)
+    for training in (False, True):  # auto on CPU: the layer's measured choice for the mode
+        before = len(calls)
+        auto.train(training)(x)
+        assert len(calls) - before == int(cls._auto_fused[training])
+    calls.clear()
     try:
         rfa.set_rfa_impl("eager")
         cls(6, 5)(x)
-        assert calls == [1, 1]
+        assert calls == []
         cls(6, 5, impl="fused")(x)  # the constructor's choice wins
-        assert calls == [1, 1, 1]
+        assert calls == [1]
     finally:
         rfa.set_rfa_impl("auto")
 
@@ -271,7 +276,7 @@ def test_bad_impl_is_rejected(name):
 
 @pytest.mark.parametrize("name", LAYERS)
 def test_without_the_kernel_the_layer_runs_eager_and_warns_once(name, monkeypatch):
-    monkeypatch.setitem(_build._cache, "rfa_fused", "no compiler (test)")
+    monkeypatch.setitem(_build._loaded, "rfa_fused", "no compiler (test)")
     monkeypatch.setattr(rfa, "_warned", set())
     ref, layer = make_pair(name)
     x = torch.randn(2, 6, 7, 9)

@@ -238,6 +238,52 @@ def test_mask_with_unknown_class_id_is_a_one_line_error(tmp_path):
     assert target[1, 1] == IGNORE_INDEX and target[0, 0] == 3
 
 
+def _half_size_mask_folder(root: Path, mask_size: tuple[int, int]) -> None:
+    """folder-layout data whose one image (16x12: left half class 1, right half class 2) has
+    a mask of ``mask_size`` (width, height) with the same two halves."""
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        pixels = np.zeros((12, 16, 3), np.uint8)
+        pixels[:, 8:] = 200
+        Image.fromarray(pixels).save(root / "images" / split / "a.png")
+        width, height = mask_size
+        mask = np.ones((height, width), np.uint8)
+        mask[:, width // 2:] = 2
+        Image.fromarray(mask).save(root / "masks" / split / "a.png")
+
+
+def test_mask_of_another_size_is_resized_with_its_image(tmp_path):
+    # Before, validation resized only the image and pad_collate pasted the half-size mask into
+    # the top-left corner: half the labels sat on the wrong pixels.
+    _half_size_mask_folder(tmp_path, (8, 6))
+    sets = build_segmentation_sets("folder", tmp_path, crop_size=12, base_size=12,
+                                   num_classes=3)
+    image, mask = sets.val[0]
+    assert mask.shape == image.shape[-2:] == (12, 16)
+    assert (mask[:, :8] == 1).all() and (mask[:, 8:] == 2).all()
+    _, masks = pad_collate([sets.val[0], sets.val[0]])
+    assert (masks != IGNORE_INDEX).all()
+    torch.manual_seed(0)
+    image, mask = sets.train[0]  # the same rule in training: image and mask move together
+    assert mask.shape == image.shape[-2:]
+    bright = image[0] > 0  # the right half of the image (class 2), after normalisation
+    assert (mask[bright & (mask != IGNORE_INDEX)] == 2).all()
+
+
+def test_mask_of_another_aspect_ratio_is_a_one_line_error(tmp_path):
+    _half_size_mask_folder(tmp_path, (12, 12))
+    sets = build_segmentation_sets("folder", tmp_path, crop_size=12, base_size=12,
+                                   num_classes=3)
+    for split in (sets.train, sets.val):
+        with pytest.raises(DataError, match=r"masks/(train|val)/a\.png: mask is 12x12 but its "
+                           r"image is 16x12 \(another aspect ratio\)") as err:
+            split[0]
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"mask \(6, 8\) and image \(12, 16\) differ"):
+        pad_collate([(torch.zeros(3, 12, 16), torch.zeros(6, 8, dtype=torch.int64))])
+
+
 def test_wrong_voc_root_is_a_one_line_error(tmp_path):
     for call in (lambda: voc_segmentation(tmp_path / "nowhere"),
                  lambda: build_segmentation_sets("voc_aug", tmp_path, crop_size=8, base_size=8,
@@ -457,6 +503,10 @@ def test_train_seg_and_eval_seg_from_the_command_line(tmp_path, capsys, one_thre
     main(["train-seg", *args])
     out = capsys.readouterr().out
     assert "fcn_resnet18_rfa: mean IoU" in out and "| triangle |" in out
+    folder = tmp_path / "r" / "checkpoints"
+    # The figures say which epoch and file they are from.
+    assert (f"figures of epoch 1/1 (the last), {folder / 'last.ckpt'}; it is also the best "
+            f"epoch ({folder / 'best.ckpt'})") in out
     report = json.loads((tmp_path / "r" / "seg_metrics.json").read_text())
     assert set(report["iou"]) == {"background", "rectangle", "ellipse", "triangle"}
     checkpoint = tmp_path / "r" / "checkpoints" / "best.ckpt"
@@ -464,7 +514,9 @@ def test_train_seg_and_eval_seg_from_the_command_line(tmp_path, capsys, one_thre
     assert result.miou == pytest.approx(report["miou"], abs=1e-6)
     assert isinstance(result.iou, dict) and result.model == "resnet18_rfa"
     main(["eval-seg", str(checkpoint), "--accelerator", "cpu"])
-    assert f"mean IoU {100 * report['miou']:.2f}%" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"mean IoU {100 * report['miou']:.2f}%" in out
+    assert f"figures of {checkpoint} (epoch 1/1)" in out
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -405,3 +405,112 @@ def test_one_schedule_serves_both_tasks_in_their_units() -> None:
         for step in range(4 * per_epoch):
             assert det_factor(step, per_epoch, d) == pytest.approx(old_det(step, per_epoch, d),
                                                                    rel=1e-12), (per_epoch, step)
+
+
+def test_a_folder_holding_anything_but_a_run_is_never_taken_or_emptied(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, trainer={"max_epochs": 1, "limit_train_batches": 1})
+    train(apply(cfg, {"name": "runA"}))
+    mydata = tmp_path / "mydata"
+    mydata.mkdir()
+    (mydata / "important.txt").write_text("keep me")
+    for folder, what in ((tmp_path, "mydata, runA"), (mydata, "important.txt")):
+        for overwrite in (False, True):
+            with pytest.raises(ConfigError, match=rf"run folder {folder} holds files that are "
+                                                  rf"not a run's \({what}\)"):
+                train(apply(cfg, {"out_dir": str(folder.parent), "name": folder.name,
+                                  "overwrite": overwrite}))
+    assert (mydata / "important.txt").read_text() == "keep me"
+    assert sorted(p.name for p in mydata.iterdir()) == ["important.txt"]
+    assert (tmp_path / "runA" / "checkpoints" / "last.ckpt").is_file()
+    for name in (".", "..", "../x", str(tmp_path / "abs")):
+        with pytest.raises(ConfigError, match="name must be a plain folder name"):
+            train(apply(cfg, {"name": name}))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match=r"out_dir .*afile is a file"):
+        train(apply(cfg, {"out_dir": str(tmp_path / "afile"), "name": "r"}))
+
+
+_HOLD_LOCK = """
+import fcntl, os, sys, time
+handle = open(sys.argv[1], "a+")
+fcntl.flock(handle, fcntl.LOCK_EX)
+handle.truncate(0); handle.write(str(os.getpid())); handle.flush()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_in_a_folder_in_use_is_refused_and_a_killed_runs_lock_is_gone(
+        tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cfg = tiny_config(tmp_path, name="busy", trainer={"max_epochs": 1, "limit_train_batches": 1})
+    folder = tmp_path / "busy"
+    (folder / "logs").mkdir(parents=True)  # the other run has started writing
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(folder / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=rf"run folder {folder} is in use by another run "
+                                              rf"\(process {holder.pid}\)"):
+            train(cfg)
+    finally:
+        holder.kill()  # as a run killed mid-way: the kernel drops its lock
+        holder.wait()
+    with pytest.raises(ConfigError, match="holds an earlier run: pass --overwrite true"):
+        train(cfg)
+    train(apply(cfg, {"overwrite": True}))
+    assert (folder / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_run_refused_while_reading_its_data_leaves_nothing_and_the_fix_runs(
+        tmp_path: Path) -> None:
+    from attnconv.training.data import DataError
+
+    cfg = tiny_config(tmp_path, name="big", trainer={"max_epochs": 1, "limit_train_batches": 1})
+    with pytest.raises(DataError, match="larger than the training set"):
+        train(apply(cfg, {"data": {"batch_size": 4096}}))
+    assert not (tmp_path / "big").exists()
+    train(apply(cfg, {"data": {"batch_size": 32}}))
+    assert (tmp_path / "big" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_an_earlier_run_is_offered_for_resume_only_when_a_resume_would_work(
+        tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, name="r", trainer={"max_epochs": 1, "limit_train_batches": 1})
+    train(cfg)
+    with pytest.raises(ConfigError, match="pass --resume last to continue it"):
+        train(cfg)
+    with pytest.raises(ConfigError, match=r"it ran with other settings \(data.batch_size 64 -> "
+                                          r"32\), so it cannot be resumed with these; pass "
+                                          r"--overwrite true") as refused:
+        train(apply(cfg, {"data": {"batch_size": 32}}))
+    assert "--resume" not in str(refused.value)
+    (tmp_path / "r" / "checkpoints" / "last.ckpt").unlink()
+    with pytest.raises(ConfigError, match=r"holds an earlier run: pass --overwrite true") as no:
+        train(cfg)
+    assert "--resume" not in str(no.value)
+
+
+def test_the_printed_figures_name_their_epoch_and_file_and_the_best_when_another(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from attnconv.cli import main
+
+    # The monitored score drops after epoch 0: best.ckpt is epoch 0, the figures are epoch 1's.
+    cfg = tiny_config(tmp_path, name="w", trainer={"max_epochs": 2, "limit_train_batches": 2})
+    result = train(cfg, callbacks=[_WorseAfterFirstEpoch()])
+    last, best = tmp_path / "w" / "checkpoints" / "last.ckpt", result.best_checkpoint
+    assert (result.last.path, result.last.epoch) == (last, 1)
+    assert (result.best.path, result.best.epoch) == (best, 0) and result.best.score > 0
+    assert result.note() == (f"figures of epoch 2/2 (the last), {last}; the best epoch was 1/2 "
+                             f"(top-1 {100 * result.best.score:.2f}), {best}")
+    # The command prints the note under its table.
+    main(["train", "--out_dir", str(tmp_path), "--name", "c", "--model_args",
+          "{cifar_stem: true, channels: [8, 8, 16, 16]}", "--trainer.accelerator", "cpu",
+          "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+          "--trainer.limit_val_batches", "1"])
+    out = capsys.readouterr().out
+    ckpts = tmp_path / "c" / "checkpoints"
+    assert (f"figures of epoch 1/1 (the last), {ckpts / 'last.ckpt'}; it is also the best "
+            f"epoch ({ckpts / 'best.ckpt'})") in out

@@ -128,7 +128,7 @@ def test_visualize_a_zoo_model_shows_its_layers_attention(tmp_path):
     expected = (1 + model.layer1[0].conv2.attention(inputs["aw"])).mean(0)
     np.testing.assert_allclose(figures["aw_attention.png"].panels["filter 0: 1+A mean"],
                                kernel_mosaic(expected[0].detach()), rtol=1e-5)
-    gate = figures["gate_maps.png"].panels["layer1.0.se"]
+    gate = figures["gate_maps.png"].panels["SE in layer1.0"]  # what it is, where
     assert np.isfinite(gate).all() and 0 < gate.min() <= gate.max() < 1  # a sigmoid gate
 
 

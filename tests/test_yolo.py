@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -275,3 +277,33 @@ def test_train_validate_export_through_ultralytics(name, tmp_path, no_network, o
         scale = float(np.abs(ref).max())
         np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4 * max(scale, 1.0))
     assert no_network == []
+
+
+#: Run in a new process that never imports attnconv itself: loading the saved model must.
+_REBUILD_SAVED = """
+import sys
+from ultralytics import YOLO
+from ultralytics.nn.tasks import DetectionModel
+
+saved = YOLO(sys.argv[1])
+# What YOLO(...).train() does first: rebuild the model from the YAML stored with it.
+rebuilt = DetectionModel(saved.model.yaml, verbose=False)
+print(sorted({type(m).__name__ for m in rebuilt.modules()} & {"AWConv", "C2f"}))
+from attnconv.integrations.ultralytics import variant_yaml
+print(variant_yaml("yolov8n-aw").parent == variant_yaml("yolo11n-aw").parent)
+print(variant_yaml("yolov8n-aw").parent)
+"""
+
+
+def test_a_saved_model_rebuilds_in_a_new_process_and_yamls_share_one_cleaned_folder(
+        tmp_path, no_network):
+    saved = tmp_path / "saved.pt"
+    YOLO(variant_yaml("yolov8n-c2f-aw", tmp_path)).save(saved)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", _REBUILD_SAVED, str(saved)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]  # was: KeyError: 'C2f_AWConv'
+    blocks, shared, folder = done.stdout.strip().splitlines()[-3:]
+    assert blocks == "['AWConv', 'C2f']"
+    assert shared == "True"  # one folder per process, not one per call
+    assert folder and not Path(folder).exists()  # removed when the process ended

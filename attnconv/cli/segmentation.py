@@ -10,9 +10,12 @@ from attnconv.segmentation.config import SegConfig
 
 
 def _train_seg(args: argparse.Namespace) -> None:
+    from attnconv.engine.trainer import is_global_zero
     from attnconv.segmentation.run import train_seg
 
     result = train_seg(config_from_args(args, SegConfig()))
+    if not is_global_zero():  # every process of a distributed run gets here; one reports
+        return
     print("\n" + result.report())
     print(f"\nrun folder: {result.run_dir}  (best checkpoint: {result.best_checkpoint}; "
           "metrics: seg_metrics.json / seg_metrics.md)")

@@ -18,8 +18,8 @@ def _thread_count(text: str) -> int:
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
-    """``--threads N``: torch's CPU threads for the whole command (0: torch's default)."""
-    parser.add_argument("--threads", type=_thread_count, default=0, metavar="N",
+    """``--threads N``: torch's CPU threads for the whole command (default: torch's)."""
+    parser.add_argument("--threads", type=_thread_count, default=None, metavar="N",
                         help="torch CPU threads; on a machine busy with other work 1 can be "
                         f"much faster (default: torch's, here up to {os.cpu_count()})")
 
@@ -33,13 +33,16 @@ def set_threads(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from attnconv.engine.trainer import is_global_zero
     from attnconv.training.run import summary_table, train
 
     set_threads(args)
     result = train(config_from_args(args))
+    if not is_global_zero():  # every process of a distributed run gets here; one reports
+        return
     print("\n" + summary_table([result]))
-    print(f"\nrun folder: {result.run_dir}  (best checkpoint: {result.best_checkpoint}; "
-          f"curves: {result.plot}; TensorBoard: tensorboard --logdir {result.run_dir})")
+    print(f"\n{result.note()}\nrun folder: {result.run_dir}  (curves: {result.plot}; "
+          f"TensorBoard: tensorboard --logdir {result.run_dir})")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -52,17 +55,21 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
+    from attnconv.engine.trainer import is_global_zero
     from attnconv.training.run import compare
 
     set_threads(args)
     result = compare(args.models, args.seeds, config_from_args(args))
-    print("\n" + result.table + f"\n\nbar chart: {result.plot}")
+    if not is_global_zero():
+        return
+    print("\n" + result.table + f"\n\nbar chart: {result.plot}\ntraining speed, the models "
+          f"timed side by side: attnconv bench {' '.join(args.models)}")
 
 
 def _demo(args: argparse.Namespace) -> None:
     import torch
 
-    from attnconv.demo import DEMO_MODELS, demo_config
+    from attnconv.demo import DEMO_MODELS, demo_config, throughput_report
 
     set_threads(args)
     cfg = demo_config(out_dir=args.out_dir, progress_bar=args.progress,
@@ -72,22 +79,28 @@ def _demo(args: argparse.Namespace) -> None:
           f"(scikit-learn, {cfg.data.image_size}x{cfg.data.image_size}), "
           f"{cfg.trainer.max_epochs} epochs, {args.seeds} seeds each, "
           f"{torch.get_num_threads()} CPU thread(s)...", flush=True)
+    from attnconv.training.data import build_datasets
     from attnconv.training.run import compare  # Lightning: seconds to import, after the line
 
     start = time.perf_counter()
     result = compare(models, args.seeds, cfg)
+    # Runs timed one after another compare badly on a busy machine: time the models together.
+    speed = throughput_report(models, cfg, build_datasets(cfg.data))
     print(f"\n{result.table}\n\nΔ: difference in mean top-1 to {models[0]} with a Welch t "
-          f"95% interval over seeds.\nbar chart: {result.plot}\nper-run curves: "
+          f"95% interval over seeds.\n\n{speed}\n\nbar chart: {result.plot}\nper-run curves: "
           f"{result.plot.parent}/*/curves.png\ntook {time.perf_counter() - start:.0f} s")
 
 
 def _recipes(args: argparse.Namespace) -> None:
-    from attnconv.recipes import describe, list_recipes, recipe_path
+    import textwrap
+
+    from attnconv.recipes import describe, list_recipes, recipe_command, recipe_path
 
     for name in list_recipes():
-        print(f"{name:28s} {describe(name)}")
-    print(f"\n(in {recipe_path(list_recipes()[0]).parent}; use: attnconv train --config NAME, "
-          "attnconv train-det --config NAME)")
+        print(f"attnconv {recipe_command(name)} --config {name}")
+        print(textwrap.fill(describe(name), 100, initial_indent="    ",
+                            subsequent_indent="    "))
+    print(f"\n(in {recipe_path(list_recipes()[0]).parent})")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

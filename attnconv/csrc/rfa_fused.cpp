@@ -10,16 +10,21 @@
 // the tile's GEMM (at::mm) without ever being written to memory. Training keeps only x: the
 // backward recomputes the features per tile (see rfa_backward for its passes).
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
+#include <ATen/ThreadLocalState.h>
+#include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <fstream>
 #include <limits>
+#include <string>
 #include <vector>
 
 // MKL (statically linked into libtorch_cpu on x86) would run each tile's GEMM on all cores
-// from inside the parallel region: measured 4x-18x slower with 2 threads on a loaded machine.
+// from inside the parallel region, oversubscribing the cores the tiles already occupy.
 // Weak, so a torch built without MKL loads the kernel all the same (mkl_service.h maps
 // mkl_set_num_threads_local to this C entry point; the lower-case symbol is Fortran's).
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
@@ -37,10 +42,55 @@ struct SequentialBlas {
   }
 };
 
+// at::parallel_for with the caller's thread-local state (grad mode, dispatch keys excluded
+// below autograd, autocast, ...) in every worker: OpenMP's threads start with the defaults, so
+// without it an at:: op inside the region sees grad mode on and refuses out= arguments.
+template <typename F>
+void parallel_for_tls(int64_t begin, int64_t end, int64_t grain, const F& fn) {
+  const at::ThreadLocalState state;
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    at::ThreadLocalStateGuard guard(state);
+    fn(b, e);
+  });
+}
+
+// This CPU's per-core L2 size from sysfs (1 MiB when unreadable).
+int64_t l2_bytes() {
+  static const int64_t bytes = [] {
+    for (int index = 0; index < 8; ++index) {
+      const std::string base = "/sys/devices/system/cpu/cpu0/cache/index" +
+                               std::to_string(index) + "/";
+      std::ifstream level(base + "level"), size(base + "size");
+      int lv = 0;
+      std::string text;
+      if (!(level >> lv) || lv != 2 || !(size >> text) || text.empty()) continue;
+      const char unit = text.back();
+      const int64_t scale = unit == 'K' ? 1 << 10 : unit == 'M' ? 1 << 20 : 1;
+      try {
+        return int64_t(std::stoll(text)) * scale;
+      } catch (...) {
+        break;
+      }
+    }
+    return int64_t(1) << 20;
+  }();
+  return bytes;
+}
+
+// Output positions per tile: `buffers` tile-sized (positions x features) buffers in half of
+// this CPU's L2, and at least 4 tiles per thread when the input is small.
+int64_t tile_positions(int64_t features, int64_t element_size, int64_t positions,
+                       int64_t buffers) {
+  int64_t tile = (l2_bytes() / 2) / std::max<int64_t>(1, buffers * features * element_size);
+  const int64_t per_thread = 4 * int64_t(at::get_num_threads());
+  tile = std::min(tile, (positions + per_thread - 1) / per_thread);
+  return std::max<int64_t>(1, tile);
+}
+
 // exp(x) for x <= 0 (softmax after subtracting the max) as a branch-free polynomial that the
 // compiler vectorises; relative error below 2e-7 (libm's expf is scalar unless -ffast-math).
 inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
+  x = x < -87.0f ? -87.0f : x > 0.0f ? 0.0f : x;
   const float t = x * 1.44269504088896341f;
   const float n = std::floor(t);
   const float f = t - n;  // 2^f on [0, 1), degree-6 minimax polynomial
@@ -93,31 +143,39 @@ inline int64_t window_at(const Geometry& g, const T* x, int64_t p, const T** row
   return count;
 }
 
+// z[t, c0:c0+B] of one position for every feature t: the sums over the window stay in B / 8
+// vector registers, which hide the multiply-add latency once B spans four or more vectors.
+template <int64_t B, typename T>
+inline void feature_block(const Geometry& g, const T* const* rows, const int64_t* taps,
+                          int64_t count, const T* __restrict wdt, int64_t c0, T* __restrict z) {
+  const int64_t C = g.C, K = g.K;
+  for (int64_t t = 0; t < g.k2; ++t) {
+    T acc[B] = {};
+    for (int64_t q = 0; q < count; ++q) {
+      const T* __restrict xr = rows[q] + c0;
+      const T* __restrict wr = wdt + taps[q] * K + t * C + c0;
+      for (int64_t l = 0; l < B; ++l) acc[l] += wr[l] * xr[l];
+    }
+    for (int64_t l = 0; l < B; ++l) z[t * C + c0 + l] = acc[l];
+  }
+}
+
 // z (k2 x C) of output position p; also the average pool m (C) when m != nullptr.
 // x: channels-last (N, H, W, C); wdt: (k2 conv taps [ij], k2 features [t], C).
-// Channels go in blocks of B (one vector register) whose sum over the window stays in a
-// register: two loads per multiply-add instead of a load and a store of z as well.
+// Channels go in blocks of 4 vectors (then 1) whose sum over the window stays in registers:
+// two loads per multiply-add instead of a load and a store of z as well.
 template <typename T>
 inline void features_at(const Geometry& g, const T* __restrict x, const T* __restrict wdt,
                         int64_t p, T* __restrict z, T* __restrict m) {
-  constexpr int64_t B = 64 / sizeof(T);
+  constexpr int64_t V = 32 / sizeof(T);  // one AVX2 vector
   const int64_t C = g.C, K = g.K;
   const T* rows[64];
   int64_t taps[64];
   const int64_t count = window_at(g, x, p, rows, taps);
   int64_t c0 = 0;
-  for (; c0 + B <= C; c0 += B) {
-    for (int64_t t = 0; t < g.k2; ++t) {
-      T acc[B] = {};
-      for (int64_t q = 0; q < count; ++q) {
-        const T* __restrict xr = rows[q] + c0;
-        const T* __restrict wr = wdt + taps[q] * K + t * C + c0;
-        for (int64_t l = 0; l < B; ++l) acc[l] += wr[l] * xr[l];
-      }
-      for (int64_t l = 0; l < B; ++l) z[t * C + c0 + l] = acc[l];
-    }
-  }
-  for (int64_t t = 0; t < g.k2; ++t)  // the channels after the last whole block
+  for (; c0 + 4 * V <= C; c0 += 4 * V) feature_block<4 * V>(g, rows, taps, count, wdt, c0, z);
+  for (; c0 + V <= C; c0 += V) feature_block<V>(g, rows, taps, count, wdt, c0, z);
+  for (int64_t t = 0; t < g.k2; ++t)  // the channels after the last whole vector
     for (int64_t c = c0; c < C; ++c) {
       T acc = 0;
       for (int64_t q = 0; q < count; ++q) acc += wdt[taps[q] * K + t * C + c] * rows[q][c];
@@ -139,15 +197,19 @@ inline void attention_at(const Geometry& g, const T* __restrict a, const T* __re
   const int64_t C = g.C;
   T* __restrict mx = tmp;
   T* __restrict sum = tmp + C;
-  for (int64_t c = 0; c < C; ++c) mx[c] = a[c] * m[c];
+  // The logits are stored once and the max taken over the stored values: recomputing
+  // a * m - max lets the compiler contract it into an FMA whose unrounded product exceeds the
+  // rounded max, a positive exponent that overflows for large inputs.
+  for (int64_t t = 0; t < g.k2; ++t)
+    for (int64_t c = 0; c < C; ++c) prob[t * C + c] = a[t * C + c] * m[c];
+  for (int64_t c = 0; c < C; ++c) mx[c] = prob[c];
   for (int64_t t = 1; t < g.k2; ++t)
-    for (int64_t c = 0; c < C; ++c) mx[c] = std::max(mx[c], a[t * C + c] * m[c]);
+    for (int64_t c = 0; c < C; ++c) mx[c] = std::max(mx[c], prob[t * C + c]);
   std::fill(sum, sum + C, T(0));
   for (int64_t t = 0; t < g.k2; ++t) {
     T* __restrict pt = prob + t * C;
-    const T* __restrict at = a + t * C;
     for (int64_t c = 0; c < C; ++c) {
-      pt[c] = exp_nonpositive(at[c] * m[c] - mx[c]);
+      pt[c] = exp_nonpositive(pt[c] - mx[c]);
       sum[c] += pt[c];
     }
   }
@@ -206,6 +268,26 @@ void check_inputs(const at::Tensor& x, const at::Tensor& wdt, const Geometry& g)
 }
 
 
+// dx[c0:c0+B] of one input position, gathered from the dz rows of the output positions whose
+// window holds it (and from dm through the average pool when pooled), in B / 8 registers.
+template <int64_t B, typename T>
+inline void input_grad_block(const Geometry& g, const T* const* dz_rows, const T* const* w_rows,
+                             const T* const* dm_rows, bool pooled, int64_t count, T inv_k2,
+                             int64_t c0, T* __restrict out) {
+  const int64_t C = g.C;
+  T acc[B] = {};
+  for (int64_t q = 0; q < count; ++q) {
+    if (pooled)
+      for (int64_t l = 0; l < B; ++l) acc[l] += dm_rows[q][c0 + l] * inv_k2;
+    for (int64_t t = 0; t < g.k2; ++t) {
+      const T* __restrict w = w_rows[q] + t * C + c0;
+      const T* __restrict d = dz_rows[q] + t * C + c0;
+      for (int64_t l = 0; l < B; ++l) acc[l] += w[l] * d[l];
+    }
+  }
+  for (int64_t l = 0; l < B; ++l) out[c0 + l] = acc[l];
+}
+
 // The part of the backward shared by every fused op, from du = dL/d(BN output) (P x K, in dz,
 // overwritten with dz) and its sums over positions (sum du, sum du * z): the BN backward
 // (through the batch statistics when batch_stats), the depthwise weight's gradient, and dx
@@ -238,7 +320,7 @@ std::vector<at::Tensor> bn_dwconv_backward(const Geometry& g, const at::Tensor& 
   }
   const scalar_t* al = alpha_t.data_ptr<scalar_t>();
   const scalar_t* bz = beta_t.data_ptr<scalar_t>();
-  at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_tls(0, ntiles, 1, [&](int64_t begin, int64_t end) {
     scalar_t* acc = dwdt_acc[at::get_thread_num()].data_ptr<scalar_t>();
     std::vector<scalar_t> z(K);
     for (int64_t p = begin * tile; p < std::min(P, end * tile); ++p) {
@@ -267,11 +349,11 @@ std::vector<at::Tensor> bn_dwconv_backward(const Geometry& g, const at::Tensor& 
   });
   scalar_t* dxp = dx.data_ptr<scalar_t>();
   const scalar_t inv_k2 = scalar_t(1) / scalar_t(g.k2);
-  at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_tls(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
     const scalar_t* dz_rows[64];
     const scalar_t* w_rows[64];
     const scalar_t* dm_rows[64];
-    constexpr int64_t B = 64 / sizeof(scalar_t);
+    constexpr int64_t V = 32 / sizeof(scalar_t);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.H, hi = row % g.H;
       for (int64_t wi = 0; wi < g.W; ++wi) {
@@ -295,19 +377,12 @@ std::vector<at::Tensor> bn_dwconv_backward(const Geometry& g, const at::Tensor& 
         }
         scalar_t* out = dxp + (row * g.W + wi) * C;
         int64_t c0 = 0;
-        for (; c0 + B <= C; c0 += B) {
-          scalar_t acc[B] = {};
-          for (int64_t q = 0; q < count; ++q) {
-            if (dmp)
-              for (int64_t l = 0; l < B; ++l) acc[l] += dm_rows[q][c0 + l] * inv_k2;
-            for (int64_t t = 0; t < g.k2; ++t) {
-              const scalar_t* __restrict w = w_rows[q] + t * C + c0;
-              const scalar_t* __restrict d = dz_rows[q] + t * C + c0;
-              for (int64_t l = 0; l < B; ++l) acc[l] += w[l] * d[l];
-            }
-          }
-          for (int64_t l = 0; l < B; ++l) out[c0 + l] = acc[l];
-        }
+        for (; c0 + 4 * V <= C; c0 += 4 * V)
+          input_grad_block<4 * V>(g, dz_rows, w_rows, dm_rows, dmp != nullptr, count, inv_k2,
+                                  c0, out);
+        for (; c0 + V <= C; c0 += V)
+          input_grad_block<V>(g, dz_rows, w_rows, dm_rows, dmp != nullptr, count, inv_k2, c0,
+                              out);
         for (int64_t c = c0; c < C; ++c) {
           scalar_t acc = 0;
           for (int64_t q = 0; q < count; ++q) {
@@ -325,49 +400,87 @@ std::vector<at::Tensor> bn_dwconv_backward(const Geometry& g, const at::Tensor& 
 
 }  // namespace
 
-// Per-feature batch mean and biased variance (k2, C) of z, accumulated in double.
-std::vector<at::Tensor> rfa_stats(const at::Tensor& x, const at::Tensor& wdt, int64_t k,
-                                  int64_t s, int64_t tile) {
+// Per-feature batch mean and biased variance (k2, C) of z. Each tile's sums are taken in
+// double around the tile's first z (so large inputs neither overflow nor cancel) and the
+// tiles are merged with Chan et al.'s pairwise update, as Welford's algorithm would.
+std::vector<at::Tensor> rfa_stats_impl(const at::Tensor& x, const at::Tensor& wdt, int64_t k,
+                                       int64_t s, int64_t tile) {
   const Geometry g = geometry(x, k, s);
   check_inputs(x, wdt, g);
   const int64_t P = g.positions(), K = g.K;
   const int threads = at::get_num_threads();
-  auto acc = at::zeros({threads, 2, K}, x.options().dtype(at::kDouble));
+  // per thread: count, then mean (K) and M2 (K)
+  auto acc = at::zeros({threads, 1 + 2 * K}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rfa_stats", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* wp = wdt.data_ptr<scalar_t>();
     double* accp = acc.data_ptr<double>();
-    at::parallel_for(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> z(K), ts(K), tq(K);
-      double* sum = accp + at::get_thread_num() * 2 * K;
-      double* sq = sum + K;
+    parallel_for_tls(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> z(K);
+      std::vector<double> shift(K), s1(K), s2(K);
+      double* count = accp + at::get_thread_num() * (1 + 2 * K);
+      double* mean = count + 1;
+      double* m2 = mean + K;
       for (int64_t b = begin; b < end; ++b) {
-        std::fill(ts.begin(), ts.end(), scalar_t(0));
-        std::fill(tq.begin(), tq.end(), scalar_t(0));
-        for (int64_t p = b * tile; p < std::min(P, (b + 1) * tile); ++p) {
-          features_at(g, xp, wp, p, z.data(), static_cast<scalar_t*>(nullptr));
+        const int64_t p0 = b * tile, len = std::min(P, p0 + tile) - p0;
+        for (int64_t q = 0; q < len; ++q) {
+          features_at(g, xp, wp, p0 + q, z.data(), static_cast<scalar_t*>(nullptr));
+          if (q == 0) {
+            for (int64_t f = 0; f < K; ++f) {
+              shift[f] = double(z[f]);
+              s1[f] = 0.0;
+              s2[f] = 0.0;
+            }
+          }
           for (int64_t f = 0; f < K; ++f) {
-            ts[f] += z[f];
-            tq[f] += z[f] * z[f];
+            const double d = double(z[f]) - shift[f];
+            s1[f] += d;
+            s2[f] += d * d;
           }
         }
+        const double nb = double(len), na = *count, n = na + nb;
         for (int64_t f = 0; f < K; ++f) {
-          sum[f] += ts[f];
-          sq[f] += tq[f];
+          const double mb = shift[f] + s1[f] / nb;
+          const double m2b = std::max(0.0, s2[f] - s1[f] * s1[f] / nb);
+          const double delta = mb - mean[f];
+          mean[f] += delta * nb / n;
+          m2[f] += m2b + delta * delta * na * nb / n;
         }
+        *count = n;
       }
     });
   });
-  auto total = acc.sum(0);
-  auto mean = total[0] / double(P);
-  auto var = (total[1] / double(P) - mean * mean).clamp_min(0);
-  return {mean.to(x.scalar_type()).view({g.k2, g.C}), var.to(x.scalar_type()).view({g.k2, g.C})};
+  // merge the threads' partial results the same way
+  auto accd = acc.accessor<double, 2>();
+  std::vector<double> mean(K, 0.0), m2(K, 0.0);
+  double count = 0.0;
+  for (int t = 0; t < threads; ++t) {
+    const double nb = accd[t][0];
+    if (nb == 0.0) continue;
+    const double n = count + nb;
+    for (int64_t f = 0; f < K; ++f) {
+      const double delta = accd[t][1 + f] - mean[f];
+      mean[f] += delta * nb / n;
+      m2[f] += accd[t][1 + K + f] + delta * delta * count * nb / n;
+    }
+    count = n;
+  }
+  auto mean_t = at::empty({K}, x.options().dtype(at::kDouble));
+  auto var_t = at::empty({K}, x.options().dtype(at::kDouble));
+  double* mp = mean_t.data_ptr<double>();
+  double* vp = var_t.data_ptr<double>();
+  for (int64_t f = 0; f < K; ++f) {
+    mp[f] = mean[f];
+    vp[f] = count > 0.0 ? m2[f] / count : 0.0;
+  }
+  return {mean_t.to(x.scalar_type()).view({g.k2, g.C}),
+          var_t.to(x.scalar_type()).view({g.k2, g.C})};
 }
 
 // out (N, Ho, Wo, O) contiguous = channels-last (N, O, Ho, Wo).
-at::Tensor rfa_forward(const at::Tensor& x, const at::Tensor& wdt, const at::Tensor& scale,
+at::Tensor rfa_forward_impl(const at::Tensor& x, const at::Tensor& wdt, const at::Tensor& scale,
                        const at::Tensor& shift, const at::Tensor& a, const at::Tensor& wt,
-                       const c10::optional<at::Tensor>& bias, int64_t k, int64_t s,
+                       const std::optional<at::Tensor>& bias, int64_t k, int64_t s,
                        int64_t tile) {
   const Geometry g = geometry(x, k, s);
   check_inputs(x, wdt, g);
@@ -381,7 +494,7 @@ at::Tensor rfa_forward(const at::Tensor& x, const at::Tensor& wdt, const at::Ten
     const scalar_t* sc = scale.data_ptr<scalar_t>();
     const scalar_t* sh = shift.data_ptr<scalar_t>();
     const scalar_t* ap = a.data_ptr<scalar_t>();
-    at::parallel_for(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
+    parallel_for_tls(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
       SequentialBlas sequential;
       auto feats = at::empty({tile, K}, x.options());
       std::vector<scalar_t> prob(K), m(g.C), tmp(2 * g.C);
@@ -416,7 +529,7 @@ at::Tensor rfa_forward(const at::Tensor& x, const at::Tensor& wdt, const at::Ten
 // Pass 2 (tiles): du -> dz (BN backward, needs z again when batch_stats) and dwdt.
 // Pass 3 (input rows): dx gathered from dz through the depthwise conv and from dm through
 //   the average pool, so no two threads write the same dx.
-std::vector<at::Tensor> rfa_backward(const at::Tensor& grad_out, const at::Tensor& x,
+std::vector<at::Tensor> rfa_backward_impl(const at::Tensor& grad_out, const at::Tensor& x,
                                      const at::Tensor& wdt, const at::Tensor& gamma,
                                      const at::Tensor& beta, const at::Tensor& mean,
                                      const at::Tensor& inv_std, const at::Tensor& a,
@@ -444,7 +557,7 @@ std::vector<at::Tensor> rfa_backward(const at::Tensor& grad_out, const at::Tenso
     scalar_t* dzp = dz.data_ptr<scalar_t>();
     scalar_t* dmp = dm.data_ptr<scalar_t>();
     const int64_t ntiles = tiles_of(P, tile);
-    at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
+    parallel_for_tls(0, ntiles, 1, [&](int64_t begin, int64_t end) {
       const int tid = at::get_thread_num();
       SequentialBlas sequential;
       auto bufs = at::empty({3, tile, K}, x.options());
@@ -541,7 +654,7 @@ void check_kind(int64_t kind) {
 
 // The reductions of g the factors need: kind 0 max and mean over channels, each (P, k2);
 // kind 1 the row means (N, Ho, k, C) and the column means (N, Wo, k, C).
-std::vector<at::Tensor> tile_reduce(const at::Tensor& x, const at::Tensor& wdt,
+std::vector<at::Tensor> tile_reduce_impl(const at::Tensor& x, const at::Tensor& wdt,
                                     const at::Tensor& scale, const at::Tensor& shift,
                                     int64_t k, int64_t s, int64_t kind, int64_t tile) {
   const Geometry g = geometry(x, k, s);
@@ -562,7 +675,7 @@ std::vector<at::Tensor> tile_reduce(const at::Tensor& x, const at::Tensor& wdt,
     const scalar_t* wp = wdt.data_ptr<scalar_t>();
     const scalar_t* sc = scale.data_ptr<scalar_t>();
     const scalar_t* sh = shift.data_ptr<scalar_t>();
-    at::parallel_for(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
+    parallel_for_tls(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> z(K);
       scalar_t* rows = kind == 1 ? acc1[at::get_thread_num()].data_ptr<scalar_t>() : nullptr;
       scalar_t* cols = kind == 1 ? acc2[at::get_thread_num()].data_ptr<scalar_t>() : nullptr;
@@ -605,7 +718,7 @@ std::vector<at::Tensor> tile_reduce(const at::Tensor& x, const at::Tensor& wdt,
 }
 
 // Gradients of tile_reduce from dr1, dr2: dx, dwdt, dgamma, dbeta (BN as in rfa_backward).
-std::vector<at::Tensor> tile_reduce_backward(const at::Tensor& dr1, const at::Tensor& dr2,
+std::vector<at::Tensor> tile_reduce_backward_impl(const at::Tensor& dr1, const at::Tensor& dr2,
                                              const at::Tensor& x, const at::Tensor& wdt,
                                              const at::Tensor& gamma, const at::Tensor& beta,
                                              const at::Tensor& mean, const at::Tensor& inv_std,
@@ -631,7 +744,7 @@ std::vector<at::Tensor> tile_reduce_backward(const at::Tensor& dr1, const at::Te
     const scalar_t* g2 = d2.data_ptr<scalar_t>();
     scalar_t* dzp = dz.data_ptr<scalar_t>();
     const scalar_t row_w = scalar_t(1) / scalar_t(g.Wo * k), col_w = scalar_t(1) / scalar_t(g.Ho * k);
-    at::parallel_for(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
+    parallel_for_tls(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> z(K);
       scalar_t* sdu = sums[at::get_thread_num()][0].data_ptr<scalar_t>();
       scalar_t* sduz = sdu + K;
@@ -682,9 +795,9 @@ std::vector<at::Tensor> tile_reduce_backward(const at::Tensor& dr1, const at::Te
 }
 
 // out (N, Ho, Wo, O) = (g * A) @ wt^T + bias, A = factors (f1, f2) of the kind.
-at::Tensor tile_attend(const at::Tensor& x, const at::Tensor& wdt, const at::Tensor& scale,
+at::Tensor tile_attend_impl(const at::Tensor& x, const at::Tensor& wdt, const at::Tensor& scale,
                        const at::Tensor& shift, const at::Tensor& f1, const at::Tensor& f2,
-                       const at::Tensor& wt, const c10::optional<at::Tensor>& bias, int64_t k,
+                       const at::Tensor& wt, const std::optional<at::Tensor>& bias, int64_t k,
                        int64_t s, int64_t kind, int64_t tile) {
   const Geometry g = geometry(x, k, s);
   check_inputs(x, wdt, g);
@@ -701,7 +814,7 @@ at::Tensor tile_attend(const at::Tensor& x, const at::Tensor& wdt, const at::Ten
     const scalar_t* sh = shift.data_ptr<scalar_t>();
     const scalar_t* p1 = a1.data_ptr<scalar_t>();
     const scalar_t* p2 = a2.data_ptr<scalar_t>();
-    at::parallel_for(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
+    parallel_for_tls(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
       SequentialBlas sequential;
       auto feats = at::empty({tile, K}, x.options());
       std::vector<scalar_t> A(K);
@@ -731,7 +844,7 @@ at::Tensor tile_attend(const at::Tensor& x, const at::Tensor& wdt, const at::Ten
 // bias). Pass 1 per tile: recompute g * A, dwt += go^T (g A), dA = go wt, then the factors'
 // gradients (sums of dA * g times the other factor) and du = dA * A where u > 0; the rest is
 // bn_dwconv_backward.
-std::vector<at::Tensor> tile_attend_backward(
+std::vector<at::Tensor> tile_attend_backward_impl(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& wdt,
     const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
     const at::Tensor& inv_std, const at::Tensor& f1, const at::Tensor& f2, const at::Tensor& wt,
@@ -761,7 +874,7 @@ std::vector<at::Tensor> tile_attend_backward(
     const scalar_t* p1 = a1.data_ptr<scalar_t>();
     const scalar_t* p2 = a2.data_ptr<scalar_t>();
     scalar_t* dzp = dz.data_ptr<scalar_t>();
-    at::parallel_for(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
+    parallel_for_tls(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
       const int tid = at::get_thread_num();
       SequentialBlas sequential;
       auto bufs = at::empty({2, tile, K}, x.options());
@@ -839,12 +952,165 @@ std::vector<at::Tensor> tile_attend_backward(
   return rest;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rfa_stats", &rfa_stats, "batch mean and biased variance of the RFA features");
-  m.def("rfa_forward", &rfa_forward, "fused RFAConv forward");
-  m.def("rfa_backward", &rfa_backward, "fused RFAConv backward");
-  m.def("tile_reduce", &tile_reduce, "RFCBAM/RFCA: the reductions of the features");
-  m.def("tile_reduce_backward", &tile_reduce_backward, "backward of tile_reduce");
-  m.def("tile_attend", &tile_attend, "RFCBAM/RFCA: fused product with the factors and GEMM");
-  m.def("tile_attend_backward", &tile_attend_backward, "backward of tile_attend");
+// --- the operators: schemas in TORCH_LIBRARY, CPU kernels in TORCH_LIBRARY_IMPL -------------
+//
+// Every operator takes tensors (tap-major: per-feature tensors are (k2, C), the depthwise
+// weight (k2 conv taps, k2 features, C), the final conv (O, k2 * C)) and the geometry; the
+// BatchNorm comes as its affine (gamma, beta) and statistics (mean, inv_std), the batch's when
+// batch_stats (their derivative is then part of the backward). Fake (meta) kernels and the
+// autograd formulas are registered from Python (attnconv/ops).
+
+namespace {
+
+at::Tensor channels_last(const at::Tensor& x) {
+  return x.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+std::pair<at::Tensor, at::Tensor> scale_shift(const at::Tensor& gamma, const at::Tensor& beta,
+                                              const at::Tensor& mean, const at::Tensor& inv_std) {
+  auto scale = (gamma * inv_std).contiguous();
+  return {scale, (beta - mean * scale).contiguous()};
+}
+
+int64_t positions_of(const at::Tensor& x, int64_t k, int64_t s) {
+  const Geometry g = geometry(x, k, s);
+  return g.positions();
+}
+
+// An absent gradient as an empty tensor (a Tensor[] holds no None).
+at::Tensor or_empty(const at::Tensor& t, const at::Tensor& like) {
+  return t.defined() ? t : at::empty({0}, like.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> rfa_feature_stats(const at::Tensor& x, const at::Tensor& wdt,
+                                                     int64_t kernel_size, int64_t stride) {
+  const at::Tensor xc = channels_last(x);
+  const int64_t K = wdt.size(1) * wdt.size(2);
+  const int64_t tile = tile_positions(K, x.element_size(), std::max<int64_t>(
+      1, x.numel() / std::max<int64_t>(1, x.size(1))), 1);
+  auto stats = rfa_stats_impl(xc, wdt.contiguous(), kernel_size, stride, tile);
+  return {stats[0], stats[1]};
+}
+
+at::Tensor rfa_fused(const at::Tensor& x, const at::Tensor& wdt, const at::Tensor& gamma,
+                     const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& inv_std,
+                     const at::Tensor& a, const at::Tensor& wt,
+                     const std::optional<at::Tensor>& bias, int64_t kernel_size, int64_t stride,
+                     bool batch_stats, double eps) {
+  auto [scale, shift] = scale_shift(gamma, beta, mean, inv_std);
+  const int64_t tile = tile_positions(wt.size(1), x.element_size(),
+                                      positions_of(x, kernel_size, stride), 1);
+  return rfa_forward_impl(channels_last(x), wdt.contiguous(), scale, shift, a.contiguous(),
+                          wt.contiguous(), bias, kernel_size, stride, tile);
+}
+
+std::vector<at::Tensor> rfa_fused_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                           const at::Tensor& wdt, const at::Tensor& gamma,
+                                           const at::Tensor& beta, const at::Tensor& mean,
+                                           const at::Tensor& inv_std, const at::Tensor& a,
+                                           const at::Tensor& wt, bool has_bias,
+                                           int64_t kernel_size, int64_t stride,
+                                           bool batch_stats) {
+  const int64_t tile = tile_positions(
+      wt.size(1), x.element_size(), grad_out.size(0) * grad_out.size(2) * grad_out.size(3), 3);
+  auto grads = rfa_backward_impl(grad_out, channels_last(x), wdt.contiguous(),
+                                 gamma.contiguous(), beta.contiguous(), mean.contiguous(),
+                                 inv_std.contiguous(), a.contiguous(), wt.contiguous(), has_bias,
+                                 kernel_size, stride, batch_stats, tile);
+  grads.back() = or_empty(grads.back(), x);
+  return grads;
+}
+
+std::tuple<at::Tensor, at::Tensor> rfa_tile_reduce(const at::Tensor& x, const at::Tensor& wdt,
+                                                   const at::Tensor& gamma,
+                                                   const at::Tensor& beta, const at::Tensor& mean,
+                                                   const at::Tensor& inv_std,
+                                                   int64_t kernel_size, int64_t stride,
+                                                   int64_t kind, bool batch_stats, double eps) {
+  auto [scale, shift] = scale_shift(gamma, beta, mean, inv_std);
+  const at::Tensor xc = channels_last(x);
+  const Geometry g = geometry(xc, kernel_size, stride);
+  const int64_t tile = tile_positions(wdt.size(1) * wdt.size(2), x.element_size(),
+                                      g.positions(), 1);
+  auto r = tile_reduce_impl(xc, wdt.contiguous(), scale, shift, kernel_size, stride, kind, tile);
+  if (kind == 0)
+    return {r[0].view({g.N, g.Ho, g.Wo, g.k2}), r[1].view({g.N, g.Ho, g.Wo, g.k2})};
+  return {r[0], r[1]};
+}
+
+std::vector<at::Tensor> rfa_tile_reduce_backward(
+    const at::Tensor& dr1, const at::Tensor& dr2, const at::Tensor& x, const at::Tensor& wdt,
+    const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
+    const at::Tensor& inv_std, int64_t kernel_size, int64_t stride, int64_t kind,
+    bool batch_stats) {
+  const int64_t tile = tile_positions(wdt.size(1) * wdt.size(2), x.element_size(),
+                                      positions_of(x, kernel_size, stride), 2);
+  return tile_reduce_backward_impl(dr1.contiguous(), dr2.contiguous(), channels_last(x),
+                                   wdt.contiguous(), gamma.contiguous(), beta.contiguous(),
+                                   mean.contiguous(), inv_std.contiguous(), kernel_size, stride,
+                                   kind, batch_stats, tile);
+}
+
+at::Tensor rfa_tile_attend(const at::Tensor& x, const at::Tensor& wdt, const at::Tensor& gamma,
+                           const at::Tensor& beta, const at::Tensor& mean,
+                           const at::Tensor& inv_std, const at::Tensor& f1, const at::Tensor& f2,
+                           const at::Tensor& wt, const std::optional<at::Tensor>& bias,
+                           int64_t kernel_size, int64_t stride, int64_t kind, bool batch_stats,
+                           double eps) {
+  auto [scale, shift] = scale_shift(gamma, beta, mean, inv_std);
+  const int64_t tile = tile_positions(wt.size(1), x.element_size(),
+                                      positions_of(x, kernel_size, stride), 1);
+  return tile_attend_impl(channels_last(x), wdt.contiguous(), scale, shift, f1.contiguous(),
+                          f2.contiguous(), wt.contiguous(), bias, kernel_size, stride, kind,
+                          tile);
+}
+
+std::vector<at::Tensor> rfa_tile_attend_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& wdt,
+    const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
+    const at::Tensor& inv_std, const at::Tensor& f1, const at::Tensor& f2, const at::Tensor& wt,
+    bool has_bias, int64_t kernel_size, int64_t stride, int64_t kind, bool batch_stats) {
+  const int64_t tile = tile_positions(
+      wt.size(1), x.element_size(), grad_out.size(0) * grad_out.size(2) * grad_out.size(3), 3);
+  auto grads = tile_attend_backward_impl(
+      grad_out, channels_last(x), wdt.contiguous(), gamma.contiguous(), beta.contiguous(),
+      mean.contiguous(), inv_std.contiguous(), f1.contiguous(), f2.contiguous(),
+      wt.contiguous(), has_bias, kernel_size, stride, kind, batch_stats, tile);
+  grads.back() = or_empty(grads.back(), x);
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(attnconv, m) {
+  m.def("rfa_feature_stats(Tensor x, Tensor wdt, int kernel_size, int stride) -> "
+        "(Tensor, Tensor)");
+  m.def("rfa_fused(Tensor x, Tensor wdt, Tensor gamma, Tensor beta, Tensor mean, "
+        "Tensor inv_std, Tensor a, Tensor wt, Tensor? bias, int kernel_size, int stride, "
+        "bool batch_stats, float eps) -> Tensor");
+  m.def("rfa_fused_backward(Tensor grad_out, Tensor x, Tensor wdt, Tensor gamma, Tensor beta, "
+        "Tensor mean, Tensor inv_std, Tensor a, Tensor wt, bool has_bias, int kernel_size, "
+        "int stride, bool batch_stats) -> Tensor[]");
+  m.def("rfa_tile_reduce(Tensor x, Tensor wdt, Tensor gamma, Tensor beta, Tensor mean, "
+        "Tensor inv_std, int kernel_size, int stride, int kind, bool batch_stats, float eps) "
+        "-> (Tensor, Tensor)");
+  m.def("rfa_tile_reduce_backward(Tensor dr1, Tensor dr2, Tensor x, Tensor wdt, Tensor gamma, "
+        "Tensor beta, Tensor mean, Tensor inv_std, int kernel_size, int stride, int kind, "
+        "bool batch_stats) -> Tensor[]");
+  m.def("rfa_tile_attend(Tensor x, Tensor wdt, Tensor gamma, Tensor beta, Tensor mean, "
+        "Tensor inv_std, Tensor f1, Tensor f2, Tensor wt, Tensor? bias, int kernel_size, "
+        "int stride, int kind, bool batch_stats, float eps) -> Tensor");
+  m.def("rfa_tile_attend_backward(Tensor grad_out, Tensor x, Tensor wdt, Tensor gamma, "
+        "Tensor beta, Tensor mean, Tensor inv_std, Tensor f1, Tensor f2, Tensor wt, "
+        "bool has_bias, int kernel_size, int stride, int kind, bool batch_stats) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(attnconv, CPU, m) {
+  m.impl("rfa_feature_stats", &rfa_feature_stats);
+  m.impl("rfa_fused", &rfa_fused);
+  m.impl("rfa_fused_backward", &rfa_fused_backward);
+  m.impl("rfa_tile_reduce", &rfa_tile_reduce);
+  m.impl("rfa_tile_reduce_backward", &rfa_tile_reduce_backward);
+  m.impl("rfa_tile_attend", &rfa_tile_attend);
+  m.impl("rfa_tile_attend_backward", &rfa_tile_attend_backward);
 }

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from attnconv.engine.config import TrainerConfig, opt
+from attnconv.engine.config import MAX_IMAGE_SIDE, MAX_SEED, TrainerConfig, opt
 
 #: Faster R-CNN settings for the synthetic 128 px shapes: a narrow backbone, small anchors and
 #: few RoIs, so that CPU training takes minutes.
@@ -45,7 +45,8 @@ class DetDataConfig:
     num_workers: int = opt(0, "data-loading worker processes per device", min=0)
     synthetic_train: int = opt(128, "synthetic data: training images", min=1)
     synthetic_val: int = opt(32, "synthetic data: validation images", min=1)
-    synthetic_size: int = opt(128, "synthetic data: image side in pixels", min=16)
+    synthetic_size: int = opt(128, "synthetic data: image side in pixels", min=16,
+                              max=MAX_IMAGE_SIDE)
 
 
 @dataclass
@@ -53,13 +54,13 @@ class DetOptimConfig:
     """SGD as in Detectron2's COCO recipes; ``lr`` is for the whole batch as configured."""
 
     lr: float = opt(0.02, "learning rate for the total batch", min=0.0)
-    momentum: float = opt(0.9, "SGD momentum", min=0.0)
+    momentum: float = opt(0.9, "SGD momentum", min=0.0, max=1.0)
     weight_decay: float = opt(1e-4, "weight decay", min=0.0)
     milestones: list[int] = field(default_factory=lambda: [8, 11], metadata={
-        "help": "epochs after which lr is multiplied by gamma"})
-    gamma: float = opt(0.1, "lr factor at each milestone")
+        "help": "epochs after which lr is multiplied by gamma", "min": 0})
+    gamma: float = opt(0.1, "lr factor at each milestone", above=0.0)
     warmup_iters: int = opt(500, "optimizer steps of linear warm-up", min=0)
-    warmup_factor: float = opt(0.001, "lr factor at the first warm-up step", min=0.0)
+    warmup_factor: float = opt(0.001, "lr factor at the first warm-up step", min=0.0, max=1.0)
 
 
 def _detection_trainer() -> TrainerConfig:
@@ -75,7 +76,7 @@ class DetConfig:
     init: str | None = opt(None, "start the backbone from ImageNet weights: torchvision:NAME"
                                  "[.WEIGHTS], timm:NAME or a weights file (then frozen BN and "
                                  "model_args.trainable_layers apply, as in torchvision)")
-    seed: int = opt(0, "random seed")
+    seed: int = opt(0, "random seed", min=0, max=MAX_SEED)
     out_dir: str = opt("runs", "folder that holds one sub-folder per run")
     name: str | None = opt(None, "run sub-folder name (default: fasterrcnn_MODEL-sSEED)")
     resume: str | None = opt(None, "checkpoint to continue from, or 'last' for RUN/last.ckpt")

@@ -236,8 +236,10 @@ def collate(batch: list[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor
 
 
 def detection_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int = 0,
-                     seed: int = 0) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
+                     seed: int | None = None) -> DataLoader:
+    """Batches of :func:`collate`; the shuffle draws from ``seed``'s own generator, or from
+    torch's global one (seeded by the run, restored on resume) without a ``seed``."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=False,
                       num_workers=num_workers, collate_fn=collate, generator=generator,
                       persistent_workers=num_workers > 0)

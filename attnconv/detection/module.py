@@ -3,6 +3,7 @@ and step decay (Detectron's 1x schedule), COCO evaluation of every validation ep
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -29,6 +30,17 @@ def lr_factor(step: int, steps_per_epoch: int, optim: DetOptimConfig) -> float:
                               milestones=optim.milestones, gamma=optim.gamma,
                               warmup_epochs=optim.warmup_iters / steps_per_epoch,
                               warmup_start=optim.warmup_factor)
+
+
+def optimizer_steps_per_epoch(trainer: L.Trainer) -> int:
+    """Optimizer steps in one training epoch on each device: what the milestones (in epochs)
+    are converted with. It depends on the data only, not on ``max_epochs`` or ``max_steps``,
+    which a resumed run may change."""
+    _ = trainer.estimated_stepping_batches  # sets up the training data: its length is known
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches):
+        raise ValueError("detection needs training data of known length (a map-style dataset)")
+    return max(1, math.ceil(int(batches) / trainer.accumulate_grad_batches))
 
 
 class Detector(L.LightningModule):
@@ -84,8 +96,7 @@ class Detector(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=self.optim.lr, momentum=self.optim.momentum,
                                     weight_decay=self.optim.weight_decay)
-        steps_per_epoch = max(1, self.trainer.estimated_stepping_batches
-                              // max(1, self.trainer.max_epochs))
+        steps_per_epoch = optimizer_steps_per_epoch(self.trainer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, steps_per_epoch, self.optim))
         return {"optimizer": optimizer,

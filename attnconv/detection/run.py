@@ -28,13 +28,18 @@ from attnconv.engine.config import ConfigError, apply, load_recipe, to_dict
 from attnconv.engine.progress import JobProgress
 from attnconv.engine.trainer import (
     NonFiniteLossError,
+    SavedEpoch,
     check_devices,
+    claim_run_dir,
     evaluation_trainer,
+    is_global_zero,
     make_trainer,
-    prepare_run_dir,
     quiet_lightning,
+    result_note,
     resume_notes,
     resume_path,
+    run_dir_path,
+    saved_epochs,
     stopped_note,
 )
 from attnconv.loading import CheckpointError
@@ -124,6 +129,8 @@ class DetResult:
     run_dir: Path
     checkpoint: Path
     seconds: float
+    #: Which epoch and file the metrics are from (and the best epoch's, when another).
+    note: str = ""
 
 
 def train_det(config: DetConfig, callbacks: Sequence[L.Callback] = ()) -> DetResult:
@@ -133,13 +140,18 @@ def train_det(config: DetConfig, callbacks: Sequence[L.Callback] = ()) -> DetRes
     quiet_lightning()
     check_config(config)
     check_devices(config.trainer)
-    run_dir = Path(config.out_dir) / config.run_name
+    run_dir = run_dir_path(config.out_dir, config.run_name)
     resume = resume_path(config.resume, run_dir)
     for note in resume_notes(resume, _plain(config)):
         print(f"resume: applying {note}")
-    prepare_run_dir(run_dir, resuming=resume is not None, overwrite=config.overwrite)
-    L.seed_everything(config.seed, verbose=False)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with claim_run_dir(run_dir, resuming=resume is not None, overwrite=config.overwrite,
+                       asked=_plain(config)):
+        return _train_det(config, run_dir, resume, callbacks)
+
+
+def _train_det(config: DetConfig, run_dir: Path, resume: Path | None,
+               callbacks: Sequence[L.Callback]) -> DetResult:
+    L.seed_everything(config.seed, workers=True, verbose=False)
     train, val, num_classes = _datasets(config, run_dir)
     model = build_detector(config, num_classes, load_init=resume is None)
     meta = {"config": _plain(config), "num_classes": num_classes}
@@ -153,8 +165,9 @@ def train_det(config: DetConfig, callbacks: Sequence[L.Callback] = ()) -> DetRes
     data = config.data
     start = time.perf_counter()
     try:
-        trainer.fit(module, detection_loader(train, data.batch_size, True, data.num_workers,
-                                             config.seed),
+        # The shuffle draws from the global generator, whose state the checkpoints keep
+        # (RNGState), so that a resumed run sees the data in the same order.
+        trainer.fit(module, detection_loader(train, data.batch_size, True, data.num_workers),
                     detection_loader(val, data.batch_size, False, data.num_workers),
                     ckpt_path=resume)
     except NonFiniteLossError as err:
@@ -166,9 +179,14 @@ def train_det(config: DetConfig, callbacks: Sequence[L.Callback] = ()) -> DetRes
     evaluation_trainer(config.trainer.accelerator).validate(
         module, detection_loader(val, data.batch_size, False, data.num_workers), verbose=False)
     checkpoint = run_dir / "detector.pt"
+    last, best = saved_epochs(trainer, run_dir, "val/AP")
     if trainer.is_global_zero:
-        atomic_save({**meta, "state_dict": model.state_dict()}, checkpoint)
-    return _report(config.model, module.metrics, run_dir, checkpoint, seconds)
+        epoch = {"epoch": last.epoch} if last is not None else {}
+        atomic_save({**meta, **epoch, "state_dict": model.state_dict()}, checkpoint)
+    if last is not None:  # detector.pt holds the weights of last.ckpt
+        last = SavedEpoch(checkpoint, last.epoch, module.metrics.get("AP"))
+    return _report(config.model, module.metrics, run_dir, checkpoint, seconds,
+                   result_note(last, best, config.trainer.max_epochs, "AP"))
 
 
 def _plain(config: DetConfig) -> dict[str, Any]:
@@ -177,12 +195,13 @@ def _plain(config: DetConfig) -> dict[str, Any]:
 
 
 def _report(model: str, metrics: dict[str, float], run_dir: Path, checkpoint: Path,
-            seconds: float) -> DetResult:
+            seconds: float, note: str) -> DetResult:
     json_path, csv_path = write_metrics(run_dir, metrics, model)
-    print(f"\nCOCO box metrics (percent), {run_dir}\n")
-    print(metrics_table({model: metrics}))
-    print(f"\nwritten: {json_path}, {csv_path}")
-    return DetResult(model, metrics, run_dir, checkpoint, seconds)
+    if is_global_zero():  # every process of a distributed run gets here; one reports
+        print(f"\nCOCO box metrics (percent), {run_dir}\n")
+        print(metrics_table({model: metrics}))
+        print(f"\n{note}\nwritten: {json_path}, {csv_path}")
+    return DetResult(model, metrics, run_dir, checkpoint, seconds, note)
 
 
 def eval_det(checkpoint: str | Path, val_images: str | None = None,
@@ -194,7 +213,7 @@ def eval_det(checkpoint: str | Path, val_images: str | None = None,
     checkpoint = Path(checkpoint)
     saved = safe_load(checkpoint)
     if isinstance(saved, dict) and "attnconv" in saved:  # a Lightning checkpoint of train-det
-        saved = {**saved["attnconv"], "state_dict": {
+        saved = {**saved["attnconv"], "epoch": saved.get("epoch"), "state_dict": {
             k.removeprefix("model."): v for k, v in saved["state_dict"].items()}}
     if not (isinstance(saved, dict) and {"config", "num_classes", "state_dict"} <= set(saved)):
         raise CheckpointError(f"{checkpoint} is not a checkpoint written by `attnconv train-det`")
@@ -222,5 +241,8 @@ def eval_det(checkpoint: str | Path, val_images: str | None = None,
     start = time.perf_counter()
     trainer.validate(module, detection_loader(val, batch_size or config.data.batch_size, False),
                      verbose=False)
+    epoch = saved.get("epoch")
+    note = f"figures of {checkpoint}" + (
+        f" (epoch {epoch + 1}/{config.trainer.max_epochs})" if isinstance(epoch, int) else "")
     return _report(config.model, module.metrics, run_dir, checkpoint,
-                   time.perf_counter() - start)
+                   time.perf_counter() - start, note)

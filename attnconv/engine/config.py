@@ -5,7 +5,8 @@ A task's config is a dataclass whose dataclass-typed fields are *sections* (``da
 ``trainer``) and whose other fields are top-level keys. Precedence is defaults < recipe <
 ``--section.key value`` options. Every value is checked against the field's type hint (so
 ``1e-3`` is a float and ``1`` for an ``int | float`` field stays an int), every key must exist
-(close names are suggested) and ``choices`` / ``min`` in a field's metadata are enforced.
+(close names are suggested) and ``choices`` and the range (``min``, ``max``, ``above``,
+``below``) in a field's metadata are enforced and shown in the options' help.
 
 Free mappings (``model_args``): a recipe states the whole mapping, replacing the default, so
 one recipe's keys never leak into another's; on the command line ``--model_args '{k: v}'``
@@ -31,14 +32,34 @@ import yaml
 C = TypeVar("C")
 
 
+#: Seeds that every generator a run seeds takes (NumPy's limit).
+MAX_SEED = 2**32 - 1
+#: The largest image side an option accepts: larger ones only fail later, allocating
+#: terabytes.
+MAX_IMAGE_SIDE = 4096
+
+
 class ConfigError(ValueError):
     """A recipe or an option that cannot describe a run (unknown key, wrong type or value)."""
 
 
 def opt(default: Any, help: str, *, choices: Sequence[Any] | None = None,
-        min: float | None = None) -> Any:
-    """A config field with its help text and, optionally, allowed values or a lower bound."""
-    return field(default=default, metadata={"help": help, "choices": choices, "min": min})
+        min: float | None = None, max: float | None = None, above: float | None = None,
+        below: float | None = None) -> Any:
+    """A config field with its help text and, optionally, its allowed values or range:
+    ``min`` / ``max`` inclusive, ``above`` / ``below`` exclusive (a list's items each)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "min": min,
+                                            "max": max, "above": above, "below": below})
+
+
+_BOUNDS = (("min", ">=", lambda v, b: v >= b), ("above", ">", lambda v, b: v > b),
+           ("max", "<=", lambda v, b: v <= b), ("below", "<", lambda v, b: v < b))
+
+
+def range_text(metadata: Mapping[str, Any]) -> str:
+    """The range a field's metadata allows, e.g. ``> 0 and <= 1`` ('' without one)."""
+    return " and ".join(f"{sign} {metadata[name]}" for name, sign, _ in _BOUNDS
+                        if metadata.get(name) is not None)
 
 
 @dataclass
@@ -48,7 +69,7 @@ class TrainerConfig:
     max_epochs: int = opt(10, "epochs to train", min=1)
     max_steps: int = opt(-1, "stop after this many optimizer steps (-1: no limit)", min=-1)
     accelerator: str = opt("auto", "cpu, gpu, or auto (a GPU when there is one)")
-    devices: str = opt("auto", "devices per node: a count, a list such as '0,1', or auto")
+    devices: str = opt("auto", "devices per node: a count >= 1, a list such as '0,1', or auto")
     num_nodes: int = opt(1, "machines; under torchrun set it to the number of nodes", min=1)
     strategy: str = opt("auto", "auto (one device; DDP when devices > 1), ddp, ...")
     precision: str = opt("32-true", "32-true, bf16-mixed, 16-mixed, ...")
@@ -143,11 +164,15 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 def _check_bounds(f: dataclasses.Field, value: Any, key: str) -> None:
-    choices, low = f.metadata.get("choices"), f.metadata.get("min")
+    choices = f.metadata.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, not {value!r}")
-    if low is not None and value is not None and value < low:
-        raise ConfigError(f"{key} must be >= {low}, not {value!r}")
+    values = value if isinstance(value, list) else [value]
+    for name, _, holds in _BOUNDS:
+        bound = f.metadata.get(name)
+        if bound is not None and any(v is not None and not holds(v, bound) for v in values):
+            each = "each of " if isinstance(value, list) else ""
+            raise ConfigError(f"{each}{key} must be {range_text(f.metadata)}, not {value!r}")
 
 
 def _copy(config: C) -> C:
@@ -241,7 +266,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: Any,
     parser.add_argument("--config", metavar="NAME|YAML",
                         help="a shipped recipe's name (see `attnconv recipes`) or a YAML file; "
                         "options given on the command line override it")
-    for name, f, _ in _flat_fields(type(config)):
+    for name, f, hint in _flat_fields(type(config)):
         if name in exclude:
             continue
         default = config
@@ -249,17 +274,27 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: Any,
             default = getattr(default, part)
         # SUPPRESS: only options actually given override the recipe. Values stay text here
         # and are parsed by the field's type in config_from_args.
+        bounds = range_text(f.metadata)
+        if bounds:
+            each = "each " if (typing.get_origin(hint) or hint) is list else ""
+            bounds = f"; {each}{bounds}"
         parser.add_argument(f"--{name}", dest=name, default=argparse.SUPPRESS, metavar="VALUE",
-                            help=f"{f.metadata.get('help', '')} (default: {default})")
+                            help=f"{f.metadata.get('help', '')}{bounds} (default: {default})")
 
 
-def _from_text(text: str, hint: Any) -> Any:
+def _from_text(text: str, hint: Any, key: str) -> Any:
     # A plain string field takes the text as it is ('1e-3' as a run name stays '1e-3').
     if hint is str:
         return text
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
+    except yaml.YAMLError as err:
+        if (typing.get_origin(hint) or hint) in (dict, list):
+            problem = " ".join(str(getattr(err, "problem", "") or err).split())
+            example = ("a mapping such as '{channels: [8, 16, 32, 64]}'" if hint is dict
+                       else "a list such as '[8, 11]'")
+            raise ConfigError(f"--{key} is not valid YAML ({problem}): write {example}"
+                              ) from None
         return text
 
 
@@ -272,7 +307,7 @@ def config_from_args(args: argparse.Namespace, config: C) -> C:
     for key, text in vars(args).items():
         if key not in fields:
             continue
-        value = _from_text(text, fields[key]) if isinstance(text, str) else text
+        value = _from_text(text, fields[key], key) if isinstance(text, str) else text
         *heads, tail = key.split(".")
         target = nested
         for head in heads:

@@ -3,9 +3,15 @@ non-finite stop, atomic weights-only checkpoints and resume."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
+import shutil
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +20,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from attnconv.engine.config import ConfigError, TrainerConfig
 from attnconv.engine.progress import EpochBars, RunBar, RunProgress
@@ -30,7 +37,7 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     for message in (".*does not have many workers.*", ".*smaller than the logging interval.*",
                     ".*LeafSpec.*", ".*isinstance.*treespec.*",
-                    # A resume writes into its own run's folder (prepare_run_dir refuses others).
+                    # A resume writes into its own run's folder (check_run_dir refuses others).
                     ".*Checkpoint directory .* exists and is not empty.*"):
         warnings.filterwarnings("ignore", message=message)
 
@@ -100,38 +107,239 @@ def stopped_note(run_dir: Path) -> str:
     return f"the last good checkpoint is {last} (epoch {epoch}, counting from 0)"
 
 
+@dataclass
+class SavedEpoch:
+    """A checkpoint a run wrote: its file, the epoch it ends (counting from 0) and its score
+    (the monitored validation metric)."""
+
+    path: Path
+    epoch: int
+    score: float | None = None
+
+    @classmethod
+    def read(cls, path: Path, score: Any = None) -> SavedEpoch | None:
+        from attnconv.weights import safe_load
+
+        if not path.is_file():
+            return None
+        return cls(path, int(safe_load(path)["epoch"]),
+                   None if score is None else float(score))
+
+
+def result_note(last: SavedEpoch | None, best: SavedEpoch | None, max_epochs: int,
+                metric: str, scale: float = 1.0) -> str:
+    """Which epoch the figures of a finished run are from (the last one's: ``last``), and the
+    best epoch's ``metric`` and file when that is another epoch."""
+    if last is None:
+        return "no checkpoint was written"
+    text = f"figures of epoch {last.epoch + 1}/{max_epochs} (the last), {last.path}"
+    if best is not None and best.epoch != last.epoch and best.score is not None:
+        text += (f"; the best epoch was {best.epoch + 1}/{max_epochs} ({metric} "
+                 f"{best.score * scale:.2f}), {best.path}")
+    elif best is not None:
+        text += f"; it is also the best epoch ({best.path})"
+    return text
+
+
+def saved_epochs(trainer: L.Trainer, run_dir: Path, monitor: str
+                 ) -> tuple[SavedEpoch | None, SavedEpoch | None]:
+    """The last and the best checkpoint of a finished run (None where none was written); the
+    last one's score is the last validation's ``monitor``."""
+    folder = run_dir / "checkpoints"
+    best = trainer.checkpoint_callback
+    return (SavedEpoch.read(folder / "last.ckpt", trainer.callback_metrics.get(monitor)),
+            SavedEpoch.read(folder / "best.ckpt",
+                            best.best_model_score if best is not None else None))
+
+
+def is_global_zero() -> bool:
+    """Whether this process reports a run's results: the only process, or global rank 0 of a
+    distributed run (Lightning's rank: torchrun's environment, then the trainer's)."""
+    return rank_zero_only.rank == 0
+
+
 def check_devices(t: TrainerConfig) -> None:
-    """ConfigError when ``t`` asks for more GPUs than this machine has (instead of Lightning
-    starting that many CPU processes under ``accelerator: auto``)."""
+    """ConfigError when ``t`` asks for a GPU this machine lacks, or for more GPUs than it has
+    (instead of Lightning starting that many CPU processes under ``accelerator: auto``); the
+    refusal says how to run on the CPU instead."""
     devices = parse_devices(t.devices)
     wanted = len(devices) if isinstance(devices, list) else devices
-    if not isinstance(wanted, int) or wanted <= 1 or t.accelerator == "cpu":
+    if t.accelerator == "cpu":
         return
+    count = wanted if isinstance(wanted, int) else 0  # 'auto', -1: as many as there are
+    needed = max(count, 1) if t.accelerator in ("gpu", "cuda") else count
     found = torch.cuda.device_count()
-    if found < wanted:
-        cpu = (f"; for {wanted} CPU processes say --trainer.accelerator cpu"
-               if t.accelerator == "auto" else "")
-        raise ConfigError(f"trainer.devices {t.devices}: this machine has {found} GPU"
-                          f"{'s' * (found != 1)} (torch.cuda.device_count()){cpu}")
-
-
-def prepare_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
-    """A run folder belongs to one run and its resumes: an earlier run's folder is refused
-    (ConfigError) unless ``overwrite`` (then it is emptied, by the first process only)."""
-    import os
-    import shutil
-
-    earlier = run_dir.is_dir() and any(
-        (run_dir / name).exists() for name in ("checkpoints", "logs", "detector.pt"))
-    if resuming or not earlier:
+    if found >= needed or (t.accelerator == "auto" and needed <= 1):
         return
-    if not overwrite:
-        raise ConfigError(f"run folder {run_dir} holds an earlier run: pass --resume last to "
-                          "continue it, --overwrite true to replace it, or another --name")
-    if os.environ.get("RANK", "0") == "0":
-        for child in run_dir.iterdir():
-            if child.name != "data":  # generated data (detection) is the run's input
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    asked, cpu = ((f"trainer.devices {t.devices}", f"for {count} CPU processes") if count > 1
+                  else (f"trainer.accelerator {t.accelerator}", "to train on the CPU"))
+    raise ConfigError(f"{asked}: this machine has {found} GPU{'s' * (found != 1)} "
+                      f"(torch.cuda.device_count()); {cpu} say --trainer.accelerator cpu")
+
+
+#: What runs write into their folder (and ``logs-N``, the logs of resumed parts); a folder
+#: holding anything else is not a run's, and no run starts in it.
+RUN_ENTRIES = frozenset({"checkpoints", "logs", "tensorboard", "curves.png", "data",
+                         "detector.pt", "coco_metrics.json", "coco_metrics.csv",
+                         "seg_metrics.json", "seg_metrics.md", ".lock"})
+LOCK_FILE = ".lock"
+
+
+def run_dir_path(out_dir: str | Path, name: str) -> Path:
+    """``OUT_DIR/NAME``; ConfigError unless ``name`` is a plain folder name (not empty, ``.``,
+    ``..``, absolute or a path) and ``out_dir`` is a folder or does not exist yet."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name
+            or Path(name).is_absolute()):
+        raise ConfigError(f"name must be a plain folder name, created inside out_dir (no '/', "
+                          f"'.' or '..'), not {name!r}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir {out} is a file, not a folder")
+    return out / name
+
+
+def _is_run_entry(name: str) -> bool:
+    # ``.NAME.PID.XXXX.tmp``: an atomic write in progress or abandoned by a killed run.
+    return (name in RUN_ENTRIES or (name.startswith("logs-") and name[5:].isdigit())
+            or (name.startswith(".") and name.endswith(".tmp")))
+
+
+def _check_not_foreign(run_dir: Path, resuming: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} is a file: choose another --name")
+    if resuming or not run_dir.is_dir():
+        return
+    foreign = sorted(p.name for p in run_dir.iterdir() if not _is_run_entry(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
+                                          else "")
+        raise ConfigError(f"run folder {run_dir} holds files that are not a run's ({shown}): "
+                          "a run starts only in a new folder or in its own; choose another "
+                          "--name or --out_dir")
+
+
+def check_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool,
+                  asked: dict[str, Any] | None = None, can_resume: bool = True) -> None:
+    """ConfigError when a run may not start in ``run_dir``: it is a file, it holds anything
+    that is not a run's (never emptied, whatever ``overwrite`` says), or it holds an earlier
+    run and the run neither resumes nor overwrites it. The message suggests ``--resume last``
+    only where it would work: the command has it (``can_resume``), there is a last
+    checkpoint, and its run had the settings ``asked`` (the run's config) where a resume
+    needs them. A folder in use by another run (:func:`claim_run_dir`) is refused as such."""
+    _check_not_foreign(run_dir, resuming)
+    if _first_process() and (run_dir / LOCK_FILE).is_file():
+        _lock(run_dir).close()
+    _check_no_earlier(run_dir, resuming, overwrite, asked, can_resume)
+
+
+def _check_no_earlier(run_dir: Path, resuming: bool, overwrite: bool,
+                      asked: dict[str, Any] | None, can_resume: bool) -> None:
+    if resuming or not run_dir.is_dir():
+        return
+    earlier = any((run_dir / name).exists() for name in ("checkpoints", "logs", "detector.pt"))
+    if earlier and not overwrite:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        hint = "pass --overwrite true to replace it, or another --name"
+        if can_resume and last.is_file():
+            from attnconv.weights import safe_load
+
+            stored = (safe_load(last).get("attnconv") or {}).get("config")
+            other = _refused_text(_changes(stored, asked or {})) if isinstance(stored, dict) \
+                else ""
+            hint = (f"it ran with other settings ({other}), so it cannot be resumed with these; "
+                    f"{hint}" if other else "pass --resume last to continue it, --overwrite true "
+                    "to replace it, or another --name")
+        raise ConfigError(f"run folder {run_dir} holds an earlier run: {hint}")
+
+
+def _first_process() -> bool:
+    # Under torchrun or Lightning's launcher only one process owns the run folder.
+    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def _lock(run_dir: Path) -> Any:
+    """The open, exclusively locked lock file of ``run_dir`` (ConfigError when another run
+    holds it). flock locks go with the process: a killed run leaves no stale lock."""
+    handle = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 -- held for the whole run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip()
+        handle.close()
+        raise ConfigError(f"run folder {run_dir} is in use by another run"
+                          f"{f' (process {owner})' if owner.isdigit() else ''}: wait for it to "
+                          "end, or choose another --name") from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove the run folder ``created[0]`` and, while they are empty, the folders above it
+    that were created with it (another run may have started in a new out_dir meanwhile)."""
+    if not created:
+        return
+    shutil.rmtree(created[0], ignore_errors=True)
+    for parent in created[1:]:
+        try:
+            parent.rmdir()
+        except OSError:
+            return
+
+
+@contextlib.contextmanager
+def claim_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool,
+                  asked: dict[str, Any] | None = None) -> Iterator[Path]:
+    """Hold ``run_dir`` for one run: :func:`check_run_dir`, then (first process only) an
+    exclusive lock for the run's whole length and, with ``overwrite``, the earlier run's files
+    removed (generated ``data`` is the run's input and stays).
+
+    A run that ends in an error before it wrote a checkpoint (a refusal while its data is
+    read, a stop in its first epoch) leaves the folder as it found it: what it added is
+    removed, so the corrected command starts again in the same folder.
+    """
+    if not _first_process():
+        check_run_dir(run_dir, resuming=resuming, overwrite=overwrite, asked=asked)
+        yield run_dir
+        return
+    _check_not_foreign(run_dir, resuming)
+    # The folders this run creates (the run folder, and out_dir when it is new).
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = _lock(run_dir)
+    except ConfigError:
+        _remove_created(created)
+        raise
+    try:
+        _check_no_earlier(run_dir, resuming, overwrite, asked, can_resume=True)
+        if overwrite and not resuming:
+            for child in run_dir.iterdir():
+                if child.name not in ("data", LOCK_FILE):
+                    _remove(child)
+        before = {p.name for p in run_dir.iterdir()}
+        start = time.time()
+        try:
+            yield run_dir
+        except BaseException:
+            saved = any(p.stat().st_mtime >= start
+                        for p in (run_dir / "checkpoints").glob("*.ckpt"))
+            if not saved:
+                if created:
+                    _remove_created(created)
+                else:
+                    for child in run_dir.iterdir():
+                        if child.name not in before:
+                            _remove(child)
+            raise
+    finally:
+        lock.close()
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -160,32 +368,40 @@ def check_resume(stored: dict[str, Any], asked: dict[str, Any],
     every other option that differs from the checkpoint's run (a resumed run continues the
     stored optimizer, schedule and data order: changing them would record a run that never
     happened)."""
-    old, new = _flat(stored), _flat(asked)
-    changed = {k: (old[k], new[k]) for k in old.keys() & new.keys() if old[k] != new[k]}
-    refused = sorted(k for k in changed if k not in applies)
+    changed = _changes(stored, asked)
+    refused = _refused_text(changed, applies)
     if refused:
-        parts = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
         raise ConfigError(f"--resume continues the checkpoint's run, which had other settings: "
-                          f"{parts}; drop these options, or start a new run")
+                          f"{refused}; drop these options, or start a new run")
     return [f"{k}: {changed[k][0]!r} -> {changed[k][1]!r}" for k in sorted(changed)
             if k not in ("resume", "overwrite")]
 
 
+def _changes(stored: dict[str, Any], asked: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    old, new = _flat(stored), _flat(asked)
+    return {k: (old[k], new[k]) for k in old.keys() & new.keys() if old[k] != new[k]}
+
+
+def _refused_text(changed: dict[str, tuple[Any, Any]],
+                  applies: frozenset[str] = RESUME_APPLIES) -> str:
+    """``key old -> new`` of the changes a resume cannot apply ('' when there are none)."""
+    return ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}"
+                     for k in sorted(changed) if k not in applies)
+
+
 def parse_devices(devices: str) -> int | str | list[int]:
-    """``'4'`` -> 4, ``'0,1'`` -> [0, 1], ``'auto'`` -> ``'auto'`` (Lightning's forms)."""
+    """``'4'`` -> 4, ``'0,1'`` -> [0, 1], ``'auto'`` -> ``'auto'`` (Lightning's forms);
+    ConfigError for anything else (``-1``, Lightning's "all GPUs", included: say auto)."""
     text = str(devices).strip()
     if text.isdigit():
         return int(text)
-    if "," in text:
-        try:
-            return [int(d) for d in text.split(",") if d.strip()]
-        except ValueError as err:
-            raise ConfigError(f"trainer.devices must be a count, a list such as '0,1', or "
-                              f"auto, not {devices!r}") from err
-    if text == "auto" or text == "-1":
-        return text if text == "auto" else -1
-    raise ConfigError(f"trainer.devices must be a count, a list such as '0,1', or auto, "
-                      f"not {devices!r}")
+    if text == "auto":
+        return text
+    parts = [d.strip() for d in text.split(",") if d.strip()]
+    if "," in text and parts and all(d.isdigit() for d in parts):
+        return [int(d) for d in parts]
+    raise ConfigError(f"trainer.devices must be a count >= 1, a list of device indices such "
+                      f"as '0,1', or auto, not {devices!r}")
 
 
 def resume_path(resume: str | None, run_dir: Path) -> Path | None:

@@ -1,6 +1,6 @@
 """Attention convs in ultralytics YOLO model YAMLs: YOLOv5, YOLOv8, YOLO11 and their -seg heads.
 
-After :func:`register`, a model YAML may say ``RFAConv``, ``RFCBAMConv``, ``RFCAConv`` or
+With this module imported, a model YAML may say ``RFAConv``, ``RFCBAMConv``, ``RFCAConv`` or
 ``AWConv`` wherever it says ``Conv``, with Conv's arguments ``[c2, k, s, p, g, d, act]``::
 
     - [-1, 1, RFAConv, [128, 3, 2]]  # 1-P2/4
@@ -28,7 +28,9 @@ purpose: ``model.fuse()`` folds BN into ``Conv.conv`` by rebuilding it as a plai
 
 from __future__ import annotations
 
+import atexit
 import copy
+import functools
 import inspect
 import json
 import re
@@ -169,14 +171,18 @@ def _parse_model(d: dict, ch: int, verbose: bool = True) -> tuple[nn.Sequential,
 
 def register() -> None:
     """Make the blocks of :data:`BLOCKS` and :data:`CSP_BLOCKS` usable by name in ultralytics
-    model YAMLs (idempotent). Pickled models refer to this module, so importing it is enough to
-    load them."""
+    model YAMLs (idempotent). Importing this module registers them: a saved model refers to
+    this module, so loading it registers the blocks, and ultralytics can rebuild the model from
+    its YAML to fine-tune it in a new process."""
     global _original_parse_model
     if _original_parse_model is None:
         _original_parse_model = tasks.parse_model
         tasks.parse_model = _parse_model
     for name, cls in BLOCKS.items():
         setattr(tasks, name, cls)
+
+
+register()
 
 
 # --- variants derived from the installed ultralytics' YAMLs -----------------------------------
@@ -219,9 +225,17 @@ def base_yaml(family: str, seg: bool = False) -> dict:
     return YAML.load(Path(ultralytics.__file__).parent / "cfg/models" / relative)
 
 
+@functools.cache
+def _scratch_folder() -> Path:
+    """The one folder of this process for the YAMLs of :func:`variant_yaml`, removed at exit."""
+    folder = Path(tempfile.mkdtemp(prefix="attnconv-yolo-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def variant_yaml(name: str, directory: str | Path | None = None) -> Path:
     """Write the YOLO variant ``name`` and return its path, e.g.
-    ``YOLO(variant_yaml('yolo11n-c3k2-rfa'))`` after :func:`register`.
+    ``YOLO(variant_yaml('yolo11n-c3k2-rfa'))``.
 
     ``name`` is ``{family}{scale}[-seg][-{csp}]-{conv}``: family ``yolov5``, ``yolov8`` or
     ``yolo11``; scale n, s, m, l, x; ``-seg`` for ultralytics' instance-segmentation head (v8,
@@ -233,8 +247,9 @@ def variant_yaml(name: str, directory: str | Path | None = None) -> Path:
     stay plain.
 
     The YAML is derived at run time from the installed ultralytics' own YAML (AGPL-3.0; this
-    package ships no copy). The file goes to ``directory`` (default: a new temporary folder);
-    its name carries the scale, which ultralytics reads from it.
+    package ships no copy). The file goes to ``directory`` (default: a temporary folder of this
+    process, removed when it exits); its name carries the scale, which ultralytics reads from
+    it.
     """
     match = _VARIANT.fullmatch(name)
     family, _, seg, csp, suffix = match.groups() if match else (None,) * 5
@@ -250,8 +265,7 @@ def variant_yaml(name: str, directory: str | Path | None = None) -> Path:
                 row[2] = f"{row[2]}_{block}"
         elif index > 0 and row[2] == "Conv" and list(row[3][1:3]) == [3, 2]:
             row[2] = block
-    folder = Path(directory) if directory is not None else Path(
-        tempfile.mkdtemp(prefix="attnconv-yolo-"))
+    folder = Path(directory) if directory is not None else _scratch_folder()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.yaml"
     path.write_text(json.dumps(base, indent=1))  # JSON is YAML

@@ -35,6 +35,8 @@ Deviations from the official code, all deliberate:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,14 +51,14 @@ from attnconv.functional.rfa import (
     rfa_attended_conv,
     to_tiles,
 )
+from attnconv.layers.base import AttentionConv2d
 from attnconv.layers.helpers import (
     check_conv_args,
-    check_conv_input,
     check_positive,
     layer_name,
 )
-from attnconv.ops.rfa import _check_impl, rfa_layer_forward, use_fused
-from attnconv.ops.rfa_tile import tile_layer_forward
+from attnconv.ops.rfa import _check_impl, rfa_feature_stats, rfa_fused, use_fused
+from attnconv.ops.rfa_tile import rfa_tile_attend, rfa_tile_reduce
 
 __all__ = ["RFAConv2d", "RFCAConv2d", "RFCBAMConv2d"]
 
@@ -69,9 +71,24 @@ def _keep_memory_format(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _out_size(size: int, k: int, s: int) -> int:
+    return (size + 2 * (k // 2) - k) // s + 1
+
+
+def _tap_major(t: torch.Tensor, c: int, k2: int) -> torch.Tensor:
+    """A per-feature tensor in the layer's order c * k2 + t -> (k2, C), the ops' order."""
+    return t.reshape(c, k2).t()
+
+
+def _to_tiles(t: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, C, k2, H, W) -> (N, C, H*k, W*k), the official rearranged layout."""
+    n, c, _, h, w = t.shape
+    return t.view(n, c, k, k, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c, h * k, w * k)
+
+
 # --- the layers ------------------------------------------------------------------------------
 
-class _ReceptiveFieldConv2d(nn.Conv2d):
+class _ReceptiveFieldConv2d(AttentionConv2d):
     """Shared part: argument checks, the depthwise feature conv + BN, the final conv's weight.
 
     The module is an nn.Conv2d whose ``weight`` (O, C, k, k) and ``bias`` are the final
@@ -81,6 +98,11 @@ class _ReceptiveFieldConv2d(nn.Conv2d):
 
     #: the official module's key prefix of the depthwise conv + BN ("generate_feature" / "generate")
     _official_feature_prefix = "generate"
+
+    #: whether ``impl="auto"`` runs the fused kernels on CPU (in eval, in training): yes where
+    #: interleaved measurements of both paths found them faster at (8, 64, 56, 56) stride 1
+    #: and (32, 128, 28, 28) stride 2 on 2 threads (benchmarks/RESULTS.md)
+    _auto_fused: tuple[bool, bool] = (True, True)  # (eval, training)
 
     def __init__(
         self,
@@ -191,7 +213,69 @@ class _ReceptiveFieldConv2d(nn.Conv2d):
         return _keep_memory_format(x, self._forward(x_cl))
 
     def _check_input(self, x: torch.Tensor) -> None:
-        check_conv_input(self, x, self.in_channels)
+        self.check_input(x)
+
+    # -- the fused ops' operands --
+
+    def _fused(self, x: torch.Tensor, forward) -> torch.Tensor:
+        """``forward(x)`` through the fused ops, in x's memory format. Under autocast, and for
+        bf16/fp16 tensors, the ops compute in float32 (statistics and softmax need it; the
+        GEMM is a small part of the cost) and answer in the autocast dtype, like the
+        convolutions they replace."""
+        self._check_input(x)
+        out_dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            out_dtype = torch.get_autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            out = forward(x)
+        out = out if out.dtype == out_dtype else out.to(out_dtype)
+        return _keep_memory_format(x, out)
+
+    def _operands(self, x: torch.Tensor) -> dict:
+        """The tensors the fused ops take, from this layer's parameters (differentiable, in
+        the ops' tap-major order) and its input: x in the compute dtype (float32 for
+        bf16/fp16), the depthwise weight, the BN affine and statistics, the final conv. Takes
+        the BN batch statistics with :func:`rfa_feature_stats` and updates the running ones
+        as nn.BatchNorm2d does."""
+        bn = self.feature_bn
+        c, k2, k, s = self.in_channels, self.taps, self.kernel_size[0], self.stride[0]
+        dtype = torch.promote_types(x.dtype, self.weight.dtype)
+        if dtype in (torch.bfloat16, torch.float16):
+            dtype = torch.float32
+        x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        wdt = self.feature_conv.weight.to(dtype).view(c, k2, k2).permute(2, 1, 0)
+        gamma = _tap_major(bn.weight.to(dtype), c, k2) if bn.affine else x.new_ones(k2, c)
+        beta = _tap_major(bn.bias.to(dtype), c, k2) if bn.affine else x.new_zeros(k2, c)
+        wt = self.weight.to(dtype).view(self.out_channels, c, k2).transpose(1, 2).reshape(
+            self.out_channels, k2 * c)
+        batch_stats = self._uses_batch_stats()
+        if batch_stats:
+            count = x.shape[0] * _out_size(x.shape[2], k, s) * _out_size(x.shape[3], k, s)
+            if count < 2 and self.training:
+                raise ValueError(f"{layer_name(self)}: expected more than 1 value per channel "
+                                 f"when training (BatchNorm), got input {tuple(x.shape)}")
+            with torch.no_grad():
+                mean, var = rfa_feature_stats(x.detach(), wdt.detach().contiguous(), k, s)
+            self._update_running_stats(mean.t().reshape(-1), var.t().reshape(-1), count)
+        else:
+            mean = _tap_major(bn.running_mean.to(dtype), c, k2)
+            var = _tap_major(bn.running_var.to(dtype), c, k2)
+        return {"x": x, "wdt": wdt, "gamma": gamma, "beta": beta, "mean": mean,
+                "inv_std": torch.rsqrt(var + bn.eps), "wt": wt,
+                "bias": None if self.bias is None else self.bias.to(dtype), "kernel_size": k,
+                "stride": s, "batch_stats": batch_stats, "eps": bn.eps, "dtype": dtype}
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        """nn.BatchNorm2d's running-statistics update (unbiased variance), in the buffers'
+        dtype."""
+        bn = self.feature_bn
+        if not (self.training and bn.track_running_stats):
+            return
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+        bn.running_var.lerp_((var * (count / (count - 1))).to(bn.running_var.dtype), momentum)
 
     # -- importing the official modules' parameters --
 
@@ -258,10 +342,11 @@ class RFAConv2d(_ReceptiveFieldConv2d):
     keeps ``weight`` (O, C, k, k) / ``bias`` of the final conv. ``attn_logit_scale`` (C, k2)
     holds the official ``get_weight.1.weight``.
 
-    ``impl``: "fused" runs the fused C++ kernel (:mod:`attnconv.ops.rfa`, built on first use)
-    on CPU, "eager" the formulation below, "auto" (the default) the fused kernel wherever it
-    runs; None follows :func:`attnconv.ops.set_rfa_impl`. Where the kernel cannot run (CUDA,
-    no compiler) the layer runs eager and warns once.
+    ``impl``: "fused" runs the fused C++ kernels (:mod:`attnconv.ops`, built by ``make`` or
+    on first use) on CPU, "eager" the formulation below, "auto" (the default) on CPU the path
+    measured faster for the layer and mode (``_auto_fused``), on other devices eager; None
+    follows :func:`attnconv.ops.set_rfa_impl`. Where "fused" cannot run (CUDA, no compiler)
+    the layer runs eager and warns once with the reason.
     """
 
     _official_feature_prefix = "generate_feature"
@@ -291,10 +376,23 @@ class RFAConv2d(_ReceptiveFieldConv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # An empty batch takes the eager path, which returns an empty batch as nn.BatchNorm2d does.
-        if x.shape[0] > 0 and use_fused(type(self).__name__, self.impl, x):
-            self._check_input(x)
-            return _keep_memory_format(x, rfa_layer_forward(self, x))
+        if x.shape[0] > 0 and use_fused(type(self).__name__, self.impl, x,
+                                        self._auto_fused[self.training]):
+            return self._fused(x, self._fused_forward)
         return super().forward(x)
+
+    def reset_attention(self) -> None:
+        """The official RFA ResNets' start: ``attn_logit_scale`` (there the grouped 1x1 conv
+        ``get_weight.1``, fan-out C * k2) Kaiming-normal, a near-uniform softmax. A layer built
+        on its own keeps the official module's default U(-1, 1) instead."""
+        nn.init.normal_(self.attn_logit_scale, std=math.sqrt(2.0 / self.attn_logit_scale.numel()))
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self._operands(x)
+        a = self.attn_logit_scale.to(t["dtype"]).t()
+        return rfa_fused(t["x"], t["wdt"], t["gamma"], t["beta"], t["mean"], t["inv_std"], a,
+                         t["wt"], t["bias"], t["kernel_size"], t["stride"], t["batch_stats"],
+                         t["eps"])
 
     def receptive_field_attention(self, x: torch.Tensor) -> torch.Tensor:
         """softmax_t(a[c, t] * avgpool(x)[c]): the weights of the k2 receptive-field members of
@@ -330,12 +428,29 @@ class _TileAttentionConv2d(_ReceptiveFieldConv2d):
     """
 
     impl: str | None = None
+    #: the attention kind of the fused tile ops (0 RFCBAM, 1 RFCA)
+    _tile_kind: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > 0 and use_fused(type(self).__name__, self.impl, x):
-            self._check_input(x)
-            return _keep_memory_format(x, tile_layer_forward(self, x))
+        if x.shape[0] > 0 and use_fused(type(self).__name__, self.impl, x,
+                                        self._auto_fused[self.training]):
+            return self._fused(x, self._fused_forward)
         return super().forward(x)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self._operands(x)
+        common = (t["x"], t["wdt"], t["gamma"], t["beta"], t["mean"], t["inv_std"])
+        k, s, batch_stats, eps = t["kernel_size"], t["stride"], t["batch_stats"], t["eps"]
+        r1, r2 = rfa_tile_reduce(*common, k, s, self._tile_kind, batch_stats, eps)
+        f1, f2 = self._fused_factors(t["x"], r1, r2)
+        return rfa_tile_attend(*common, f1, f2, t["wt"], t["bias"], k, s, self._tile_kind,
+                               batch_stats, eps)
+
+    def _fused_factors(self, x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention's two factors in the tile ops' layout, from the reductions of g that
+        :func:`rfa_tile_reduce` takes."""
+        raise NotImplementedError
 
     def attention(self, x: torch.Tensor, g: torch.Tensor, update_stats: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -388,6 +503,11 @@ class RFCBAMConv2d(_TileAttentionConv2d):
     C is; the official argument is called a ratio but used as a width).
     """
 
+    _tile_kind = 0
+    # its eager formulation (two small reductions over channels) measured faster than the
+    # fused kernels in both modes
+    _auto_fused = (False, False)
+
     def __init__(
         self,
         in_channels: int,
@@ -424,6 +544,20 @@ class RFCBAMConv2d(_TileAttentionConv2d):
         spatial = from_tiles(torch.sigmoid(self.spatial_conv(to_tiles(pooled, k))), k)
         return channel.view(n, c, 1, 1, 1), spatial
 
+    def _fused_factors(self, x, r1, r2):
+        """The channel gate (N, C) and the spatial gate (N, H', W', k2) from the max and mean
+        over channels (N, H', W', k2)."""
+        n, h, w, k2 = r1.shape
+        k = self.kernel_size[0]
+        pdtype = self.channel_fc1.weight.dtype
+        channel = torch.sigmoid(self.channel_fc2(F.relu(self.channel_fc1(
+            x.mean((2, 3)).to(pdtype)))))
+        pooled = torch.stack([r1, r2], dim=1).permute(0, 1, 4, 2, 3)  # (N, 2, k2, H', W')
+        spatial = torch.sigmoid(self.spatial_conv(_to_tiles(pooled.to(pdtype), k)))
+        # (N, 1, H'k, W'k) -> (N, H', W', k2)
+        spatial = spatial.view(n, h, k, w, k).permute(0, 1, 3, 2, 4).reshape(n, h, w, k2)
+        return channel.to(x.dtype), spatial.to(x.dtype)
+
     def _official_keys(self):
         keys = super()._official_keys()
         c, r = self.in_channels, self.hidden_channels
@@ -447,6 +581,8 @@ class RFCAConv2d(_TileAttentionConv2d):
     The row and column means are taken on g in tap layout (N, C, k, k, H', W'), so only the
     pooled (N, C, H'k) and (N, C, W'k) maps are ever in the rearranged order.
     """
+
+    _tile_kind = 1
 
     def __init__(
         self,
@@ -497,6 +633,20 @@ class RFCAConv2d(_TileAttentionConv2d):
         a_h = torch.sigmoid(self.coord_conv_h(y_h)).view(n, c, h, k).transpose(2, 3)
         a_w = torch.sigmoid(self.coord_conv_w(y_w)).view(n, c, w, k).transpose(2, 3)
         return a_h.reshape(n, c, k, 1, h, 1), a_w.reshape(n, c, 1, k, 1, w)
+
+    def _fused_factors(self, x, r1, r2):
+        """a_h (N, H', k, C) and a_w (N, W', k, C) from the row and column means."""
+        n, h, k, c = r1.shape
+        w = r2.shape[1]
+        pdtype = self.coord_conv.weight.dtype
+        rows = r1.permute(0, 3, 1, 2).reshape(n, c, h * k, 1)
+        cols = r2.permute(0, 3, 1, 2).reshape(n, c, w * k, 1)
+        y = F.hardswish(self.coord_bn(self.coord_conv(
+            torch.cat([rows, cols], dim=2).to(pdtype))))
+        y_h, y_w = torch.split(y, [h * k, w * k], dim=2)
+        a_h = torch.sigmoid(self.coord_conv_h(y_h)).view(n, c, h, k).permute(0, 2, 3, 1)
+        a_w = torch.sigmoid(self.coord_conv_w(y_w)).view(n, c, w, k).permute(0, 2, 3, 1)
+        return a_h.to(x.dtype), a_w.to(x.dtype)
 
     def _official_keys(self):
         keys = super()._official_keys()

@@ -1,8 +1,10 @@
-"""Fused C++ operators (built on first use) and their eager reference formulations."""
+"""Fused C++ operators of the RFA family (built by ``make``, or on first use) and their eager
+formulations."""
 
 from attnconv.ops.rfa import (
     RFA_IMPLS,
     eager_rfa,
+    ensure_loaded,
     fused_available,
     get_rfa_impl,
     rfa_eager,
@@ -12,5 +14,6 @@ from attnconv.ops.rfa import (
 )
 from attnconv.ops.rfa_tile import rfa_tile_attend, rfa_tile_reduce
 
-__all__ = ["RFA_IMPLS", "eager_rfa", "fused_available", "get_rfa_impl", "rfa_eager",
-           "rfa_feature_stats", "rfa_fused", "rfa_tile_attend", "rfa_tile_reduce", "set_rfa_impl"]
+__all__ = ["RFA_IMPLS", "eager_rfa", "ensure_loaded", "fused_available", "get_rfa_impl",
+           "rfa_eager", "rfa_feature_stats", "rfa_fused", "rfa_tile_attend", "rfa_tile_reduce",
+           "set_rfa_impl"]

@@ -8,6 +8,7 @@ so nothing of one recipe leaks into another. Its first comment lines say where i
 from __future__ import annotations
 
 import difflib
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -41,9 +42,44 @@ def recipe_path(name_or_path: str | Path) -> Path:
                       f"(shipped: {', '.join(names)})")
 
 
+#: A sentence ends at a full stop before a capital or the end, never at "et al." or "e.g.".
+_SENTENCE_END = re.compile(r"(?<!\bal)(?<!\be\.g)\.(?=\s+[A-Z(\"`]|\s*$)")
+
+
 def describe(name: str) -> str:
-    """The first comment line of a shipped recipe."""
+    """The first sentence of a shipped recipe's opening comment (its prose lines, before the
+    first indented example command), whole."""
+    prose = []
     for line in recipe_path(name).read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+        if not line.startswith("#"):
+            break
+        text = line[1:]
+        if text.startswith("   ") or not text.strip():  # an example command, or a blank line
+            break
+        prose.append(text.strip())
+    text = " ".join(prose)
+    end = _SENTENCE_END.search(text)
+    return text[:end.end()] if end else text
+
+
+def recipe_command(name: str) -> str:
+    """The command a recipe is for (``train``, ``train-det`` or ``train-seg``): the one whose
+    config takes every key of the recipe."""
+    from attnconv.detection.config import DetConfig
+    from attnconv.engine.config import ConfigError, load_recipe
+    from attnconv.segmentation.config import SegConfig
+    from attnconv.training.config import RunConfig
+
+    fits = []
+    for command, config in (("train", RunConfig()), ("train-det", DetConfig()),
+                            ("train-seg", SegConfig())):
+        try:
+            load_recipe(name, config)
+        except ConfigError:
+            continue
+        fits.append(command)
+    if len(fits) != 1:
+        which = f"the configs of {', '.join(fits)}" if fits else "no command's config"
+        raise ConfigError(f"recipe {name} fits {which}: a recipe states the keys of one "
+                          "command's config")
+    return fits[0]

@@ -11,7 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from attnconv.engine.config import TrainerConfig, apply, load_recipe, opt
+from attnconv.engine.config import (
+    MAX_IMAGE_SIDE,
+    MAX_SEED,
+    TrainerConfig,
+    apply,
+    load_recipe,
+    opt,
+)
 
 #: The demo's model: narrow enough to train on 64 px shapes in minutes on 2 CPU cores.
 DEMO_MODEL_ARGS: dict[str, Any] = {
@@ -32,15 +39,16 @@ class SegDataConfig:
     sbd_root: str | None = opt(None, "voc_aug: SBD folder (img/, cls/, train_noval.txt)")
     num_classes: int | None = opt(None, "folder: classes including background", min=2)
     base_size: int = opt(64, "short side of the training images before their random scale "
-                             "(0.5-2x)", min=1)
-    crop_size: int = opt(64, "side of the square training crops", min=1)
+                             "(0.5-2x)", min=1, max=MAX_IMAGE_SIDE)
+    crop_size: int = opt(64, "side of the square training crops", min=1, max=MAX_IMAGE_SIDE)
     eval_size: int | None = opt(None, "short side of the validation images; none: their own",
-                                min=1)
+                                min=1, max=MAX_IMAGE_SIDE)
     batch_size: int = opt(8, "samples per batch on each device", min=1)
     num_workers: int = opt(0, "data-loading worker processes per device", min=0)
     num_train: int = opt(96, "shapes: generated training images", min=1)
     num_val: int = opt(24, "shapes: generated validation images", min=1)
-    image_size: int = opt(64, "shapes: side of the generated images", min=32)
+    image_size: int = opt(64, "shapes: side of the generated images", min=32,
+                          max=MAX_IMAGE_SIDE)
 
 
 @dataclass
@@ -49,7 +57,7 @@ class SegOptimConfig:
 
     lr: float = opt(0.02, "learning rate (the auxiliary head's is 10x, as torchvision's "
                           "reference)", min=0.0)
-    momentum: float = opt(0.9, "SGD momentum", min=0.0)
+    momentum: float = opt(0.9, "SGD momentum", min=0.0, max=1.0)
     weight_decay: float = opt(1e-4, "weight decay", min=0.0)
     power: float = opt(0.9, "poly schedule exponent", min=0.0)
     warmup_iters: int = opt(0, "optimizer steps of linear warm-up", min=0)
@@ -72,7 +80,7 @@ class SegConfig:
     init: str | None = opt(None, "start the backbone from ImageNet weights: torchvision:NAME"
                                  "[.WEIGHTS], timm:NAME or a weights file (attention tensors "
                                  "keep their neutral start)")
-    seed: int = opt(0, "random seed")
+    seed: int = opt(0, "random seed", min=0, max=MAX_SEED)
     out_dir: str = opt("runs", "folder that holds one sub-folder per run")
     name: str | None = opt(None, "run sub-folder name (default: HEAD_MODEL-sSEED)")
     resume: str | None = opt(None, "checkpoint to continue from, or 'last' for RUN/last.ckpt")

@@ -12,7 +12,8 @@
   demo. Its numbers say nothing about real images.
 
 Bad data is a :class:`~attnconv.training.data.DataError` with one line: a missing root, an image
-without a mask, a mask holding a class id the dataset does not have.
+without a mask, a mask holding a class id the dataset does not have, a mask of another aspect
+ratio than its image (one of the same aspect ratio is resized to the image, nearest neighbour).
 """
 
 from __future__ import annotations
@@ -52,6 +53,25 @@ def check_mask(mask: np.ndarray | torch.Tensor, num_classes: int, source: str) -
                         f"{IGNORE_INDEX} = ignore)")
 
 
+def fit_mask(mask: torch.Tensor, size: Sequence[int], source: str) -> torch.Tensor:
+    """``mask`` at the image size ``size`` (height, width): a mask of another size but the
+    same aspect ratio is resized with nearest neighbours, so labels stay on their pixels; one
+    of another aspect ratio or with colour channels is a DataError naming ``source``."""
+    height, width = size
+    if mask.dim() != 2:
+        raise DataError(f"{source}: mask has shape {tuple(mask.shape)}; expected one channel "
+                        "of class ids (a grayscale or palette PNG)")
+    mask_h, mask_w = mask.shape
+    if (mask_h, mask_w) == (height, width):
+        return mask
+    # The same aspect ratio up to the rounding of a downscaled side.
+    if abs(mask_h * width - mask_w * height) > max(width, height):
+        raise DataError(f"{source}: mask is {mask_w}x{mask_h} but its image is {width}x{height} "
+                        "(another aspect ratio); masks must cover their image")
+    return tv_tensors.Mask(v2.functional.resize(mask[None], [height, width],
+                                                interpolation=v2.InterpolationMode.NEAREST)[0])
+
+
 class SegmentationPairs(Dataset):
     """(image, mask) pairs from any dataset of (PIL image, PIL mask), with every mask checked
     against ``num_classes`` and a joint ``transforms`` of (tv_tensors.Image, tv_tensors.Mask)."""
@@ -68,10 +88,11 @@ class SegmentationPairs(Dataset):
         image, mask = self.base[index]
         mask = np.asarray(mask)
         files = getattr(self.base, "masks", None)  # MaskFolder's and VOCSegmentation's paths
-        check_mask(mask, self.num_classes,
-                   str(files[index]) if files is not None else f"{self.name}[{index}]")
+        source = str(files[index]) if files is not None else f"{self.name}[{index}]"
+        check_mask(mask, self.num_classes, source)
         image = tv_tensors.Image(v2.functional.pil_to_tensor(image.convert("RGB")))
         mask = tv_tensors.Mask(torch.from_numpy(mask.astype(np.int64)))
+        mask = fit_mask(mask, image.shape[-2:], source)
         if self.transforms is not None:
             image, mask = self.transforms(image, mask)
         return image, mask
@@ -191,7 +212,12 @@ def eval_transforms(size: int | None = None) -> v2.Transform:
 
 def pad_collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack images of different sizes: pad right/bottom with 0, masks with ignore."""
+    """Stack images of different sizes: pad right/bottom with 0, masks with ignore. Each mask
+    must have its image's size (:func:`fit_mask`)."""
+    for i, (image, mask) in enumerate(batch):
+        if image.shape[-2:] != mask.shape[-2:]:
+            raise ValueError(f"sample {i} of the batch: mask {tuple(mask.shape[-2:])} and image "
+                             f"{tuple(image.shape[-2:])} differ in size")
     height = max(image.shape[-2] for image, _ in batch)
     width = max(image.shape[-1] for image, _ in batch)
     images = torch.zeros(len(batch), batch[0][0].shape[0], height, width)
@@ -267,5 +293,5 @@ def build_segmentation_sets(name: str, root: str | Path | None, *, crop_size: in
 
 __all__ = ["IGNORE_INDEX", "SHAPES_CLASSES", "VOC_CLASSES", "MaskFolder", "SegmentationPairs",
            "SegmentationSets", "build_segmentation_sets", "check_mask", "eval_transforms",
-           "pad_collate", "sbd_segmentation", "shapes_segmentation", "train_transforms",
+           "fit_mask", "pad_collate", "sbd_segmentation", "shapes_segmentation", "train_transforms",
            "voc_segmentation", "voc_train_aug"]

@@ -18,12 +18,15 @@ from attnconv.engine.config import ConfigError, apply, to_dict
 from attnconv.engine.trainer import (
     NonFiniteLossError,
     check_devices,
+    claim_run_dir,
     evaluation_trainer,
     make_trainer,
-    prepare_run_dir,
     quiet_lightning,
+    result_note,
     resume_notes,
     resume_path,
+    run_dir_path,
+    saved_epochs,
     stopped_note,
 )
 from attnconv.loading import CheckpointError
@@ -49,11 +52,14 @@ class SegResult:
     params: int
     run_dir: Path | None = None
     best_checkpoint: Path | None = None
+    #: Which epoch and file the figures are from (:func:`attnconv.engine.trainer.result_note`).
+    note: str = ""
 
     def report(self) -> str:
         head = (f"{self.head}_{self.model}: mean IoU {100 * self.miou:.2f}%  pixel accuracy "
                 f"{100 * self.pixel_acc:.2f}%  ({self.params / 1e6:.2f}M parameters)")
-        return head + "\n\n" + iou_table(list(self.iou.values()), list(self.iou))
+        note = f"\n{self.note}" if self.note else ""
+        return head + note + "\n\n" + iou_table(list(self.iou.values()), list(self.iou))
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "head": self.head, "miou": self.miou,
@@ -112,11 +118,17 @@ def train_seg(cfg: SegConfig, callbacks: Sequence[L.Callback] = ()) -> SegResult
     quiet_lightning()
     check_model_name(cfg.model)
     check_devices(cfg.trainer)
-    run_dir = Path(cfg.out_dir) / cfg.run_name
+    run_dir = run_dir_path(cfg.out_dir, cfg.run_name)
     resume = resume_path(cfg.resume, run_dir)
     for note in resume_notes(resume, _plain(cfg)):
         print(f"resume: applying {note}")
-    prepare_run_dir(run_dir, resuming=resume is not None, overwrite=cfg.overwrite)
+    with claim_run_dir(run_dir, resuming=resume is not None, overwrite=cfg.overwrite,
+                       asked=_plain(cfg)):
+        return _train_seg(cfg, run_dir, resume, callbacks)
+
+
+def _train_seg(cfg: SegConfig, run_dir: Path, resume: Path | None,
+               callbacks: Sequence[L.Callback]) -> SegResult:
     sets = build_sets(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg, sets.num_classes, load_init=resume is None)
@@ -133,6 +145,9 @@ def train_seg(cfg: SegConfig, callbacks: Sequence[L.Callback] = ()) -> SegResult
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     result = _result(cfg, module, trainer.callback_metrics, sets.class_names)
     result.run_dir, result.best_checkpoint = run_dir, Path(best) if best else None
+    last_saved, best_saved = saved_epochs(trainer, run_dir, "val_miou")
+    result.note = result_note(last_saved, best_saved, cfg.trainer.max_epochs, "mean IoU (%)",
+                              scale=100)
     if trainer.is_global_zero:
         _write_report(result, run_dir)
     return result
@@ -156,13 +171,13 @@ def _write_report(result: SegResult, folder: Path) -> None:
 
 def load_segmenter(checkpoint: str | Path) -> tuple[torch.nn.Module, SegConfig, dict[str, Any]]:
     """The network of an ``attnconv train-seg`` checkpoint (read weights-only), its config and
-    its metadata."""
+    its metadata (with ``epoch``: the epoch it ends, counting from 0)."""
     path = Path(checkpoint)
     state = safe_load(path)
     if not (isinstance(state, dict) and "state_dict" in state
             and "class_names" in (state.get("attnconv") or {})):
         raise CheckpointError(f"{path} is not a checkpoint written by `attnconv train-seg`")
-    meta = state["attnconv"]
+    meta = {**state["attnconv"], "epoch": state.get("epoch")}
     cfg = apply(SegConfig(), meta["config"], where=str(path))
     model = build_model(cfg, len(meta["class_names"]), load_init=False)
     model.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()
@@ -186,7 +201,11 @@ def eval_seg(checkpoint: str | Path, data_overrides: dict[str, Any] | None = Non
     module = Segmenter(model, sets.num_classes, cfg.optim, meta=meta)
     trainer = evaluation_trainer(accelerator)
     (metrics,) = trainer.validate(module, loaders(cfg, sets)[1], verbose=False)
-    return _result(cfg, module, metrics, sets.class_names)
+    result = _result(cfg, module, metrics, sets.class_names)
+    epoch = meta.get("epoch")
+    result.note = f"figures of {checkpoint}" + (
+        f" (epoch {epoch + 1}/{cfg.trainer.max_epochs})" if isinstance(epoch, int) else "")
+    return result
 
 
 __all__ = ["SegResult", "eval_seg", "load_segmenter", "train_seg"]

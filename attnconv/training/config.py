@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from attnconv.engine import config as _engine
-from attnconv.engine.config import ConfigError, TrainerConfig, opt
+from attnconv.engine.config import (
+    MAX_IMAGE_SIDE,
+    MAX_SEED,
+    ConfigError,
+    TrainerConfig,
+    opt,
+)
 
 _opt = opt
 
@@ -25,23 +31,37 @@ INIT_HELP = ("start from pretrained weights of the plain network: torchvision:NA
              "new classifier")
 
 __all__ = ["SECTIONS", "ConfigError", "DataConfig", "OptimConfig", "RunConfig",
-           "TrainerConfig", "add_config_arguments", "apply", "config_from_args", "load_recipe"]
+           "TrainerConfig", "add_config_arguments", "apply", "check_model_args", "config_from_args",
+           "load_recipe"]
 
 
 @dataclass
 class DataConfig:
     name: str = _opt("digits", "dataset: digits (embedded, no download), cifar10, cifar100, "
-                               "imagefolder (ROOT/train/CLASS/*.png and ROOT/val/CLASS/*)")
-    root: str | None = _opt(None, "dataset folder; required for cifar10/100 and imagefolder")
-    download: bool = _opt(False, "download CIFAR into root when it is not there")
+                               "mnist, fashion_mnist, kmnist, imagefolder "
+                               "(ROOT/train/CLASS/*.png and ROOT/val/CLASS/*)")
+    root: str | None = _opt(None, "dataset folder; required for every dataset but digits (MNIST "
+                                  "family: torchvision's layout or a folder of the IDX files)")
+    download: bool = _opt(False, "download CIFAR or the MNIST family into root when it is not "
+                                 "there")
     image_size: int | None = _opt(None, "side of the square images fed to the model; None: the "
-                                        "dataset's own (digits 8, CIFAR 32, imagefolder 224)",
-                                  min=1)
+                                        "dataset's own (digits 8, MNIST family 28, CIFAR 32, "
+                                        "imagefolder 224)",
+                                  min=8, max=MAX_IMAGE_SIDE)
+    crop: str = _opt("auto", "geometry of the images: imagenet (random resized crop; validation "
+                             "resized to size/0.875 and centre-cropped), cifar (random crop of "
+                             "the image padded by 1/8 of its side), none (resize only); cifar "
+                             "and none validate on the training geometry; auto: cifar for "
+                             "images of at most 64 px, else imagenet",
+                     choices=("auto", "imagenet", "cifar", "none"))
+    channels: int | None = _opt(None, "image channels fed to the model; None: the data's own "
+                                      "(1 for grayscale images)", choices=(None, 1, 3))
     batch_size: int = _opt(64, "samples per batch on each device", min=1)
     num_workers: int = _opt(0, "data-loading worker processes per device", min=0)
-    val_fraction: float = _opt(0.2, "digits only: share of samples held out for validation")
-    augment: bool = _opt(True, "training augmentation (random-resized crop, flip if the data "
-                               "allows; a small random shift for digits)")
+    val_fraction: float = _opt(0.2, "digits only: share of samples held out for validation",
+                               above=0.0, below=1.0)
+    augment: bool = _opt(True, "training augmentation (data.crop's random crop, flip if the "
+                               "data allows; a small random shift for digits)")
     check: bool = _opt(False, "open every image file once before training (names every file "
                               "that cannot be read)")
 
@@ -51,16 +71,16 @@ class OptimConfig:
     name: str = _opt("sgd", "optimizer: sgd or adamw", choices=("sgd", "adamw"))
     lr: float = _opt(0.1, "learning rate for a batch of data.batch_size x devices x nodes",
                      min=0.0)
-    momentum: float = _opt(0.9, "SGD momentum", min=0.0)
+    momentum: float = _opt(0.9, "SGD momentum", min=0.0, max=1.0)
     nesterov: bool = _opt(False, "SGD Nesterov momentum")
     weight_decay: float = _opt(1e-4, "weight decay", min=0.0)
     scheduler: str = _opt("multistep", "lr schedule per epoch: multistep, cosine or constant",
                           choices=("multistep", "cosine", "constant"))
     milestones: list[int] = field(default_factory=lambda: [30, 60, 90], metadata={
-        "help": "multistep: epochs at which lr is multiplied by gamma"})
-    gamma: float = _opt(0.1, "multistep: lr factor at each milestone")
+        "help": "multistep: epochs at which lr is multiplied by gamma", "min": 0})
+    gamma: float = _opt(0.1, "multistep: lr factor at each milestone", above=0.0)
     warmup_epochs: int = _opt(0, "epochs of linear lr warm-up before the schedule", min=0)
-    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing", min=0.0)
+    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing", min=0.0, below=1.0)
 
 
 @dataclass
@@ -76,7 +96,8 @@ class RunConfig:
         "help": "keyword arguments of the model, e.g. '{cifar_stem: true, channels: [16, 32, "
                 "64, 128]}' (a recipe states them all; an option changes the keys it names)"})
     init: str | None = _opt(None, INIT_HELP)
-    seed: int = _opt(0, "random seed of weights, data order and augmentation")
+    seed: int = _opt(0, "random seed of weights, data order and augmentation", min=0,
+                     max=MAX_SEED)
     out_dir: str = _opt("runs", "folder that holds one sub-folder per run")
     name: str | None = _opt(None, "run sub-folder name (default: MODEL-sSEED)")
     resume: str | None = _opt(None, "checkpoint to continue from, or 'last' for RUN/last.ckpt")
@@ -91,6 +112,20 @@ class RunConfig:
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "trainer": ClassifierTrainerConfig}
+
+
+def check_model_args(model_args: Mapping[str, Any]) -> None:
+    """ConfigError for ``channels`` or ``layers`` that are not four whole numbers >= 1 (every
+    zoo network is a ResNet of four stages: one width and one block count per stage)."""
+    for key, what in (("channels", "widths"), ("layers", "block counts")):
+        value = model_args.get(key)
+        if value is None:
+            continue
+        if not (isinstance(value, list | tuple) and len(value) == 4
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                        for v in value)):
+            raise ConfigError(f"model_args.{key} must be 4 {what} >= 1, one per ResNet stage, "
+                              f"not {value!r}")
 
 
 def apply(config: RunConfig, values: Mapping[str, Any], where: str = "config", *,

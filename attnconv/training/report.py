@@ -114,34 +114,70 @@ BAR_WIDTH, DOT_OFFSET = 0.5, 0.38
 
 
 def comparison_figure(top1: dict[str, Sequence[float]], title: str = "") -> Figure:
-    """Bars of mean top-1 per model; with several seeds, ± one standard deviation as an error
-    bar and every seed's value as a dot beside the bar (one seed: the bar alone)."""
+    """What the comparison table says, drawn. Left: mean top-1 of each model as a bar on an
+    axis from 0 to 100%, with ± one standard deviation as an error bar and every seed's value
+    as a dot beside the bar (one seed: the bar alone). Right, with two models or more: the
+    difference in mean top-1 to the first model with its Welch 95% interval
+    (:func:`welch_interval`), around a line at 0; a single seed has no interval, and the
+    panel says so."""
     names = list(top1)
     means = [statistics.fmean(top1[n]) for n in names]
-    fig, ax = plt.subplots(figsize=(1.8 * len(names) + 2, 4))
+    width = 1.8 * len(names) + 2
+    if len(names) > 1:
+        fig, (ax, delta_ax) = plt.subplots(
+            1, 2, figsize=(width + 1.6 * len(names), 4),
+            gridspec_kw={"width_ratios": [len(names) + 1, len(names)]})
+    else:
+        fig, ax = plt.subplots(figsize=(width, 4))
     ax.bar(range(len(names)), means, width=BAR_WIDTH, color="#8fb3d9", edgecolor="#2b5d8c",
            label="mean")
-    top = max(means)
     for i, n in enumerate(names):
+        ax.annotate(f"{means[i]:.2f}", (i, means[i]), xytext=(0, 3), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=8)
         if len(top1[n]) < 2:
             continue
-        std = statistics.stdev(top1[n])
-        ax.errorbar(i, means[i], yerr=std, color="#2b5d8c", capsize=6,
+        ax.errorbar(i, means[i], yerr=statistics.stdev(top1[n]), color="#2b5d8c", capsize=6,
                     label="± 1 std" if i == 0 else None)
         ax.plot([i + DOT_OFFSET] * len(top1[n]), top1[n], "o", color="#2b5d8c", markersize=4,
                 label="each seed" if i == 0 else None)
-        top = max(top, means[i] + std, *top1[n])
     ax.set_xticks(range(len(names)), names)
     ax.set_xlim(-0.6, len(names) - 1 + 0.6)
-    low = min(min(v) for v in top1.values())
-    ax.set_ylim(max(0.0, low - 5), min(100.0, top + 2))
+    ax.set_ylim(0, 100)  # a bar's length is its accuracy: the axis starts at 0
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     if any(len(v) > 1 for v in top1.values()):
-        ax.legend(loc="best", fontsize=8)
+        ax.legend(loc="lower right", fontsize=8)
+    if len(names) > 1:
+        _difference_panel(delta_ax, top1)
     fig.tight_layout()
     return fig
+
+
+def _difference_panel(ax: plt.Axes, top1: dict[str, Sequence[float]]) -> None:
+    """Δ mean top-1 to the first model with its Welch 95% interval, one point per model."""
+    names = list(top1)
+    first = top1[names[0]]
+    ends = [0.0]
+    for j, name in enumerate(names[1:]):
+        diff, low, high = welch_interval(first, top1[name])
+        if math.isfinite(low):
+            ax.errorbar(j, diff, yerr=[[diff - low], [high - diff]], fmt="o", color="#2b5d8c",
+                        capsize=6)
+            ends += [low, high]
+        else:
+            ax.plot(j, diff, "o", color="#2b5d8c")
+            ends.append(diff)
+        ax.annotate(difference_text(first, top1[name]).replace(" (", "\n("), (j, diff),
+                    xytext=(8, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.axhline(0, color="0.4", linewidth=1, linestyle="--")
+    pad = 0.1 * (max(ends) - min(ends)) or 1.0
+    ax.set_ylim(min(ends) - pad, max(ends) + pad)
+    ax.set_xticks(range(len(names) - 1), names[1:])
+    ax.set_xlim(-0.5, len(names) - 1.5 + 1.0)  # room for the numbers right of the last point
+    ax.set_ylabel(f"Δ top-1 vs {names[0]} (points)")
+    ax.set_title("difference, Welch 95% interval", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
 
 
 def plot_comparison(top1: dict[str, Sequence[float]], png_path: str | Path,

@@ -17,20 +17,25 @@ from attnconv import profiling
 from attnconv.engine.progress import JobProgress
 from attnconv.engine.trainer import (
     NonFiniteLossError,
+    SavedEpoch,
     check_devices,
+    check_run_dir,
+    claim_run_dir,
     evaluation_trainer,
     make_trainer,
-    prepare_run_dir,
     quiet_lightning,
+    result_note,
     resume_notes,
     resume_path,
+    run_dir_path,
+    saved_epochs,
     stopped_note,
 )
 from attnconv.loading import Trained, is_trained_checkpoint, load_model, load_trained
 from attnconv.pretrained import init_from
 from attnconv.profiling import count_macs, count_params, markdown_table
 from attnconv.training.callbacks import Throughput
-from attnconv.training.config import ConfigError, RunConfig, apply
+from attnconv.training.config import ConfigError, RunConfig, apply, check_model_args
 from attnconv.training.data import ClassificationData, Datasets, build_datasets
 from attnconv.training.models import build_model, check_model_name
 from attnconv.training.module import Classifier
@@ -62,6 +67,14 @@ class RunResult:
     run_dir: Path
     best_checkpoint: Path | None
     plot: Path | None
+    #: The checkpoint the figures above are from (the last epoch's) and the best one.
+    last: SavedEpoch | None = None
+    best: SavedEpoch | None = None
+    max_epochs: int = 0
+
+    def note(self) -> str:
+        """Which epoch and file the figures are from, and the best epoch's when another."""
+        return result_note(self.last, self.best, self.max_epochs, "top-1", scale=100)
 
     def row(self) -> tuple:
         return (self.model, self.top1, self.top5, self.loss, self.params / 1e6,
@@ -103,12 +116,14 @@ def train(cfg: RunConfig, callbacks: Sequence[L.Callback] = (),
     quiet_lightning()
     check_devices(cfg.trainer)
     check_model_name(cfg.model)
+    check_model_args(cfg.model_args)
     sets = build_datasets(cfg.data)
-    run_dir = Path(cfg.out_dir) / (cfg.name or f"{cfg.model}-s{cfg.seed}")
+    run_dir = run_dir_path(cfg.out_dir, cfg.name or f"{cfg.model}-s{cfg.seed}")
     resume = resume_path(cfg.resume, run_dir)
     for note in resume_notes(resume, cfg.to_dict()):
         print(f"resume: applying {note}")
-    prepare_run_dir(run_dir, resuming=resume is not None, overwrite=cfg.overwrite)
+    check_run_dir(run_dir, resuming=resume is not None, overwrite=cfg.overwrite,
+                  asked=cfg.to_dict())
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg.model, sets.num_classes, sets.in_chans, **cfg.model_args)
     if cfg.init and resume is None:  # a resumed run's checkpoint holds the weights
@@ -120,31 +135,39 @@ def train(cfg: RunConfig, callbacks: Sequence[L.Callback] = (),
     module = Classifier(model, sets.num_classes, cfg.optim, cfg.trainer.max_epochs,
                         channels_last=cfg.trainer.channels_last, compile=cfg.trainer.compile,
                         meta=_meta(cfg, sets))
-    trainer = make_trainer(cfg.trainer, run_dir, monitor="val_top1", mode="max",
-                           val_loss="val_loss",
-                           callbacks=[Throughput(), job.callback(f"{cfg.model} s{cfg.seed}"),
-                                      *callbacks],
-                           resuming=resume is not None)
-    job.bar.refresh()  # the trainer is accepted: the bar shows from here
     try:
-        trainer.fit(module, datamodule=ClassificationData(cfg.data, sets), ckpt_path=resume)
-    except NonFiniteLossError as err:
-        raise NonFiniteLossError(f"{err}; {stopped_note(run_dir)}") from None
+        with claim_run_dir(run_dir, resuming=resume is not None, overwrite=cfg.overwrite,
+                           asked=cfg.to_dict()):
+            trainer = make_trainer(cfg.trainer, run_dir, monitor="val_top1", mode="max",
+                                   val_loss="val_loss",
+                                   callbacks=[Throughput(),
+                                              job.callback(f"{cfg.model} s{cfg.seed}"),
+                                              *callbacks],
+                                   resuming=resume is not None)
+            job.bar.refresh()  # the trainer is accepted: the bar shows from here
+            try:
+                trainer.fit(module, datamodule=ClassificationData(cfg.data, sets),
+                            ckpt_path=resume)
+            except NonFiniteLossError as err:
+                raise NonFiniteLossError(f"{err}; {stopped_note(run_dir)}") from None
+            plot = None
+            if trainer.is_global_zero:
+                csv_paths = sorted(run_dir.glob("logs*/metrics.csv"))
+                if csv_paths:
+                    plot = plot_training_curves(csv_paths, run_dir / "curves.png",
+                                                title=cfg.model)
     finally:
         if progress is None:
             job.close()
     m = trainer.callback_metrics
-    plot = None
-    if trainer.is_global_zero:
-        csv_paths = sorted(run_dir.glob("logs*/metrics.csv"))
-        if csv_paths:
-            plot = plot_training_curves(csv_paths, run_dir / "curves.png", title=cfg.model)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    last_saved, best_saved = saved_epochs(trainer, run_dir, "val_top1")
     return RunResult(cfg.model, cfg.seed, 100 * float(m.get("val_top1", float("nan"))),
                      100 * float(m.get("val_top5", float("nan"))),
                      float(m.get("val_loss", float("nan"))), params, macs,
                      float(m.get("train_img_per_s", float("nan"))), run_dir,
-                     Path(best) if best else None, plot)
+                     Path(best) if best else None, plot, last_saved, best_saved,
+                     cfg.trainer.max_epochs)
 
 
 def evaluate(checkpoint: str | Path, data_overrides: dict[str, Any] | None = None,
@@ -175,8 +198,10 @@ class Comparison:
     plot: Path
 
 
+# No training speed: runs timed one after another are not comparable on a busy machine
+# (attnconv bench and the demo time the models side by side).
 COMPARE_HEADERS = ("model", "top-1 (%) mean ± std", "Δ top-1 vs first [95% CI]", "top-5 (%)",
-                   "params (M)", "MACs (M)", "train img/s", "seeds")
+                   "params (M)", "MACs (M)", "seeds")
 
 
 def compare(models: Sequence[str], seeds: int, cfg: RunConfig) -> Comparison:
@@ -190,18 +215,13 @@ def compare(models: Sequence[str], seeds: int, cfg: RunConfig) -> Comparison:
         raise ConfigError("compare needs at least one model name")
     for name in models:  # every name is checked before the first model trains (or a bar shows)
         check_model_name(name)
+    check_model_args(cfg.model_args)
     sets = build_datasets(cfg.data)
-    folder = Path(cfg.out_dir) / (cfg.name or "compare")
-    if not cfg.overwrite:  # every run folder is checked before the first model trains
-        for name in models:
-            for seed in range(cfg.seed, cfg.seed + seeds):
-                run_dir = folder / f"{name}-s{seed}"
-                try:
-                    prepare_run_dir(run_dir, resuming=False, overwrite=False)
-                except ConfigError:  # compare has no --resume: say only what it can do
-                    raise ConfigError(f"run folder {run_dir} holds an earlier run: pass "
-                                      "--overwrite true to replace it, or another --name"
-                                      ) from None
+    folder = run_dir_path(cfg.out_dir, cfg.name or "compare")
+    for name in models:  # every run folder is checked before the first model trains
+        for seed in range(cfg.seed, cfg.seed + seeds):
+            check_run_dir(folder / f"{name}-s{seed}", resuming=False, overwrite=cfg.overwrite,
+                          can_resume=False)
     with JobProgress("compare", len(models) * seeds, detail=cfg.trainer.progress_bar) as job:
         return _compare(models, seeds, cfg, job, sets, folder)
 
@@ -234,7 +254,7 @@ def comparison_table(results: dict[str, list[RunResult]]) -> str:
         delta = "—" if i == 0 else difference_text(first, top1)
         rows.append((name, mean_std_text(top1), delta,
                      f"{statistics.fmean(r.top5 for r in runs):.2f}", runs[0].params / 1e6,
-                     runs[0].macs / 1e6, statistics.fmean(r.img_per_s for r in runs), len(runs)))
+                     runs[0].macs / 1e6, len(runs)))
     return markdown_table(COMPARE_HEADERS, rows)
 
 
