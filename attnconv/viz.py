@@ -69,8 +69,11 @@ def load_image(path: str | Path | None = None, size: int = 224, in_chans: int = 
     try:
         with Image.open(path) as image:
             pixels = to_tensor(image.convert("RGB" if in_chans == 3 else "L"))
-    except OSError as err:  # PIL's UnidentifiedImageError (not an image), truncated files
-        raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
+    # PIL's UnidentifiedImageError (not an image) and truncated files are OSErrors; ultralytics,
+    # once imported, patches Image.open to try HEIF, which raises ImportError without pi_heif.
+    except (OSError, ImportError) as err:
+        cause = err.__context__ if isinstance(err, ImportError) and err.__context__ else err
+        raise ValueError(f"cannot read image {path}: {type(cause).__name__}: {cause}") from None
     if in_chans == 3:
         normalised = v2.functional.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)
     else:
