@@ -54,6 +54,37 @@ def build(name: str, **kwargs: Any) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
+def check_device(device: torch.device | str) -> torch.device:
+    """``device`` as a torch.device; ValueError when it is not cpu or cuda, or names a GPU this
+    machine does not have."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, not {device!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, not {str(device)!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(f"device {device}: torch sees no CUDA GPU here; use cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {device}: torch sees {count} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    return device
+
+
+def check_bench_args(input_size: Sequence[int], batch_size: int, repeats: int,
+                     num_classes: int) -> None:
+    """ValueError naming the argument of :func:`benchmark_models` that cannot be measured."""
+    if len(input_size) != 3 or any(n < 1 for n in input_size):
+        raise ValueError(f"input_size must be 3 numbers >= 1 (channels, height, width), not "
+                         f"{' '.join(map(str, input_size))}")
+    for name, value in (("batch_size", batch_size), ("repeats", repeats),
+                        ("num_classes", num_classes)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, not {value}")
+
+
 def memory_label(device: torch.device | str) -> str:
     if torch.device(device).type == "cuda":
         return "peak memory (MB)"
@@ -103,8 +134,11 @@ def benchmark_models(
     Memory is what the device can report: on CUDA the peak allocated during a training step
     (parameters, gradients and optimizer state included); on CPU, which has no allocator
     statistics, the bytes autograd saves for backward in one training forward -- the
-    activation memory, the part that grows with batch and resolution.
+    activation memory, the part that grows with batch and resolution. Arguments that cannot
+    be measured raise ValueError before any model is built.
     """
+    check_bench_args(input_size, batch_size, repeats, num_classes)
+    device = check_device(device)
     all_timm: list[str] = []
     for name in names:  # every name is checked before the first is measured
         if name not in MODEL_ARGS:
@@ -112,7 +146,6 @@ def benchmark_models(
             check_model_name(name, extra=all_timm)
     from tqdm.auto import tqdm
 
-    device = torch.device(device)
     steps = 3 * len(names) + 2 * (warmup + repeats) * len(names)
     bar = tqdm(total=steps, desc="bench", unit="step", disable=not progress, leave=False)
     x = torch.randn(batch_size, *input_size, device=device)

@@ -16,6 +16,9 @@ from torch import nn
 
 #: Largest |ONNX - PyTorch| accepted in float32 before an export is declared broken.
 DEFAULT_ATOL = 1e-4
+#: Opsets written as asked: torch's exporter builds opset 18 graphs and converts them up to its
+#: newest opset; a conversion down to an older one fails for common ops (ReduceMean's axes).
+OPSETS = range(18, 24)
 
 
 class ExportError(RuntimeError):
@@ -56,6 +59,22 @@ def export_program(model: nn.Module, example: torch.Tensor) -> torch.export.Expo
     return torch.export.export(model, (example,), dynamic_shapes=(_batch_dim(),), strict=False)
 
 
+def check_export_args(path: str | Path, input_size: tuple[int, ...], batch_size: int,
+                      opset: int | None) -> None:
+    """ValueError naming the argument of :func:`export_onnx` that cannot give a file."""
+    if len(input_size) != 3 or any(not isinstance(n, int) or n < 1 for n in input_size):
+        raise ValueError(f"input_size must be 3 numbers >= 1 (channels, height, width), not "
+                         f"{' '.join(map(str, input_size))}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+    if opset is not None and opset not in OPSETS:
+        raise ValueError(f"opset must be {OPSETS.start} to {OPSETS.stop - 1} (what the exporter "
+                         f"writes as asked), not {opset}")
+    if Path(path).is_dir():
+        raise ValueError(f"output path {path} is a folder; give the ONNX file to write, such as "
+                         f"{Path(path) / 'model.onnx'}")
+
+
 def export_onnx(model: nn.Module, path: str | Path, *,
                 input_size: tuple[int, int, int] = (3, 224, 224), batch_size: int = 2,
                 opset: int | None = None, atol: float = DEFAULT_ATOL,
@@ -64,8 +83,10 @@ def export_onnx(model: nn.Module, path: str | Path, *,
 
     The check runs the file in onnxruntime on a batch of ``batch_size + 1`` random inputs,
     a size the graph was not traced with, and raises :class:`ExportError` with the figure
-    when the largest difference to PyTorch exceeds ``atol``.
+    when the largest difference to PyTorch exceeds ``atol``. Arguments that cannot give a file
+    (:func:`check_export_args`) raise ValueError before anything is traced.
     """
+    check_export_args(path, input_size, batch_size, opset)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -75,6 +96,11 @@ def export_onnx(model: nn.Module, path: str | Path, *,
     kwargs = {} if opset is None else {"opset_version": opset}
     torch.onnx.export(model, (example,), str(path), dynamic_shapes=(_batch_dim(),), dynamo=True,
                       external_data=False, verbose=False, **kwargs)
+    written = _opset(path)
+    if opset is not None and written != opset:  # the exporter keeps its own when converting fails
+        path.unlink()
+        raise ExportError(f"the exporter could not write opset {opset} (it wrote {written}); "
+                          f"use opset {written}")
     diff = float("nan")
     verify_batch = batch_size + 1
     if verify:
@@ -83,6 +109,13 @@ def export_onnx(model: nn.Module, path: str | Path, *,
             raise ExportError(f"{path}: onnxruntime differs from PyTorch by {diff:.3g} at batch "
                               f"{verify_batch} (allowed {atol:g})")
     return ExportReport(path, batch_size, verify_batch, diff)
+
+
+def _opset(path: Path) -> int | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def verify_onnx(model: nn.Module, path: str | Path, x: torch.Tensor) -> float:

@@ -54,15 +54,46 @@ def load_trained(checkpoint: str | Path, state: dict[str, Any] | None = None) ->
     if not is_trained_checkpoint(state):
         raise CheckpointError(f"{checkpoint} is not a checkpoint written by `attnconv train`")
     meta = state["attnconv"]
-    if "in_chans" not in meta:  # train-det stores no input channels: a detector, not a classifier
-        raise CheckpointError(f"{checkpoint} is a detection checkpoint of `attnconv train-det`, "
-                              "not a classifier of `attnconv train` (eval-det evaluates it)")
+    _check_classifier_meta(meta, checkpoint)
     cfg = apply(RunConfig(), meta["config"], where=str(checkpoint))
     model = build_model(cfg.model, meta["num_classes"], meta["in_chans"], **cfg.model_args)
     # Classifier keeps the network as `model`: its state-dict keys are `model.<name>`.
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()
-                           if k.startswith("model.")})
+    _load_weights(model, {k.removeprefix("model."): v for k, v in state["state_dict"].items()
+                          if k.startswith("model.")},
+                  f"{checkpoint}: its weights do not fit the {cfg.model!r} with "
+                  f"{meta['num_classes']} classes its metadata names")
     return Trained(model, cfg, meta)
+
+
+def _check_classifier_meta(meta: Any, checkpoint: str | Path) -> None:
+    """CheckpointError naming the command that wrote ``meta`` when it is not ``attnconv
+    train``, or the keys a classifier is rebuilt from that it lacks."""
+    config = meta.get("config") if isinstance(meta, dict) else None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{checkpoint} has no run config in its metadata: it was not "
+                              "written by `attnconv train`")
+    if "class_names" in meta:
+        raise CheckpointError(f"{checkpoint} is a segmentation checkpoint of `attnconv "
+                              "train-seg`, not a classifier of `attnconv train` (eval-seg "
+                              "evaluates it)")
+    if "train_annotations" in (config.get("data") or {}):
+        raise CheckpointError(f"{checkpoint} is a detection checkpoint of `attnconv train-det`, "
+                              "not a classifier of `attnconv train` (eval-det evaluates it)")
+    missing = [k for k in ("num_classes", "in_chans", "image_size") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{checkpoint} is a checkpoint of `attnconv train` without "
+                              f"{', '.join(missing)} in its metadata, which rebuilding its "
+                              "network needs")
+
+
+def _load_weights(model: torch.nn.Module, weights: dict[str, Any], context: str) -> None:
+    """``model.load_state_dict(weights)`` (strict), CheckpointError with ``context`` and
+    torch's reason in one line when they do not fit."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        reason = " ".join(str(err).split()).split(": ", 1)[-1]  # after "Error(s) in ... for X"
+        raise CheckpointError(f"{context}: {reason[:300]}") from err
 
 
 def load_model(name: str, checkpoint: str | Path | None = None, **kwargs: Any
@@ -85,9 +116,5 @@ def load_model(name: str, checkpoint: str | Path | None = None, **kwargs: Any
             raise CheckpointError(f"{checkpoint} holds a {trained.config.model!r}, not {name!r}")
         return trained.model, trained.input_size
     model = build_model(name, **kwargs)
-    try:
-        model.load_state_dict(read_state_dict(state))
-    except RuntimeError as err:
-        raise CheckpointError(f"{checkpoint} does not fit {name!r}: "
-                              f"{' '.join(str(err).split())[:400]}") from err
+    _load_weights(model, read_state_dict(state), f"{checkpoint} does not fit {name!r}")
     return model, None

@@ -151,7 +151,7 @@ def init_from(model: nn.Module, source: str | Mapping[str, torch.Tensor]) -> Ini
     Plain tensors load by name; attention tensors keep their initialisation (AW: A = 0), and an
     attention conv's bias that the plain conv lacked starts at zero. The classifier is skipped
     (left as initialised) when its shape differs. Anything else that is missing, unused or of
-    another shape raises :class:`InitError` naming the keys.
+    another shape raises :class:`InitError` naming the keys, and so do NaN or Inf weights.
     """
     label = source if isinstance(source, str) else "state dict"
     state = dict(load_init_state(source) if isinstance(source, str) else read_state_dict(source))
@@ -187,6 +187,12 @@ def init_from(model: nn.Module, source: str | Mapping[str, torch.Tensor]) -> Ini
     if problems:
         raise InitError(f"{label} does not fit {type(model).__name__} "
                         f"(not attention tensors): {'; '.join(problems)}")
+    # NaN or Inf weights would end the first steps in a non-finite loss that blames the lr.
+    broken = [k for k, v in fits.items() if v.is_floating_point() and not v.isfinite().all()]
+    if broken:
+        raise InitError(f"{label} holds NaN or Inf weights in {len(broken)} tensor(s), e.g. "
+                        f"{', '.join(broken[:3])}: the file is damaged or was saved from a "
+                        "diverged run")
     model.load_state_dict(fits, strict=False)
     with torch.no_grad():
         for key in report.new:

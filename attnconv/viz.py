@@ -56,6 +56,8 @@ def load_image(path: str | Path | None = None, size: int = 224, in_chans: int = 
     from PIL import Image
     from torchvision.transforms import v2
 
+    if size < 1:
+        raise ValueError(f"size must be >= 1 (the side of the square image), not {size}")
     if in_chans not in (1, 3):
         raise ValueError(f"viz reads RGB or grayscale images; the model takes {in_chans} "
                          "input channels")
@@ -64,8 +66,14 @@ def load_image(path: str | Path | None = None, size: int = 224, in_chans: int = 
         raise FileNotFoundError(f"image {path} does not exist")
     to_tensor = v2.Compose([v2.PILToTensor(), v2.Resize(size), v2.CenterCrop(size),
                             v2.ToDtype(torch.float32, scale=True)])
-    with Image.open(path) as image:
-        pixels = to_tensor(image.convert("RGB" if in_chans == 3 else "L"))
+    try:
+        with Image.open(path) as image:
+            pixels = to_tensor(image.convert("RGB" if in_chans == 3 else "L"))
+    # PIL's UnidentifiedImageError (not an image) and truncated files are OSErrors; ultralytics,
+    # once imported, patches Image.open to try HEIF, which raises ImportError without pi_heif.
+    except (OSError, ImportError) as err:
+        cause = err.__context__ if isinstance(err, ImportError) and err.__context__ else err
+        raise ValueError(f"cannot read image {path}: {type(cause).__name__}: {cause}") from None
     if in_chans == 3:
         normalised = v2.functional.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)
     else:
@@ -284,6 +292,10 @@ def visualize(model: nn.Module, out_dir: str | Path, *, image: str | Path | None
     model's number of input channels (grayscale for one-channel models). ``model_name`` goes
     into the titles (default: the zoo's architecture name).
     """
+    if size is not None and size < 1:
+        raise ValueError(f"size must be >= 1 (the side of the square image), not {size}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"out {out_dir} is a file; viz writes its figures into a folder")
     kinds = _attention_kinds()
     modules = dict(model.named_modules())
     if layer is not None and layer not in modules:

@@ -145,8 +145,12 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(str(path), device=str(map_location))
+        try:
+            return load_file(str(path), device=str(map_location))
+        except SafetensorError as err:
+            raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # pickle.UnpicklingError for disallowed globals, zip errors

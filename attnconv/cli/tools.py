@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 
+from attnconv.cli.training import _thread_count, set_threads
+
 
 def _bench(args: argparse.Namespace) -> None:
-    import torch
-
     from attnconv.bench import benchmark_models, complexity_table, describe, memory_label
 
-    torch.set_num_threads(args.threads)
+    set_threads(args)
     stats = benchmark_models(args.models, args.input_size, args.batch_size, device=args.device,
                              repeats=args.repeats, num_classes=args.num_classes)
     if args.format == "markdown":
@@ -34,9 +34,9 @@ def _viz(args: argparse.Namespace) -> None:
     from attnconv.loading import load_model
     from attnconv.viz import visualize
 
-    model, size = load_model(args.model, args.checkpoint, num_classes=args.num_classes)
-    figures = visualize(model, args.out, image=args.image, size=args.size or (size or [0])[-1],
-                        layer=args.layer)
+    model, input_size = load_model(args.model, args.checkpoint, num_classes=args.num_classes)
+    size = args.size if args.size is not None else input_size[-1] if input_size else None
+    figures = visualize(model, args.out, image=args.image, size=size, layer=args.layer)
     for figure in figures:
         print(f"wrote {figure.path}")
 
@@ -55,7 +55,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--format", choices=("markdown", "csv"), default="markdown")
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
     bench.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
-    bench.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    bench.add_argument("--threads", type=_thread_count, default=2, help="torch CPU threads")
     bench.set_defaults(func=_bench)
 
     export = sub.add_parser("export", help="ONNX with a dynamic batch, checked by onnxruntime",

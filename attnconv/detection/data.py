@@ -64,6 +64,30 @@ def _image_size(entry: dict[str, Any], images: Path) -> tuple[float, float]:
         return float(image.width), float(image.height)
 
 
+def _json_kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), "a number")
+
+
+def _check_layout(dataset: Any, source: str) -> None:
+    """AnnotationError unless ``dataset`` is a JSON object whose ``images``, ``annotations``
+    and ``categories`` are lists of objects (COCO's layout)."""
+    if not isinstance(dataset, dict):
+        raise AnnotationError(f"{source} must hold a JSON object with 'images', 'annotations' "
+                              f"and 'categories' lists (COCO's layout), not {_json_kind(dataset)}")
+    for key in ("images", "annotations", "categories"):
+        value = dataset.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list):
+            raise AnnotationError(f"'{key}' of {source} must be a list of objects (COCO's "
+                                  f"layout), not {_json_kind(value)}")
+        bad = [v for v in value if not isinstance(v, dict)]
+        if bad:
+            raise AnnotationError(f"'{key}' of {source} must be a list of objects (COCO's "
+                                  f"layout); it holds {_json_kind(bad[0])}")
+
+
 def validate_coco(dataset: dict[str, Any], images: str | Path, source: str = "annotations"
                   ) -> tuple[dict[str, Any], Counter]:
     """A cleaned copy of the COCO ``dataset`` (the parsed JSON) whose images lie in ``images``,
@@ -76,6 +100,7 @@ def validate_coco(dataset: dict[str, Any], images: str | Path, source: str = "an
     categories, unknown category or image ids, missing image files and no box left.
     """
     images = Path(images)
+    _check_layout(dataset, source)
     categories = dataset.get("categories") or []
     if not categories:
         raise AnnotationError(f"{source} has no categories: a COCO file lists them as "

@@ -71,7 +71,7 @@ def check_config(config: DetConfig) -> None:
                           "(--init torchvision:resnet50, timm:NAME or a weights file)")
     try:
         check_fasterrcnn_args(config.model_args)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ConfigError(f"model_args: {err}") from err
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import atexit
 import copy
 import functools
+import inspect
 import json
 import re
 import shutil
@@ -47,7 +48,7 @@ from ultralytics.nn import tasks
 from ultralytics.nn.modules.conv import Conv, autopad
 from ultralytics.utils import LOGGER
 
-from attnconv.layers import create_conv
+from attnconv.layers import create_conv, get_conv
 
 __all__ = ["BLOCKS", "CSP_BLOCKS", "FAMILIES", "AWConv", "RFAConv", "RFCAConv", "RFCBAMConv",
            "base_yaml", "complexity", "register", "variant_yaml", "variants",
@@ -68,8 +69,12 @@ class AttnConvBlock(nn.Module):
             extra["groups"] = g
         if d != 1:
             extra["dilation"] = d
-        self.conv = create_conv(self.conv_name, c1, c2, k, s, padding=autopad(k, p, d),
-                                bias=False, **extra)
+        # Layers whose padding=None means their own k // 2 (the RFA family) get None when the
+        # YAML leaves p to autopad: autopad's dilated padding would be refused, not the dilation.
+        own_padding = inspect.signature(get_conv(self.conv_name)).parameters["padding"].default
+        padding = None if p is None and own_padding is None else autopad(k, p, d)
+        self.conv = create_conv(self.conv_name, c1, c2, k, s, padding=padding, bias=False,
+                                **extra)
         self.bn = nn.BatchNorm2d(c2)
         self.act = (Conv.default_act if act is True
                     else act if isinstance(act, nn.Module) else nn.Identity())

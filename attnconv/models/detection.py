@@ -121,13 +121,24 @@ def resnet_fpn_backbone(
 
 
 def check_fasterrcnn_args(kwargs: Mapping[str, Any]) -> None:
-    """TypeError naming close names for a keyword :func:`fasterrcnn` does not take."""
+    """TypeError naming close names for a keyword :func:`fasterrcnn` does not take;
+    ValueError for image sides (``min_size``, ``max_size``) under one pixel."""
     known = _FASTERRCNN_ARGS | set(inspect.signature(fasterrcnn).parameters) - {"kwargs"}
     unknown = sorted(set(kwargs) - known)
     if unknown:
         close = difflib.get_close_matches(unknown[0], known, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise TypeError(f"fasterrcnn() got unknown argument(s) {', '.join(unknown)}{hint}")
+    for key in ("min_size", "max_size"):  # the sides images are resized to
+        sides = kwargs.get(key)
+        if sides is None:
+            continue
+        sides = list(sides) if isinstance(sides, list | tuple) else [sides]
+        if not sides or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                for v in sides):
+            raise ValueError(f"{key} must be a side in pixels >= 1"
+                             f"{' (or a list of them)' if key == 'min_size' else ''}, not "
+                             f"{kwargs[key]!r}")
 
 
 def fasterrcnn(

@@ -29,7 +29,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from attnconv.training.data import DataError
+from attnconv.training.data import DataError, read_rgb
 
 #: Mask value of pixels that count for nothing (VOC's object borders), as in torchvision.
 IGNORE_INDEX = 255
@@ -122,7 +122,32 @@ class MaskFolder(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, Image.Image]:
-        return Image.open(self.images[index]), Image.open(self.masks[index])
+        return read_rgb(self.images[index]), _read_mask(self.masks[index])
+
+
+def _read_mask(path: Path) -> Image.Image:
+    """The mask PNG ``path`` decoded (its mode kept); DataError naming the file when it cannot
+    be decoded (truncated, not an image)."""
+    try:
+        with Image.open(path) as mask:
+            mask.load()
+            return mask.copy()
+    except Exception as err:  # PIL's decoding errors (as read_rgb catches them)
+        raise DataError(f"cannot read mask {path}: {type(err).__name__}: {err}") from err
+
+
+def _check_labelled(pairs: Dataset, name: str) -> None:
+    """DataError when no mask of ``pairs`` (a dataset of (image, mask) pairs) has a labelled
+    pixel: with every pixel ignored (255) the loss is 0 / 0. Stops at the first labelled mask,
+    so a usual dataset costs one read."""
+    files = getattr(pairs, "masks", None)
+    for index in range(len(pairs)):  # type: ignore[arg-type]
+        mask = _read_mask(files[index]) if files is not None else pairs[index][1]
+        if (np.asarray(mask) != IGNORE_INDEX).any():
+            return
+    raise DataError(f"every mask of the {name} training set is {IGNORE_INDEX} (ignore) "
+                    "everywhere: there is no labelled pixel to learn from (masks hold class ids "
+                    f"0..N-1, and {IGNORE_INDEX} only where a pixel does not count)")
 
 
 def voc_segmentation(root: str | Path, image_set: str = "train", year: str = "2012") -> Dataset:
@@ -260,6 +285,7 @@ def build_segmentation_sets(name: str, root: str | Path | None, *, crop_size: in
         names = SHAPES_CLASSES
     else:
         raise DataError(f"unknown data.name {name!r}: expected shapes, voc, voc_aug or folder")
+    _check_labelled(train, name)
     return SegmentationSets(
         SegmentationPairs(train, len(names), train_transforms(crop_size, base_size), name),
         SegmentationPairs(val, len(names), eval_transforms(eval_size), name), names)

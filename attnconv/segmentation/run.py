@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from attnconv.engine.config import apply, to_dict
+from attnconv.engine.config import ConfigError, apply, to_dict
 from attnconv.engine.trainer import (
     NonFiniteLossError,
     check_devices,
@@ -91,6 +91,11 @@ def build_model(cfg: SegConfig, num_classes: int, load_init: bool = True) -> tor
 
 def loaders(cfg: SegConfig, sets: SegmentationSets) -> tuple[DataLoader, DataLoader]:
     d = cfg.data
+    if cfg.head == "deeplabv3" and d.batch_size < 2:
+        # ASPP's image-pooling branch has one value per channel and image for its BatchNorm.
+        raise ConfigError("data.batch_size must be >= 2 for head deeplabv3 (its image-pooling "
+                          "BatchNorm cannot train on one image per batch), not "
+                          f"{d.batch_size}; or use head fcn")
     common = dict(num_workers=d.num_workers, collate_fn=pad_collate,
                   persistent_workers=d.num_workers > 0)
     return (DataLoader(sets.train, d.batch_size, shuffle=True, drop_last=len(sets.train) >
