@@ -315,7 +315,8 @@ def test_only_rank_zero_prints_the_results(rank: int, tmp_path: Path,
     main(["train", "--out_dir", str(tmp_path)])
     main(["compare", "resnet18", "--out_dir", str(tmp_path)])
     main(["train-seg", "--out_dir", str(tmp_path)])
-    _report("fasterrcnn", dict.fromkeys(COCO_METRICS, 50.0), tmp_path, tmp_path / "d.pt", 1.0)
+    _report("fasterrcnn", dict.fromkeys(COCO_METRICS, 50.0), tmp_path, tmp_path / "d.pt", 1.0,
+            "figures of epoch 1/1 (the last)")
     out = capsys.readouterr().out
     tables = ("| train table |", "| compare table |", "| seg table |", "COCO box metrics")
     if rank == 0:
