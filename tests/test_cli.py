@@ -306,7 +306,7 @@ def test_only_rank_zero_prints_the_results(rank: int, tmp_path: Path,
 
     monkeypatch.setattr(rank_zero_only, "rank", rank)  # as under torchrun, or the trainer's
     monkeypatch.setattr(cls_run, "train", lambda cfg: SimpleNamespace(
-        run_dir=tmp_path, best_checkpoint=None, plot=None))
+        run_dir=tmp_path, best_checkpoint=None, plot=None, note=lambda: "figures of epoch 1/1"))
     monkeypatch.setattr(cls_run, "summary_table", lambda results: "| train table |")
     monkeypatch.setattr(cls_run, "compare", lambda models, seeds, cfg: SimpleNamespace(
         table="| compare table |", plot=tmp_path / "compare.png"))

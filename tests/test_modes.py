@@ -88,7 +88,7 @@ def make_model(name: str) -> nn.Module:
     with torch.no_grad():  # AW's attention and zero-initialised last BNs: make them count
         for module in model.modules():
             if isinstance(module, AWConv2d):
-                nn.init.normal_(module.pointconv2.weight, std=0.1)
+                nn.init.normal_(module.pointconv2.weight, std=0.03)
             if isinstance(module, nn.BatchNorm2d):
                 nn.init.uniform_(module.weight, 0.5, 1.5)
     return model
