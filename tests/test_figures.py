@@ -1,4 +1,4 @@
-"""The figures and tables people look at first (issue #16): what is drawn and printed, read back
+"""The figures and tables people look at first: what is drawn and printed, read back
 from the figure or the text, not only that a file exists."""
 
 from __future__ import annotations

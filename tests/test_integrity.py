@@ -1,5 +1,5 @@
 """Data and file integrity: weight digests, writes killed mid-way, file modes, the last partial
-batch, unreadable images and COCO annotation validation (issue #12, items 4 and 7-10)."""
+batch, unreadable images and COCO annotation validation."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """What a user sees while a job runs: one bar for the whole job on stderr from its start, the
-model table before training, and ``--threads`` reaching the run (issue #16)."""
+model table before training, and ``--threads`` reaching the run."""
 
 from __future__ import annotations
 

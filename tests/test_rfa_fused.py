@@ -124,7 +124,7 @@ def test_second_derivative_goes_through_the_eager_formulation():
 
 @pytest.mark.parametrize("train", [True, False])
 def test_layer_double_backward_equals_official(train):
-    """The gradient-penalty pattern of issue 10: grad of a penalty on the input gradient."""
+    """The gradient-penalty pattern (WGAN-GP style): grad of a penalty on the input gradient."""
     ref, layer = make_pair(4, 3)
     x = torch.randn(2, 4, 6, 5)
     for module in (ref, layer):

@@ -150,7 +150,7 @@ def test_second_derivative_goes_through_the_eager_formulation(kind):
 @pytest.mark.parametrize("name", LAYERS)
 @pytest.mark.parametrize("train", [True, False])
 def test_layer_double_backward_equals_official(name, train):
-    """The gradient-penalty pattern of issue 10: grad of a penalty on the input gradient."""
+    """The gradient-penalty pattern (WGAN-GP style): grad of a penalty on the input gradient."""
     ref, layer = make_pair(name, 4, 3)
     x = torch.randn(2, 4, 6, 5)
     for module in (ref, layer):

@@ -15,7 +15,7 @@ RECIPES = recipe_path("demo").parent
 
 
 def test_rfaconv_recipe_matches_the_papers_imagenet_recipe() -> None:
-    # shared/spec/baselines_and_results.md: 100 epochs, SGD lr 0.1, momentum 0.9, wd 1e-4,
+    # the AW paper's ImageNet setting: 100 epochs, SGD lr 0.1, momentum 0.9, wd 1e-4,
     # lr x0.1 at 30/60/90, RandomResizedCrop 224 + flip.
     cfg = load_recipe(RECIPES / "imagenet_rfaconv.yaml")
     assert cfg.trainer.max_epochs == 100

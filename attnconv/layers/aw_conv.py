@@ -1,8 +1,7 @@
 """AW-convolution: an attention map with the shape of the convolution weight.
 
 Zhu, Hofstee, Lee, Al-Ars, "An Attention Module for Convolutional Neural Networks",
-ICANN 2021, arXiv:2108.08205. The authors published no code; this is the definition of
-``shared/spec/aw_conv.md``:
+ICANN 2021, arXiv:2108.08205. The authors published no code; this is the paper's definition:
 
     A0  = adaptive_avg_pool2d(x, (kh, kw))                 (N, C_in, kh, kw)
     A   = Pointconv2(relu(Pointconv1(A0)))                 (N, C_out * C_in/g, kh, kw)

@@ -1,8 +1,8 @@
 """Receptive-field attention convolutions: RFAConv, RFCBAMConv, RFCAConv.
 
 Zhang et al., "RFAConv: Innovating Spatial Attention and Standard Convolutional Operation",
-2023, arXiv:2304.03198; official code Liuchen1997/RFAConv. Definition in
-``shared/spec/rfa_conv.md``. With x (N, C, H, W), odd kernel k, k2 = k * k taps, stride s:
+2023, arXiv:2304.03198; official code Liuchen1997/RFAConv. With x (N, C, H, W), odd kernel k,
+k2 = k * k taps, stride s:
 
     g[c, t] = ReLU(BN(depthwise_k(x)))[c * k2 + t]         (N, C, k2, H', W'), stride s
     RFAConv:    A[c, t] = softmax_t(a[c, t] * avgpool_k,s(x)[c])
@@ -16,12 +16,17 @@ these layers never build the rearranged map. RFCBAM's 3x3 spatial conv and RFCA'
 depend on the tile layout; they run on rearranged *pooled* maps (2 or C channels of one row or
 column), never on a rearranged copy of g.
 
-Speed and memory (see benchmarks/RESULTS.md):
+Two paths compute the same function (measured in benchmarks/RESULTS.md):
 
-* Eval mode folds the BatchNorm into the depthwise conv.
-* In training, custom autograd Functions keep only the depthwise conv's output z (k2 / s^2 times
-  the input) and recompute BN, ReLU, the attention product and the softmax in backward, instead
-  of autograd's four or five k2-sized tensors.
+* On CPU the fused C++ operators of :mod:`attnconv.ops` (tap-major, every core): the layer
+  builds their operands from its parameters (``_operands``, ``_fused_factors``); training keeps
+  about the input for backward.
+* The eager formulation below (any device, export, second derivatives): eval mode folds the
+  BatchNorm into the depthwise conv; in training custom autograd Functions keep only the
+  depthwise conv's output z (k2 / s^2 times the input) and recompute BN, ReLU, the attention
+  product and the softmax in backward.
+
+``impl="auto"`` takes, per layer and mode, the one measured faster on CPU (``_auto_fused``).
 
 Deviations from the official code, all deliberate:
 
