@@ -187,7 +187,7 @@ def _model_cells():
                     id=f"{name}-{precision}-{'train' if train else 'eval'}-{layout}-{batch}")
 
 
-@pytest.mark.parametrize(("name", "precision", "train", "layout", "batch"), _model_cells())
+@pytest.mark.parametrize(("name", "precision", "train", "layout", "batch"), list(_model_cells()))
 def test_model_matrix(name, precision, train, layout, batch):
     model = make_model(name)
     if layout == "channels_last":
