@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -22,20 +21,12 @@ from pathlib import Path
 
 import torch
 
+from attnconv.ops._build import cpu_model
 from attnconv.profiling import markdown_table
 
 #: Highest 1-minute load average before a run whose figures are recorded.
 MAX_LOAD = 0.5
 CACHE_DIR = Path("/sys/devices/system/cpu/cpu0/cache")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((line.split(":", 1)[1].strip() for line in info
-                         if line.startswith("model name")), platform.processor())
-    except OSError:
-        return platform.processor() or platform.machine()
 
 
 def cache_sizes(root: Path = CACHE_DIR) -> str:

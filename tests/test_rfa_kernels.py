@@ -224,7 +224,7 @@ def test_a_first_use_past_the_limit_runs_eager_and_says_why(monkeypatch, tmp_pat
     monkeypatch.setenv("ATTNCONV_BUILD_WAIT", "0.2")
     proc = _holder(_build.build_dir("rfa_fused"))
     try:
-        reason = _build._load("rfa_fused", build=True)
+        reason = _build._load("rfa_fused")
     finally:
         proc.kill()
         proc.wait()

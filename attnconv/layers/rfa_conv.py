@@ -62,7 +62,7 @@ from attnconv.layers.helpers import (
     check_positive,
     layer_name,
 )
-from attnconv.ops.rfa import _check_impl, rfa_feature_stats, rfa_fused, use_fused
+from attnconv.ops.rfa import _check_impl, _out_size, rfa_feature_stats, rfa_fused, use_fused
 from attnconv.ops.rfa_tile import rfa_tile_attend, rfa_tile_reduce
 
 __all__ = ["RFAConv2d", "RFCAConv2d", "RFCBAMConv2d"]
@@ -76,19 +76,9 @@ def _keep_memory_format(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _out_size(size: int, k: int, s: int) -> int:
-    return (size + 2 * (k // 2) - k) // s + 1
-
-
 def _tap_major(t: torch.Tensor, c: int, k2: int) -> torch.Tensor:
     """A per-feature tensor in the layer's order c * k2 + t -> (k2, C), the ops' order."""
     return t.reshape(c, k2).t()
-
-
-def _to_tiles(t: torch.Tensor, k: int) -> torch.Tensor:
-    """(N, C, k2, H, W) -> (N, C, H*k, W*k), the official rearranged layout."""
-    n, c, _, h, w = t.shape
-    return t.view(n, c, k, k, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c, h * k, w * k)
 
 
 # --- the layers ------------------------------------------------------------------------------
@@ -558,7 +548,7 @@ class RFCBAMConv2d(_TileAttentionConv2d):
         channel = torch.sigmoid(self.channel_fc2(F.relu(self.channel_fc1(
             x.mean((2, 3)).to(pdtype)))))
         pooled = torch.stack([r1, r2], dim=1).permute(0, 1, 4, 2, 3)  # (N, 2, k2, H', W')
-        spatial = torch.sigmoid(self.spatial_conv(_to_tiles(pooled.to(pdtype), k)))
+        spatial = torch.sigmoid(self.spatial_conv(to_tiles(pooled.to(pdtype), k)))
         # (N, 1, H'k, W'k) -> (N, H', W', k2)
         spatial = spatial.view(n, h, k, w, k).permute(0, 1, 3, 2, 4).reshape(n, h, w, k2)
         return channel.to(x.dtype), spatial.to(x.dtype)

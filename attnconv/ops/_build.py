@@ -56,7 +56,8 @@ def openmp_flags() -> tuple[list[str], list[str]]:
     return ["-fopenmp"], ["-fopenmp"]
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (the machine type where that is unreadable)."""
     try:
         with open("/proc/cpuinfo") as info:
             return next((ln.split(":", 1)[1].strip() for ln in info
@@ -74,7 +75,7 @@ def library_name(stem: str) -> str:
     """The library's name: the source, torch's version, the CPU and the flags hashed."""
     source = CSRC / f"{stem}.cpp"
     key = hashlib.sha256(source.read_bytes())
-    key.update(f"{torch.__version__}|{_cpu_model()}|{_flags()}".encode())
+    key.update(f"{torch.__version__}|{cpu_model()}|{_flags()}".encode())
     return f"attnconv_{stem}_{key.hexdigest()[:12]}"
 
 
@@ -152,13 +153,12 @@ def build_lock(folder: Path, limit: float, poll: float = 0.5) -> Iterator[bool]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def load_extension(stem: str, build: bool = True) -> str | None:
-    """Load ``csrc/<stem>.cpp``'s operators into ``torch.ops`` (building it first unless it is
-    built, or ``build`` is False): None once loaded, else a one-line reason why not."""
+def load_extension(stem: str) -> str | None:
+    """Load ``csrc/<stem>.cpp``'s operators into ``torch.ops``, building it first unless it is
+    built: None once loaded, else a one-line reason why not."""
     with _lock:
-        if stem not in _loaded or (_loaded[stem] is not None and build
-                                   and _loaded[stem].startswith("not built")):
-            _loaded[stem] = _load(stem, build)
+        if stem not in _loaded:
+            _loaded[stem] = _load(stem)
         return _loaded[stem]
 
 
@@ -171,7 +171,7 @@ def _library_file(folder: Path, name: str) -> Path | None:
     return found[0] if found else None
 
 
-def _load(stem: str, build: bool) -> str | None:
+def _load(stem: str) -> str | None:
     if os.environ.get("ATTNCONV_NO_EXTENSIONS"):
         return "ATTNCONV_NO_EXTENSIONS is set"
     source = CSRC / f"{stem}.cpp"
@@ -184,11 +184,8 @@ def _load(stem: str, build: bool) -> str | None:
         try:
             torch.ops.load_library(str(built))
             return None
-        except Exception as err:  # a broken file: build it again below
-            if not build:
-                return f"loading {built} failed ({type(err).__name__})"
-    if not build:
-        return f"not built yet ({folder})"
+        except Exception:  # a broken file: build it again below
+            pass
     return _build(stem, source, name, folder)
 
 

@@ -52,12 +52,12 @@ def _ops():
     return torch.ops.attnconv
 
 
-def ensure_loaded(build: bool = True) -> str | None:
-    """Load the C++ operators (building them first where ``make`` did not, unless ``build`` is
-    False) and register their fake kernels and autograd formulas: None once they are there,
-    else the one-line reason they are not."""
+def ensure_loaded() -> str | None:
+    """Load the C++ operators (building them first where ``make`` did not) and register their
+    fake kernels and autograd formulas: None once they are there, else the one-line reason
+    they are not."""
     global _registered
-    reason = load_extension(STEM, build=build)
+    reason = load_extension(STEM)
     if reason is None and not _registered:
         _register_python_parts()
         for register in _after_load:
