@@ -34,10 +34,13 @@ def make_pair(cin=6, cout=5, k=3, stride=1, seed=0, impl="fused"):
 
 # --- 1. equal to the official module in float64 -------------------------------------------
 
-# channels 19 and 17: two whole vector blocks of float64 (8 lanes) and a tail
+# channels 19 and 17: a block of four float64 vectors (16 lanes) and a tail
 @pytest.mark.parametrize(("shape", "k", "stride"), [
     ((2, 6, 7, 9), 3, 1), ((2, 6, 7, 9), 3, 2), ((1, 19, 9, 8), 3, 1), ((3, 17, 11, 7), 3, 2),
     ((2, 5, 9, 10), 5, 1), ((1, 9, 7, 7), 5, 2),
+    # rows long enough for the register-blocked runs of 8 (and their 4/2/1 remainders) in the
+    # features and, with C a multiple of the vector width, the input gradient
+    ((2, 8, 12, 21), 3, 1), ((1, 10, 9, 37), 3, 2),
 ])
 @pytest.mark.parametrize("train", [True, False])
 def test_fused_matches_official(shape, k, stride, train):

@@ -23,6 +23,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 // MKL (statically linked into libtorch_cpu on x86) would run each tile's GEMM on all cores
 // from inside the parallel region, oversubscribing the cores the tiles already occupy.
 // Weak, so a torch built without MKL loads the kernel all the same (mkl_service.h maps
@@ -87,6 +91,37 @@ int64_t tile_positions(int64_t features, int64_t element_size, int64_t positions
   return std::max<int64_t>(1, tile);
 }
 
+// Backward tiles: each tile's two GEMMs (dwt += go^T attended, dA = go wt) have the tile's
+// positions as a dimension, and MKL runs them well below speed on few positions (37: 1.5x the
+// time per position of 256), which costs more than the tile's buffers leaving L2.
+int64_t backward_tile(int64_t features, int64_t element_size, int64_t positions) {
+  const int64_t per_thread = 4 * int64_t(at::get_num_threads());
+  return std::max(tile_positions(features, element_size, positions, 3),
+                  std::min<int64_t>(256, (positions + per_thread - 1) / per_thread));
+}
+
+// A scratch tensor for one call. Large ones are mapped with transparent huge pages requested:
+// at::empty's fresh memory faults in 4 KiB at a time, and for the backward's position x
+// feature buffers those faults cost as much as a GEMM (58 MB: ~3x the time of 2 MiB pages).
+at::Tensor scratch(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  int64_t bytes = options.dtype().itemsize();
+  for (const int64_t size : sizes) bytes *= size;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr int64_t huge = int64_t(2) << 20;
+  if (bytes >= 4 * huge) {
+    const size_t length = size_t(bytes + huge);
+    void* base = mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base != MAP_FAILED) {
+      const uintptr_t start = (reinterpret_cast<uintptr_t>(base) + huge - 1) & ~uintptr_t(huge - 1);
+      madvise(reinterpret_cast<void*>(start), size_t(bytes), MADV_HUGEPAGE);
+      return at::from_blob(reinterpret_cast<void*>(start), sizes,
+                           [base, length](void*) { munmap(base, length); }, options);
+    }
+  }
+#endif
+  return at::empty(sizes, options);
+}
+
 // exp(x) for x <= 0 (softmax after subtracting the max) as a branch-free polynomial that the
 // compiler vectorises; relative error below 2e-7 (libm's expf is scalar unless -ffast-math).
 inline float exp_nonpositive(float x) {
@@ -110,6 +145,7 @@ inline double exp_nonpositive(double x) { return std::exp(x); }
 
 struct Geometry {
   int64_t N, H, W, C, Ho, Wo, k, s, pad, k2, K;  // K = k2 * C features per position
+  int64_t Hp, Wp;                                 // the zero-padded input's height and width
   int64_t positions() const { return N * Ho * Wo; }
 };
 
@@ -119,75 +155,199 @@ Geometry geometry(const at::Tensor& x, int64_t k, int64_t s) {
   g.k = k; g.s = s; g.pad = k / 2; g.k2 = k * k; g.K = g.k2 * g.C;
   g.Ho = (g.H + 2 * g.pad - k) / s + 1;
   g.Wo = (g.W + 2 * g.pad - k) / s + 1;
+  g.Hp = g.H + 2 * g.pad;
+  g.Wp = g.W + 2 * g.pad;
   return g;
 }
 
-// The input rows (C each) under the k x k window of output position p; out-of-image taps are
-// left out. Returns how many there are and writes their conv-tap indices to taps.
-template <typename T>
-inline int64_t window_at(const Geometry& g, const T* x, int64_t p, const T** rows,
-                         int64_t* taps) {
-  const int64_t n = p / (g.Ho * g.Wo), r = p % (g.Ho * g.Wo);
-  const int64_t ho = r / g.Wo, wo = r % g.Wo;
-  int64_t count = 0;
-  for (int64_t i = 0; i < g.k; ++i) {
-    const int64_t hi = ho * g.s + i - g.pad;
-    if (hi < 0 || hi >= g.H) continue;
-    for (int64_t j = 0; j < g.k; ++j) {
-      const int64_t wi = wo * g.s + j - g.pad;
-      if (wi < 0 || wi >= g.W) continue;
-      rows[count] = x + ((n * g.H + hi) * g.W + wi) * g.C;
-      taps[count++] = i * g.k + j;
-    }
-  }
-  return count;
+// The input with pad zeros around each image, (N, H + 2 pad, W + 2 pad, C) contiguous: every
+// window lies inside it, so the feature loops need no bounds (a zero tap adds 0, as conv2d's
+// zero padding and avg_pool2d's count_include_pad do).
+at::Tensor padded(const at::Tensor& x, const Geometry& g) {
+  return at::constant_pad_nd(x.permute({0, 2, 3, 1}), {0, 0, g.pad, g.pad, g.pad, g.pad})
+      .contiguous();
 }
 
-// z[t, c0:c0+B] of one position for every feature t: the sums over the window stay in B / 8
-// vector registers, which hide the multiply-add latency once B spans four or more vectors.
+// The padded input at the top-left corner of output position p's window.
+template <typename T>
+inline const T* window_origin(const Geometry& g, const T* xpad, int64_t p) {
+  const int64_t n = p / (g.Ho * g.Wo), r = p % (g.Ho * g.Wo);
+  const int64_t ho = r / g.Wo, wo = r % g.Wo;
+  return xpad + ((n * g.Hp + ho * g.s) * g.Wp + wo * g.s) * g.C;
+}
+
+// One 32-byte vector of T (an AVX2 register; the compiler splits it where vectors are shorter).
+template <typename T>
+struct Vector32 {
+  typedef T type __attribute__((vector_size(32)));
+};
+template <typename T>
+using vec_t = typename Vector32<T>::type;
+template <typename T>
+constexpr int64_t lanes = 32 / sizeof(T);
+
+template <typename T>
+inline vec_t<T> vload(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void vstore(T* p, vec_t<T> v) { std::memcpy(p, &v, sizeof(v)); }
+
+// z[t, c0:c0+B] of one position for every feature t, from its k2 window rows (C each): the
+// sums over the window stay in B / 8 vector registers.
 template <int64_t B, typename T>
-inline void feature_block(const Geometry& g, const T* const* rows, const int64_t* taps,
-                          int64_t count, const T* __restrict wdt, int64_t c0, T* __restrict z) {
+inline void feature_block(const Geometry& g, const T* const* rows, const T* __restrict wdt,
+                          int64_t c0, T* __restrict z) {
   const int64_t C = g.C, K = g.K;
   for (int64_t t = 0; t < g.k2; ++t) {
     T acc[B] = {};
-    for (int64_t q = 0; q < count; ++q) {
+    for (int64_t q = 0; q < g.k2; ++q) {
       const T* __restrict xr = rows[q] + c0;
-      const T* __restrict wr = wdt + taps[q] * K + t * C + c0;
+      const T* __restrict wr = wdt + q * K + t * C + c0;
       for (int64_t l = 0; l < B; ++l) acc[l] += wr[l] * xr[l];
     }
     for (int64_t l = 0; l < B; ++l) z[t * C + c0 + l] = acc[l];
   }
 }
 
-// z (k2 x C) of output position p; also the average pool m (C) when m != nullptr.
-// x: channels-last (N, H, W, C); wdt: (k2 conv taps [ij], k2 features [t], C).
-// Channels go in blocks of 4 vectors (then 1) whose sum over the window stays in registers:
-// two loads per multiply-add instead of a load and a store of z as well.
+// z (k2 x C) and, when m != nullptr, the window mean m (C) of one position of any kernel size
+// and stride; x0: the padded input at its window's top-left corner.
+// wdt: (k2 conv taps [ij], k2 features [t], C).
 template <typename T>
-inline void features_at(const Geometry& g, const T* __restrict x, const T* __restrict wdt,
-                        int64_t p, T* __restrict z, T* __restrict m) {
-  constexpr int64_t V = 32 / sizeof(T);  // one AVX2 vector
+inline void features_one(const Geometry& g, const T* __restrict x0, const T* __restrict wdt,
+                         T* __restrict z, T* __restrict m) {
+  constexpr int64_t V = lanes<T>;
   const int64_t C = g.C, K = g.K;
   const T* rows[64];
-  int64_t taps[64];
-  const int64_t count = window_at(g, x, p, rows, taps);
+  for (int64_t i = 0; i < g.k; ++i)
+    for (int64_t j = 0; j < g.k; ++j) rows[i * g.k + j] = x0 + (i * g.Wp + j) * C;
   int64_t c0 = 0;
-  for (; c0 + 4 * V <= C; c0 += 4 * V) feature_block<4 * V>(g, rows, taps, count, wdt, c0, z);
-  for (; c0 + V <= C; c0 += V) feature_block<V>(g, rows, taps, count, wdt, c0, z);
+  for (; c0 + 4 * V <= C; c0 += 4 * V) feature_block<4 * V>(g, rows, wdt, c0, z);
+  for (; c0 + V <= C; c0 += V) feature_block<V>(g, rows, wdt, c0, z);
   for (int64_t t = 0; t < g.k2; ++t)  // the channels after the last whole vector
     for (int64_t c = c0; c < C; ++c) {
       T acc = 0;
-      for (int64_t q = 0; q < count; ++q) acc += wdt[taps[q] * K + t * C + c] * rows[q][c];
+      for (int64_t q = 0; q < g.k2; ++q) acc += wdt[q * K + t * C + c] * rows[q][c];
       z[t * C + c] = acc;
     }
   if (m) {
-    const T inv = T(1) / T(g.k2);  // count_include_pad: always k2
+    const T inv = T(1) / T(g.k2);
     for (int64_t c = 0; c < C; ++c) m[c] = T(0);
-    for (int64_t q = 0; q < count; ++q)
+    for (int64_t q = 0; q < g.k2; ++q)
       for (int64_t c = 0; c < C; ++c) m[c] += rows[q][c];
     for (int64_t c = 0; c < C; ++c) m[c] *= inv;
   }
+}
+
+// z (R rows of K) and m (R rows of C, when given) of R neighbouring output positions of one
+// row, kernel KS and stride S known at compile time. Per vector of channels and feature t the
+// R sums stay in registers and each input vector loaded serves every window it lies in: about
+// one load per multiply-add fewer than one position at a time.
+template <int KS, int S, int R, typename T>
+inline void feature_run(const Geometry& g, const T* __restrict x0, const T* __restrict wdt,
+                        T* __restrict z, T* __restrict m) {
+  using Vec = vec_t<T>;
+  constexpr int64_t V = lanes<T>;
+  constexpr int COLS = (R - 1) * S + KS;
+  const int64_t C = g.C, K = g.K, row = g.Wp * C;
+  int64_t c0 = 0;
+  for (; c0 + V <= C; c0 += V) {
+#pragma GCC unroll 1
+    for (int t = 0; t < KS * KS; ++t) {
+      Vec acc[R];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) acc[r] = Vec{};
+#pragma GCC unroll 8
+      for (int i = 0; i < KS; ++i) {
+        const T* xr = x0 + i * row + c0;
+        Vec w[KS];
+#pragma GCC unroll 8
+        for (int j = 0; j < KS; ++j) w[j] = vload(wdt + (i * KS + j) * K + t * C + c0);
+#pragma GCC unroll 32
+        for (int col = 0; col < COLS; ++col) {
+          const Vec xv = vload(xr + col * C);
+#pragma GCC unroll 8
+          for (int j = 0; j < KS; ++j)
+            if (col >= j && (col - j) % S == 0 && (col - j) / S < R) acc[(col - j) / S] += w[j] * xv;
+        }
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) vstore(z + r * K + t * C + c0, acc[r]);
+    }
+    if (m) {
+      Vec acc[R];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) acc[r] = Vec{};
+#pragma GCC unroll 8
+      for (int i = 0; i < KS; ++i) {
+#pragma GCC unroll 32
+        for (int col = 0; col < COLS; ++col) {
+          const Vec xv = vload(x0 + i * row + col * C + c0);
+#pragma GCC unroll 8
+          for (int j = 0; j < KS; ++j)
+            if (col >= j && (col - j) % S == 0 && (col - j) / S < R) acc[(col - j) / S] += xv;
+        }
+      }
+      const T inv = T(1) / T(KS * KS);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) vstore(m + r * C + c0, acc[r] * inv);
+    }
+  }
+  for (; c0 < C; ++c0)  // the channels after the last whole vector
+    for (int r = 0; r < R; ++r) {
+      const T* xr = x0 + r * S * C + c0;
+      T msum = 0;
+      for (int t = 0; t < KS * KS; ++t) {
+        T acc = 0;
+        for (int i = 0; i < KS; ++i)
+          for (int j = 0; j < KS; ++j) acc += wdt[(i * KS + j) * K + t * C + c0] * xr[i * row + j * C];
+        z[r * K + t * C + c0] = acc;
+      }
+      if (m) {
+        for (int i = 0; i < KS; ++i)
+          for (int j = 0; j < KS; ++j) msum += xr[i * row + j * C];
+        m[r * C + c0] = msum / T(KS * KS);
+      }
+    }
+}
+
+template <int KS, int S, typename T>
+void feature_runs(const Geometry& g, const T* xpad, const T* wdt, int64_t p0, int64_t len,
+                  T* z, T* m) {
+  for (int64_t q = 0; q < len;) {
+    const int64_t wo = (p0 + q) % g.Wo;
+    const int64_t run = std::min(len - q, g.Wo - wo);  // positions left in this output row
+    const T* x0 = window_origin(g, xpad, p0 + q);
+    T* zq = z + q * g.K;
+    T* mq = m ? m + q * g.C : nullptr;
+    if (run >= 8) {
+      feature_run<KS, S, 8>(g, x0, wdt, zq, mq);
+      q += 8;
+    } else if (run >= 4) {
+      feature_run<KS, S, 4>(g, x0, wdt, zq, mq);
+      q += 4;
+    } else if (run >= 2) {
+      feature_run<KS, S, 2>(g, x0, wdt, zq, mq);
+      q += 2;
+    } else {
+      feature_run<KS, S, 1>(g, x0, wdt, zq, mq);
+      q += 1;
+    }
+  }
+}
+
+// z (len rows of K) of output positions p0 .. p0 + len - 1 and, when m != nullptr, their
+// window means (len rows of C), from the padded channels-last input.
+template <typename T>
+void features_tile(const Geometry& g, const T* xpad, const T* wdt, int64_t p0, int64_t len,
+                   T* z, T* m) {
+  if (g.k == 3 && g.s == 1) return feature_runs<3, 1>(g, xpad, wdt, p0, len, z, m);
+  if (g.k == 3 && g.s == 2) return feature_runs<3, 2>(g, xpad, wdt, p0, len, z, m);
+  for (int64_t q = 0; q < len; ++q)
+    features_one(g, window_origin(g, xpad, p0 + q), wdt, z + q * g.K,
+                 m ? m + q * g.C : static_cast<T*>(nullptr));
 }
 
 // softmax over t of a[t, c] * m[c], written to prob (k2 x C).
@@ -288,6 +448,105 @@ inline void input_grad_block(const Geometry& g, const T* const* dz_rows, const T
   for (int64_t l = 0; l < B; ++l) out[c0 + l] = acc[l];
 }
 
+// dx of R neighbouring inputs of one row at stride 1, all of whose output positions exist:
+// input wi + r gets dz[ho, wo, t] through tap (i, j) with ho = hi + pad - i, wo = wi + r + pad
+// - j. dz0 / dm0: the first row (i = KS - 1) at wo = wi + pad - (KS - 1). Per vector of
+// channels the R sums stay in registers and each dz vector loaded serves every input it
+// reaches (as feature_run does for the forward).
+template <int KS, int R, typename T>
+inline void input_grad_run(const Geometry& g, const T* __restrict dz0, const T* __restrict wdt,
+                           const T* __restrict dm0, T inv_k2, T* __restrict dx) {
+  using Vec = vec_t<T>;
+  constexpr int64_t V = lanes<T>;
+  constexpr int COLS = R + KS - 1;
+  const int64_t C = g.C, K = g.K;
+  for (int64_t c0 = 0; c0 < C; c0 += V) {
+    Vec acc[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc[r] = Vec{};
+    for (int ii = 0; ii < KS; ++ii) {  // output row ho = first row + ii, tap row i = KS-1-ii
+      const int i = KS - 1 - ii;
+      const T* dzr = dz0 + ii * g.Wo * K + c0;
+      if (dm0) {
+        const T* dmr = dm0 + ii * g.Wo * C + c0;
+#pragma GCC unroll 32
+        for (int u = 0; u < COLS; ++u) {
+          const Vec dv = vload(dmr + u * C) * inv_k2;
+#pragma GCC unroll 8
+          for (int j = 0; j < KS; ++j) {
+            const int r = u - (KS - 1) + j;
+            if (r >= 0 && r < R) acc[r] += dv;
+          }
+        }
+      }
+#pragma GCC unroll 1
+      for (int64_t t = 0; t < KS * KS; ++t) {
+        Vec w[KS];
+#pragma GCC unroll 8
+        for (int j = 0; j < KS; ++j) w[j] = vload(wdt + (i * KS + j) * K + t * C + c0);
+#pragma GCC unroll 32
+        for (int u = 0; u < COLS; ++u) {
+          const Vec dv = vload(dzr + u * K + t * C);
+#pragma GCC unroll 8
+          for (int j = 0; j < KS; ++j) {
+            const int r = u - (KS - 1) + j;
+            if (r >= 0 && r < R) acc[r] += w[j] * dv;
+          }
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) vstore(dx + r * C + c0, acc[r]);
+  }
+}
+
+// acc[tap, t, c] += sum over a tile's positions q of dz[q, t, c] * x[q's window at tap, c]:
+// per tap and vector of channels the KK sums over t stay in registers while the positions
+// stream by (one load of dz per multiply-add, the input vector shared by every t).
+template <int KK, typename T>
+void dwconv_weight_grad_k(const Geometry& g, const T* const* origin, const T* dz, int64_t len,
+                          T* acc) {
+  using Vec = vec_t<T>;
+  constexpr int64_t V = lanes<T>;
+  const int64_t C = g.C, K = g.K;
+  for (int64_t tap = 0; tap < KK; ++tap) {
+    const int64_t off = ((tap / g.k) * g.Wp + tap % g.k) * C;
+    T* ag = acc + tap * K;
+    int64_t c0 = 0;
+    for (; c0 + V <= C; c0 += V) {
+      Vec sum[KK];
+#pragma GCC unroll 16
+      for (int t = 0; t < KK; ++t) sum[t] = vload(ag + t * C + c0);
+      for (int64_t q = 0; q < len; ++q) {
+        const Vec xv = vload(origin[q] + off + c0);
+        const T* dq = dz + q * K + c0;
+#pragma GCC unroll 16
+        for (int t = 0; t < KK; ++t) sum[t] += vload(dq + t * C) * xv;
+      }
+#pragma GCC unroll 16
+      for (int t = 0; t < KK; ++t) vstore(ag + t * C + c0, sum[t]);
+    }
+    for (; c0 < C; ++c0)
+      for (int64_t q = 0; q < len; ++q)
+        for (int t = 0; t < KK; ++t) ag[t * C + c0] += dz[q * K + t * C + c0] * origin[q][off + c0];
+  }
+}
+
+template <typename T>
+void dwconv_weight_grad(const Geometry& g, const T* const* origin, const T* dz, int64_t len,
+                        T* acc) {
+  if (g.k == 3) return dwconv_weight_grad_k<9>(g, origin, dz, len, acc);
+  const int64_t C = g.C, K = g.K;
+  for (int64_t q = 0; q < len; ++q)
+    for (int64_t tap = 0; tap < g.k2; ++tap) {
+      const T* xq = origin[q] + ((tap / g.k) * g.Wp + tap % g.k) * C;
+      T* ag = acc + tap * K;
+      const T* d = dz + q * K;
+      for (int64_t t = 0; t < g.k2; ++t)
+        for (int64_t c = 0; c < C; ++c) ag[t * C + c] += d[t * C + c] * xq[c];
+    }
+}
+
 // The part of the backward shared by every fused op, from du = dL/d(BN output) (P x K, in dz,
 // overwritten with dz) and its sums over positions (sum du, sum du * z): the BN backward
 // (through the batch statistics when batch_stats), the depthwise weight's gradient, and dx
@@ -297,7 +556,7 @@ inline void input_grad_block(const Geometry& g, const T* const* dz_rows, const T
 // (channels-last), dwdt, dgamma, dbeta.
 template <typename scalar_t>
 std::vector<at::Tensor> bn_dwconv_backward(const Geometry& g, const at::Tensor& x,
-                                           const at::Tensor& wdt, const at::Tensor& scale,
+                                           const at::Tensor& xpad, const at::Tensor& wdt, const at::Tensor& scale,
                                            const at::Tensor& mean, const at::Tensor& inv_std,
                                            const at::Tensor& sum_du, const at::Tensor& sum_duz,
                                            at::Tensor& dz, const scalar_t* dmp,
@@ -308,7 +567,6 @@ std::vector<at::Tensor> bn_dwconv_backward(const Geometry& g, const at::Tensor& 
   const int64_t ntiles = tiles_of(P, tile);
   auto dwdt_acc = at::zeros({threads, g.k2, K}, x.options());
   auto dx = at::empty({g.N, g.H, g.W, C}, x.options());
-  const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* wp = wdt.data_ptr<scalar_t>();
   const scalar_t* sc = scale.data_ptr<scalar_t>();
   scalar_t* dzp = dz.data_ptr<scalar_t>();
@@ -323,32 +581,26 @@ std::vector<at::Tensor> bn_dwconv_backward(const Geometry& g, const at::Tensor& 
   }
   const scalar_t* al = alpha_t.data_ptr<scalar_t>();
   const scalar_t* bz = beta_t.data_ptr<scalar_t>();
+  TORCH_CHECK(!batch_stats || zall, "rfa_fused: the BN backward through batch statistics "
+              "needs every position's z");
+  const scalar_t* xpp = xpad.data_ptr<scalar_t>();
   parallel_for_tls(0, ntiles, 1, [&](int64_t begin, int64_t end) {
     scalar_t* acc = dwdt_acc[at::get_thread_num()].data_ptr<scalar_t>();
-    std::vector<scalar_t> z(K);
-    for (int64_t p = begin * tile; p < std::min(P, end * tile); ++p) {
-      scalar_t* d = dzp + p * K;
-      if (batch_stats) {
-        const scalar_t* zp = zall ? zall + p * K : z.data();
-        if (!zall) features_at(g, xp, wp, p, z.data(), static_cast<scalar_t*>(nullptr));
-        for (int64_t f = 0; f < K; ++f) d[f] = d[f] * sc[f] + al[f] + bz[f] * zp[f];
-      } else {
-        for (int64_t f = 0; f < K; ++f) d[f] *= sc[f];
-      }
-      const int64_t n = p / (g.Ho * g.Wo), r = p % (g.Ho * g.Wo);
-      const int64_t ho = r / g.Wo, wo = r % g.Wo;
-      for (int64_t i = 0; i < g.k; ++i) {
-        const int64_t hi = ho * g.s + i - g.pad;
-        if (hi < 0 || hi >= g.H) continue;
-        for (int64_t j = 0; j < g.k; ++j) {
-          const int64_t wi = wo * g.s + j - g.pad;
-          if (wi < 0 || wi >= g.W) continue;
-          const scalar_t* xq = xp + ((n * g.H + hi) * g.W + wi) * C;
-          scalar_t* ag = acc + (i * g.k + j) * K;
-          for (int64_t t = 0; t < g.k2; ++t)
-            for (int64_t c = 0; c < C; ++c) ag[t * C + c] += d[t * C + c] * xq[c];
+    std::vector<const scalar_t*> origin(tile);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t p0 = b * tile, len = std::min(P, p0 + tile) - p0;
+      for (int64_t q = 0; q < len; ++q) {
+        const int64_t p = p0 + q;
+        scalar_t* d = dzp + p * K;
+        if (batch_stats) {
+          const scalar_t* zp = zall + p * K;
+          for (int64_t f = 0; f < K; ++f) d[f] = d[f] * sc[f] + al[f] + bz[f] * zp[f];
+        } else {
+          for (int64_t f = 0; f < K; ++f) d[f] *= sc[f];
         }
+        origin[q] = window_origin(g, xpp, p);
       }
+      dwconv_weight_grad(g, origin.data(), dzp + p0 * K, len, acc);
     }
   });
   scalar_t* dxp = dx.data_ptr<scalar_t>();
@@ -360,7 +612,17 @@ std::vector<at::Tensor> bn_dwconv_backward(const Geometry& g, const at::Tensor& 
     constexpr int64_t V = 32 / sizeof(scalar_t);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.H, hi = row % g.H;
+      // stride 1, every window of the row's inputs inside the output (ho = hi + pad - i)
+      const bool runs = g.s == 1 && g.k == 3 && C % V == 0 && hi >= g.pad && hi + g.pad < g.Ho;
       for (int64_t wi = 0; wi < g.W; ++wi) {
+        if (runs && wi >= g.pad && wi + 7 + g.pad < g.Wo) {
+          input_grad_run<3, 8>(g, dzp + ((n * g.Ho + hi + g.pad - 2) * g.Wo + wi - g.pad) * K,
+                               wp, dmp ? dmp + ((n * g.Ho + hi + g.pad - 2) * g.Wo + wi - g.pad) * C
+                                       : static_cast<const scalar_t*>(nullptr),
+                               inv_k2, dxp + (row * g.W + wi) * C);
+          wi += 7;
+          continue;
+        }
         // the output positions whose window holds input (hi, wi), and through which tap
         int64_t count = 0;
         for (int64_t i = 0; i < g.k; ++i) {
@@ -415,20 +677,22 @@ std::vector<at::Tensor> rfa_stats_impl(const at::Tensor& x, const at::Tensor& wd
   const int threads = at::get_num_threads();
   // per thread: count, then mean (K) and M2 (K)
   auto acc = at::zeros({threads, 1 + 2 * K}, x.options().dtype(at::kDouble));
+  const at::Tensor xpad = padded(x, g);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rfa_stats", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* xp = xpad.data_ptr<scalar_t>();
     const scalar_t* wp = wdt.data_ptr<scalar_t>();
     double* accp = acc.data_ptr<double>();
     parallel_for_tls(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> z(K);
+      std::vector<scalar_t> zs(tile * K);
       std::vector<double> shift(K), s1(K), s2(K);
       double* count = accp + at::get_thread_num() * (1 + 2 * K);
       double* mean = count + 1;
       double* m2 = mean + K;
       for (int64_t b = begin; b < end; ++b) {
         const int64_t p0 = b * tile, len = std::min(P, p0 + tile) - p0;
+        features_tile(g, xp, wp, p0, len, zs.data(), static_cast<scalar_t*>(nullptr));
         for (int64_t q = 0; q < len; ++q) {
-          features_at(g, xp, wp, p0 + q, z.data(), static_cast<scalar_t*>(nullptr));
+          const scalar_t* z = zs.data() + q * K;
           if (q == 0) {
             for (int64_t f = 0; f < K; ++f) {
               shift[f] = double(z[f]);
@@ -492,8 +756,9 @@ at::Tensor rfa_forward_impl(const at::Tensor& x, const at::Tensor& wdt, const at
   auto out = at::empty({g.N, g.Ho, g.Wo, O}, x.options());
   if (P == 0) return out.permute({0, 3, 1, 2});
   const auto wtT = wt.t();
+  const at::Tensor xpad = padded(x, g);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rfa_forward", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* xp = xpad.data_ptr<scalar_t>();
     const scalar_t* wp = wdt.data_ptr<scalar_t>();
     const scalar_t* sc = scale.data_ptr<scalar_t>();
     const scalar_t* sh = shift.data_ptr<scalar_t>();
@@ -501,14 +766,14 @@ at::Tensor rfa_forward_impl(const at::Tensor& x, const at::Tensor& wdt, const at
     parallel_for_tls(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
       SequentialBlas sequential;
       auto feats = at::empty({tile, K}, x.options());
-      std::vector<scalar_t> prob(K), m(g.C), tmp(2 * g.C);
+      std::vector<scalar_t> prob(K), m(tile * g.C), tmp(2 * g.C);
       scalar_t* fp = feats.data_ptr<scalar_t>();
       for (int64_t b = begin; b < end; ++b) {
         const int64_t p0 = b * tile, len = std::min(P, p0 + tile) - p0;
+        features_tile(g, xp, wp, p0, len, fp, m.data());
         for (int64_t q = 0; q < len; ++q) {
           scalar_t* z = fp + q * K;
-          features_at(g, xp, wp, p0 + q, z, m.data());
-          attention_at(g, ap, m.data(), prob.data(), tmp.data());
+          attention_at(g, ap, m.data() + q * g.C, prob.data(), tmp.data());
           for (int64_t f = 0; f < K; ++f)
             z[f] = std::max(z[f] * sc[f] + sh[f], scalar_t(0)) * prob[f];
         }
@@ -549,13 +814,14 @@ std::vector<at::Tensor> rfa_backward_impl(const at::Tensor& grad_out, const at::
   const auto shift = (beta - mean * scale).contiguous();
   auto dwt_acc = at::zeros({threads, O, K}, x.options());
   auto small = at::zeros({threads, 4, K}, x.options());  // da, sum du, sum du*z, -
-  auto dz = at::empty({P, K}, x.options());
-  auto dm = at::empty({P, C}, x.options());
+  auto dz = scratch({P, K}, x.options());
+  auto dm = scratch({P, C}, x.options());
   // with batch statistics the BN backward needs z again: keep it rather than recompute it
-  auto zall = batch_stats ? at::empty({P, K}, x.options()) : at::Tensor();
+  auto zall = batch_stats ? scratch({P, K}, x.options()) : at::Tensor();
   at::Tensor dx, dwdt, dgamma, dbeta;
+  const at::Tensor xpad = padded(x, g);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rfa_backward", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* xp = xpad.data_ptr<scalar_t>();
     const scalar_t* wp = wdt.data_ptr<scalar_t>();
     const scalar_t* sc = scale.data_ptr<scalar_t>();
     const scalar_t* sh = shift.data_ptr<scalar_t>();
@@ -579,10 +845,10 @@ std::vector<at::Tensor> rfa_backward_impl(const at::Tensor& grad_out, const at::
         scalar_t* fz = zs.data_ptr<scalar_t>();
         scalar_t* fp = probs.data_ptr<scalar_t>();
         scalar_t* kept = zall.defined() ? zall.data_ptr<scalar_t>() + p0 * K : fz;
+        features_tile(g, xp, wp, p0, len, kept, dmp + p0 * C);  // the dm rows hold m for now
         for (int64_t q = 0; q < len; ++q) {
           scalar_t* z = kept + q * K;
           scalar_t* pr = fp + q * K;
-          features_at(g, xp, wp, p0 + q, z, dmp + (p0 + q) * C);  // dm row holds m for now
           attention_at(g, ap, dmp + (p0 + q) * C, pr, tmp.data());
           for (int64_t f = 0; f < K; ++f)
             fa[q * K + f] = std::max(z[f] * sc[f] + sh[f], scalar_t(0)) * pr[f];
@@ -603,7 +869,7 @@ std::vector<at::Tensor> rfa_backward_impl(const at::Tensor& grad_out, const at::
     });
     auto sums = small.sum(0);
     auto rest = bn_dwconv_backward<scalar_t>(
-        g, x, wdt, scale, mean, inv_std, sums[1], sums[2], dz, dmp,
+        g, x, xpad, wdt, scale, mean, inv_std, sums[1], sums[2], dz, dmp,
         zall.defined() ? zall.data_ptr<scalar_t>() : static_cast<const scalar_t*>(nullptr),
         batch_stats, tile);
     dx = rest[0];
@@ -679,17 +945,21 @@ std::vector<at::Tensor> tile_reduce_impl(const at::Tensor& x, const at::Tensor& 
     acc1 = at::zeros({threads, g.N * g.Ho * k * C}, x.options());
     acc2 = at::zeros({threads, g.N * g.Wo * k * C}, x.options());
   }
+  const at::Tensor xpad = padded(x, g);
   if (P > 0) AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tile_reduce", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* xp = xpad.data_ptr<scalar_t>();
     const scalar_t* wp = wdt.data_ptr<scalar_t>();
     const scalar_t* sc = scale.data_ptr<scalar_t>();
     const scalar_t* sh = shift.data_ptr<scalar_t>();
     parallel_for_tls(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> z(K);
+      std::vector<scalar_t> zs(tile * K);
       scalar_t* rows = kind == 1 ? acc1[at::get_thread_num()].data_ptr<scalar_t>() : nullptr;
       scalar_t* cols = kind == 1 ? acc2[at::get_thread_num()].data_ptr<scalar_t>() : nullptr;
       for (int64_t p = begin * tile; p < std::min(P, end * tile); ++p) {
-        features_at(g, xp, wp, p, z.data(), static_cast<scalar_t*>(nullptr));
+        if (p % tile == 0)  // tiles start at multiples of tile
+          features_tile(g, xp, wp, p, std::min(P, p + tile) - p, zs.data(),
+                        static_cast<scalar_t*>(nullptr));
+        scalar_t* z = zs.data() + (p % tile) * K;
         for (int64_t f = 0; f < K; ++f) z[f] = std::max(z[f] * sc[f] + sh[f], scalar_t(0));
         if (kind == 0) {
           scalar_t* mx = r1.data_ptr<scalar_t>() + p * g.k2;
@@ -708,7 +978,7 @@ std::vector<at::Tensor> tile_reduce_impl(const at::Tensor& x, const at::Tensor& 
         const int64_t n = p / (g.Ho * g.Wo), r = p % (g.Ho * g.Wo), ho = r / g.Wo, wo = r % g.Wo;
         for (int64_t i = 0; i < k; ++i)
           for (int64_t j = 0; j < k; ++j) {
-            const scalar_t* __restrict gt = z.data() + (i * k + j) * C;
+            const scalar_t* __restrict gt = z + (i * k + j) * C;
             scalar_t* __restrict rr = rows + ((n * g.Ho + ho) * k + i) * C;
             scalar_t* __restrict cc = cols + ((n * g.Wo + wo) * k + j) * C;
             for (int64_t c = 0; c < C; ++c) {
@@ -742,11 +1012,12 @@ std::vector<at::Tensor> tile_reduce_backward_impl(const at::Tensor& dr1, const a
   const auto shift = (beta - mean * scale).contiguous();
   const auto d1 = dr1.contiguous(), d2 = dr2.contiguous();
   auto sums = at::zeros({threads, 2, K}, x.options());  // sum du, sum du * z
-  auto dz = at::empty({P, K}, x.options());
-  auto zall = batch_stats ? at::empty({P, K}, x.options()) : at::Tensor();
+  auto dz = scratch({P, K}, x.options());
+  auto zall = batch_stats ? scratch({P, K}, x.options()) : at::Tensor();
   std::vector<at::Tensor> rest;
+  const at::Tensor xpad = padded(x, g);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tile_reduce_backward", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* xp = xpad.data_ptr<scalar_t>();
     const scalar_t* wp = wdt.data_ptr<scalar_t>();
     const scalar_t* sc = scale.data_ptr<scalar_t>();
     const scalar_t* sh = shift.data_ptr<scalar_t>();
@@ -755,12 +1026,16 @@ std::vector<at::Tensor> tile_reduce_backward_impl(const at::Tensor& dr1, const a
     scalar_t* dzp = dz.data_ptr<scalar_t>();
     const scalar_t row_w = scalar_t(1) / scalar_t(g.Wo * k), col_w = scalar_t(1) / scalar_t(g.Ho * k);
     parallel_for_tls(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> z(K);
+      std::vector<scalar_t> zs(tile * K);
       scalar_t* sdu = sums[at::get_thread_num()][0].data_ptr<scalar_t>();
       scalar_t* sduz = sdu + K;
       for (int64_t p = begin * tile; p < std::min(P, end * tile); ++p) {
-        scalar_t* zp = zall.defined() ? zall.data_ptr<scalar_t>() + p * K : z.data();
-        features_at(g, xp, wp, p, zp, static_cast<scalar_t*>(nullptr));
+        scalar_t* ztile = zall.defined() ? zall.data_ptr<scalar_t>() + (p - p % tile) * K
+                                         : zs.data();
+        if (p % tile == 0)  // tiles start at multiples of tile
+          features_tile(g, xp, wp, p, std::min(P, p + tile) - p, ztile,
+                        static_cast<scalar_t*>(nullptr));
+        scalar_t* zp = ztile + (p % tile) * K;
         scalar_t* d = dzp + p * K;
         if (kind == 0) {
           // max: the gradient reaches the first maximal channel (as torch.max's indices); where
@@ -800,7 +1075,7 @@ std::vector<at::Tensor> tile_reduce_backward_impl(const at::Tensor& dr1, const a
     });
     auto total = sums.sum(0);
     rest = bn_dwconv_backward<scalar_t>(
-        g, x, wdt, scale, mean, inv_std, total[0], total[1], dz,
+        g, x, xpad, wdt, scale, mean, inv_std, total[0], total[1], dz,
         static_cast<const scalar_t*>(nullptr),
         zall.defined() ? zall.data_ptr<scalar_t>() : static_cast<const scalar_t*>(nullptr),
         batch_stats, tile);
@@ -821,8 +1096,9 @@ at::Tensor tile_attend_impl(const at::Tensor& x, const at::Tensor& wdt, const at
   if (P == 0) return out.permute({0, 3, 1, 2});
   const auto wtT = wt.t();
   const auto a1 = f1.contiguous(), a2 = f2.contiguous();
+  const at::Tensor xpad = padded(x, g);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tile_attend", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* xp = xpad.data_ptr<scalar_t>();
     const scalar_t* wp = wdt.data_ptr<scalar_t>();
     const scalar_t* sc = scale.data_ptr<scalar_t>();
     const scalar_t* sh = shift.data_ptr<scalar_t>();
@@ -835,9 +1111,9 @@ at::Tensor tile_attend_impl(const at::Tensor& x, const at::Tensor& wdt, const at
       scalar_t* fp = feats.data_ptr<scalar_t>();
       for (int64_t b = begin; b < end; ++b) {
         const int64_t p0 = b * tile, len = std::min(P, p0 + tile) - p0;
+        features_tile(g, xp, wp, p0, len, fp, static_cast<scalar_t*>(nullptr));
         for (int64_t q = 0; q < len; ++q) {
           scalar_t* z = fp + q * K;
-          features_at(g, xp, wp, p0 + q, z, static_cast<scalar_t*>(nullptr));
           factors_at(g, kind, p1, p2, p0 + q, A.data());
           for (int64_t f = 0; f < K; ++f)
             z[f] = std::max(z[f] * sc[f] + sh[f], scalar_t(0)) * A[f];
@@ -878,11 +1154,12 @@ std::vector<at::Tensor> tile_attend_backward_impl(
   // kind 1: both summed per thread
   auto df1_acc = at::zeros({threads, a1.numel()}, x.options());
   auto df2_acc = at::zeros({kind == 0 ? 1 : threads, a2.numel()}, x.options());
-  auto dz = at::empty({P, K}, x.options());
-  auto zall = batch_stats ? at::empty({P, K}, x.options()) : at::Tensor();
+  auto dz = scratch({P, K}, x.options());
+  auto zall = batch_stats ? scratch({P, K}, x.options()) : at::Tensor();
   std::vector<at::Tensor> rest;
+  const at::Tensor xpad = padded(x, g);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tile_attend_backward", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* xp = xpad.data_ptr<scalar_t>();
     const scalar_t* wp = wdt.data_ptr<scalar_t>();
     const scalar_t* sc = scale.data_ptr<scalar_t>();
     const scalar_t* sh = shift.data_ptr<scalar_t>();
@@ -905,9 +1182,9 @@ std::vector<at::Tensor> tile_attend_backward_impl(
         scalar_t* fa = attended.data_ptr<scalar_t>();
         scalar_t* fz = zall.defined() ? zall.data_ptr<scalar_t>() + p0 * K
                                       : zs.data_ptr<scalar_t>();
+        features_tile(g, xp, wp, p0, len, fz, static_cast<scalar_t*>(nullptr));
         for (int64_t q = 0; q < len; ++q) {
           scalar_t* z = fz + q * K;
-          features_at(g, xp, wp, p0 + q, z, static_cast<scalar_t*>(nullptr));
           factors_at(g, kind, p1, p2, p0 + q, A.data());
           for (int64_t f = 0; f < K; ++f)
             fa[q * K + f] = std::max(z[f] * sc[f] + sh[f], scalar_t(0)) * A[f];
@@ -959,7 +1236,7 @@ std::vector<at::Tensor> tile_attend_backward_impl(
     });
     auto total = sums.sum(0);
     rest = bn_dwconv_backward<scalar_t>(
-        g, x, wdt, scale, mean, inv_std, total[0], total[1], dz,
+        g, x, xpad, wdt, scale, mean, inv_std, total[0], total[1], dz,
         static_cast<const scalar_t*>(nullptr),
         zall.defined() ? zall.data_ptr<scalar_t>() : static_cast<const scalar_t*>(nullptr),
         batch_stats, tile);
@@ -1030,8 +1307,8 @@ std::vector<at::Tensor> rfa_fused_backward(const at::Tensor& grad_out, const at:
                                            const at::Tensor& wt, bool has_bias,
                                            int64_t kernel_size, int64_t stride,
                                            bool batch_stats) {
-  const int64_t tile = tile_positions(
-      wt.size(1), x.element_size(), grad_out.size(0) * grad_out.size(2) * grad_out.size(3), 3);
+  const int64_t tile = backward_tile(
+      wt.size(1), x.element_size(), grad_out.size(0) * grad_out.size(2) * grad_out.size(3));
   auto grads = rfa_backward_impl(grad_out, channels_last(x), wdt.contiguous(),
                                  gamma.contiguous(), beta.contiguous(), mean.contiguous(),
                                  inv_std.contiguous(), a.contiguous(), wt.contiguous(), has_bias,
@@ -1089,8 +1366,8 @@ std::vector<at::Tensor> rfa_tile_attend_backward(
     const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
     const at::Tensor& inv_std, const at::Tensor& f1, const at::Tensor& f2, const at::Tensor& wt,
     bool has_bias, int64_t kernel_size, int64_t stride, int64_t kind, bool batch_stats) {
-  const int64_t tile = tile_positions(
-      wt.size(1), x.element_size(), grad_out.size(0) * grad_out.size(2) * grad_out.size(3), 3);
+  const int64_t tile = backward_tile(
+      wt.size(1), x.element_size(), grad_out.size(0) * grad_out.size(2) * grad_out.size(3));
   auto grads = tile_attend_backward_impl(
       grad_out, channels_last(x), wdt.contiguous(), gamma.contiguous(), beta.contiguous(),
       mean.contiguous(), inv_std.contiguous(), f1.contiguous(), f2.contiguous(),
