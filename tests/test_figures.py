@@ -10,7 +10,7 @@ import pytest
 import torch
 from matplotlib.container import BarContainer, ErrorbarContainer
 
-import attnconv.viz as viz
+import attnconv.analysis.figures as viz
 from attnconv import AWConv2d, create_model
 from attnconv.detection.coco_eval import COCO_METRICS, metrics_table
 from attnconv.training.report import (

@@ -13,8 +13,8 @@ import torchvision
 
 import attnconv
 from attnconv import AWConv2d, RFAConv2d, create_model
+from attnconv.analysis.profiling import count_params
 from attnconv.models import MODEL_ARGS, ZOO_MODELS, load_official_rfa_checkpoint
-from attnconv.profiling import count_params
 
 SMALL = dict(cifar_stem=True, channels=(8, 16, 32, 64), num_classes=10)
 

@@ -165,7 +165,7 @@ def test_finetune_recipes_build_the_papers_network_that_their_weights_fit(recipe
     hold (torchvision's own count, ``meta['num_params']``)."""
     from torchvision.models import get_model_weights
 
-    from attnconv.profiling import count_params
+    from attnconv.analysis.profiling import count_params
     from attnconv.training.config import load_recipe
     from attnconv.training.models import build_model
 

@@ -278,7 +278,7 @@ def complexity(names: list[str], imgsz: int = 640) -> list[tuple[str, int, int]]
     ultralytics' "GFLOPs" are 2 x these multiply-adds."""
     from ultralytics import YOLO
 
-    from attnconv.profiling import count_macs, count_params
+    from attnconv.analysis.profiling import count_macs, count_params
 
     register()
     rows = []
