@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from test_models import _official_rfa_resnet18_state_dict
+from helpers import official_rfa_resnet18_state_dict
 
 from attnconv import create_model
 from attnconv.layers import RFAConv2d
@@ -101,7 +101,7 @@ def test_unreadable_sources_are_one_line_errors(tmp_path, monkeypatch) -> None:
 
 
 def test_official_rfa_imagenet_checkpoint_starts_the_zoo_model(tmp_path) -> None:
-    official = _official_rfa_resnet18_state_dict()
+    official = official_rfa_resnet18_state_dict()
     path = tmp_path / "RFAresnet18.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in official.items()}}, path)
     model = create_model("resnet18_rfa", num_classes=5)
