@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from attnconv.profiling import markdown_table, median_times
+from attnconv.analysis.profiling import median_times
+from attnconv.engine.tables import markdown_table
 from attnconv.training.config import RunConfig, apply, load_recipe
 
 if TYPE_CHECKING:

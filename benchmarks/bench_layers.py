@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from attnconv import AWConv2d, RFAConv2d, RFCAConv2d, RFCBAMConv2d, create_conv
-from attnconv.profiling import (
+from attnconv.analysis.profiling import (
     count_macs,
     count_params,
     forward_fn,

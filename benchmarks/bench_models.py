@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from attnconv import create_model
+from attnconv.analysis.profiling import forward_fn, train_step_fn
 from attnconv.export import export_onnx
 from attnconv.models import MODEL_ARGS
-from attnconv.profiling import forward_fn, train_step_fn
 
 PLAIN, RFA = "resnet18", "resnet18_rfa"
 QUICK_ARGS = dict(channels=(8, 16, 32, 64), num_classes=10)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from attnconv import create_conv
-from attnconv.profiling import forward_fn, saved_tensor_bytes, train_step_fn
+from attnconv.analysis.profiling import forward_fn, saved_tensor_bytes, train_step_fn
 from attnconv.testing.reference_rfa import OfficialRFAConv, OfficialRFCAConv, OfficialRFCBAMConv
 
 SHAPES = [(8, 64, 56, 1), (32, 128, 28, 2)]  # (batch, channels, size, stride), k = 3

@@ -37,8 +37,8 @@ import harness
 import torch
 from torch import nn
 
+from attnconv.analysis.profiling import forward_fn, train_step_fn
 from attnconv.layers import CONV_LAYERS, create_conv
-from attnconv.profiling import forward_fn, train_step_fn
 from attnconv.testing.reference_rfa import OfficialRFAConv, OfficialRFCAConv, OfficialRFCBAMConv
 
 MODES = ("fp32", "bf16", "compile", "channels-last")

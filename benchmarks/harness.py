@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from attnconv.engine.tables import markdown_table
 from attnconv.ops._build import cpu_model
-from attnconv.profiling import markdown_table
 
 #: Highest 1-minute load average before a run whose figures are recorded.
 MAX_LOAD = 0.5

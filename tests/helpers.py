@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torchvision
 from torch import nn
 
 
@@ -42,3 +43,30 @@ def assert_matches_official(ref: nn.Module, layer: nn.Module, x: torch.Tensor, *
         if key in ref_params:
             torch.testing.assert_close(tensor.grad.reshape(ref_params[key].shape),
                                        ref_params[key].grad, msg=key, **tol)
+
+
+def official_rfa_resnet18_state_dict() -> dict[str, torch.Tensor]:
+    """Keys and shapes of the official ``classification/RFAresnet.py`` RFAresnet18: torchvision
+    names, and in every BasicBlock an ``RFAConv`` as conv1 (``get_weight.1``,
+    ``generate_feature.0/1``, ``conv.0``), filled with random values."""
+    torch.manual_seed(0)
+    state = {k: torch.randn(v.shape) if v.is_floating_point() else v
+             for k, v in torchvision.models.resnet18().state_dict().items()}
+    for stage, (c_in, c_out, blocks) in enumerate(((64, 64, 2), (64, 128, 2), (128, 256, 2),
+                                                  (256, 512, 2)), start=1):
+        for block in range(blocks):
+            c = c_in if block == 0 else c_out
+            p = f"layer{stage}.{block}.conv1"
+            del state[f"{p}.weight"]
+            state.update({
+                f"{p}.get_weight.1.weight": torch.randn(c * 9, 1, 1, 1),
+                f"{p}.generate_feature.0.weight": torch.randn(c * 9, 1, 3, 3),
+                f"{p}.generate_feature.1.weight": torch.rand(c * 9) + 0.5,
+                f"{p}.generate_feature.1.bias": torch.randn(c * 9),
+                f"{p}.generate_feature.1.running_mean": torch.randn(c * 9),
+                f"{p}.generate_feature.1.running_var": torch.rand(c * 9) + 0.5,
+                f"{p}.generate_feature.1.num_batches_tracked": torch.tensor(7),
+                f"{p}.conv.0.weight": torch.randn(c_out, c, 3, 3),
+                f"{p}.conv.0.bias": torch.randn(c_out),
+            })
+    return state

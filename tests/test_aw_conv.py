@@ -100,7 +100,8 @@ def make(geometry, **kwargs) -> AWConv2d:
 
 
 def plain_conv(layer: AWConv2d, x: torch.Tensor) -> torch.Tensor:
-    return nn.Conv2d._conv_forward(layer, x, layer.weight, layer.bias)
+    """nn.Conv2d's own forward on the layer: its weight, bias and geometry, no attention."""
+    return nn.Conv2d.forward(layer, x)
 
 
 # --- 1. equal to nn.Conv2d at initialisation and after from_conv ----------------------------

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnconv import AWConv2d, create_model
-from attnconv.bench import ModelStats, benchmark_models, complexity_table
+from attnconv.analysis.complexity import ModelStats, benchmark_models, complexity_table
+from attnconv.analysis.profiling import count_macs
 from attnconv.cli import main
-from attnconv.profiling import count_macs
 
 
 def test_macs_count_per_sample_grouped_aw_convs() -> None:

@@ -1,5 +1,6 @@
 """Datasets: the embedded digits, a fake CIFAR folder, tiny class-folder trees, the MNIST family
-from local IDX files, and the crop policy each data set gets."""
+from local IDX files, the crop policy each data set gets, the last partial training batch and
+unreadable images."""
 
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ from torchvision import datasets
 
 from attnconv.engine.config import ConfigError
 from attnconv.training.config import DataConfig, RunConfig, apply
-from attnconv.training.data import IMAGENET_MEAN, DataError, build_datasets, crop_policy
+from attnconv.training.data import (
+    IMAGENET_MEAN,
+    ClassificationData,
+    DataError,
+    build_datasets,
+    check_images,
+    crop_policy,
+    image_files,
+)
 
 
 def test_digits_split_is_fixed_and_stratified() -> None:
@@ -84,15 +93,19 @@ def test_missing_root_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def _tree(root: Path, per_class: int = 3, classes: tuple[str, ...] = ("cat", "dog"),
-          size: tuple[int, int] = (24, 20)) -> None:
+          size: tuple[int, int] = (24, 20)) -> list[Path]:
+    """Random PNGs in ``{train,val}/{class}/{i}.png``; returns their paths in that order."""
     rng = np.random.default_rng(0)
+    files = []
     for split in ("train", "val"):
         for name in classes:
             folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(per_class):
                 pixels = rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
+                files.append(folder / f"{i}.png")
+                Image.fromarray(pixels).save(files[-1])
+    return files
 
 
 def test_imagefolder_tree(tmp_path: Path) -> None:
@@ -321,3 +334,63 @@ def test_real_fashion_mnist_from_debians_folder() -> None:
     assert abs(normalised.mean().item()) < 0.02 and abs(normalised.std().item() - 1) < 0.02
     x, _ = sets.val[0]
     assert torch.allclose(x[0], (sets.val.data[0].float() / 255 - 0.2860) / 0.3530, atol=1e-6)
+
+
+# ---- the last partial training batch -----------------------------------------------------
+
+def test_digits_at_batch_4_drop_the_single_last_sample() -> None:
+    cfg = DataConfig(batch_size=4, augment=False)
+    data = ClassificationData(cfg)
+    data.setup("fit")
+    assert len(data.sets.train) == 1437  # 359 x 4 + 1
+    train = list(data.train_dataloader())
+    assert len(train) == 359 and {x.shape[0] for x, _ in train} == {4}
+    val = list(data.val_dataloader())
+    assert sum(x.shape[0] for x, _ in val) == 360  # validation keeps every sample
+    # Why: BatchNorm in training mode cannot normalise a batch of one 1x1 feature map.
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        torch.nn.BatchNorm1d(4).train()(torch.randn(1, 4))
+
+
+def test_a_batch_larger_than_the_training_set_is_a_clear_error() -> None:
+    data = ClassificationData(DataConfig(batch_size=2000))
+    data.setup("fit")
+    with pytest.raises(DataError, match=r"data.batch_size 2000 is larger than the training set "
+                                        r"\(1437 samples"):
+        data.train_dataloader()
+
+
+# ---- unreadable images ---------------------------------------------------------------------
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:200])
+
+
+
+def test_a_truncated_image_names_its_file_when_read(tmp_path: Path) -> None:
+    files = _tree(tmp_path, per_class=2)
+    _truncate(files[1])
+    sets = build_datasets(DataConfig(name="imagefolder", root=str(tmp_path), image_size=16))
+    sets.train[0]  # a good one reads
+    with pytest.raises(DataError, match=rf"cannot read image {files[1]}: .*truncated"):
+        sets.train[1]
+
+
+def test_data_check_opens_every_image_before_training(tmp_path: Path) -> None:
+    files = _tree(tmp_path, per_class=2)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=16)
+    sets = build_datasets(cfg)
+    assert sorted(image_files(sets.train) + image_files(sets.val)) == sorted(files)
+    assert check_images(files, progress=False) == 8
+    _truncate(files[1])
+    (files[6]).write_text("not a png")
+    cfg.check = True
+    with pytest.raises(DataError, match=r"^2 of 8 images cannot be read: ") as err:
+        build_datasets(cfg)
+    assert str(files[1]) in str(err.value) and str(files[6]) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_data_check_is_a_config_option() -> None:
+    assert apply(RunConfig(), {"data": {"check": True}}, where="test").data.check is True
+    assert DataConfig().check is False

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.container import BarContainer, ErrorbarContainer
+from matplotlib.figure import Figure as MplFigure
 
-import attnconv.viz as viz
-from attnconv import AWConv2d, create_model
+import attnconv.analysis.figures as viz
+from attnconv import AWConv2d, create_model, get_attn
 from attnconv.detection.coco_eval import COCO_METRICS, metrics_table
 from attnconv.training.report import (
     DOT_OFFSET,
@@ -28,13 +29,13 @@ NARROW = dict(num_classes=5, channels=(8, 16, 32, 64))
 def drawn(monkeypatch: pytest.MonkeyPatch) -> list:
     """The matplotlib figures viz writes, kept for inspection after they are saved."""
     figures: list = []
-    save = viz._save
+    savefig = MplFigure.savefig
 
-    def keep(fig, path, panels):
+    def keep(fig: MplFigure, *args, **kwargs) -> None:
         figures.append(fig)
-        return save(fig, path, panels)
+        savefig(fig, *args, **kwargs)
 
-    monkeypatch.setattr(viz, "_save", keep)
+    monkeypatch.setattr(MplFigure, "savefig", keep)
     return figures
 
 
@@ -65,7 +66,7 @@ def test_aw_figure_draws_cells_names_layer_and_model(tmp_path: Path, drawn: list
     mean = (1 + layer.attention(x)).mean(0).detach()
     np.testing.assert_allclose(figure.panels["filter 1: 1+A mean"], viz.kernel_mosaic(mean[1]),
                                rtol=1e-6)
-    title = fig._suptitle.get_text()
+    title = fig.get_suptitle()
     assert title.startswith("resnet18_aw · layer1.0.conv2: AW kernel scaling 1+A")
     assert "untrained" not in " ".join(figure.texts)
 
@@ -138,8 +139,8 @@ def test_viz_cli_on_a_one_channel_digits_checkpoint(tmp_path: Path, drawn: list,
           "--out", str(tmp_path / "viz")])
     assert f"wrote {tmp_path / 'viz' / 'aw_attention.png'}" in capsys.readouterr().out
     (fig,) = drawn
-    assert "untrained" not in fig._suptitle.get_text()
-    assert fig._suptitle.get_text().startswith("resnet18_aw · layer1.0.conv1: ")
+    assert "untrained" not in fig.get_suptitle()
+    assert fig.get_suptitle().startswith("resnet18_aw · layer1.0.conv1: ")
 
 
 # ---- compare.png and the comparison table -----------------------------------------------------
@@ -277,7 +278,7 @@ def test_rfa_map_diverges_from_uniform_and_says_so(tmp_path: Path, drawn: list) 
 def test_gate_maps_are_titled_by_what_the_module_is() -> None:
     model = create_model("resnet50_cbam", **NARROW)
     modules = dict(model.named_modules())
-    names = [n for n, m in modules.items() if isinstance(m, viz._attention_kinds()["gate"])]
+    names = [n for n, m in modules.items() if isinstance(m, get_attn("cbam"))]
     assert names[0] == "layer1.0.se"  # timm's attribute name for any attention
     assert viz.gate_title(names[0], modules[names[0]]) == "CBAM in layer1.0"
 

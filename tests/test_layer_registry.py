@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnconv import convert_model, create_conv, create_model
+from attnconv.analysis.figures import visualize
+from attnconv.analysis.profiling import attention_layers
 from attnconv.layers import CONV_LAYERS, AttentionConv2d, is_attention_conv
 from attnconv.pretrained import init_from
-from attnconv.profiling import attention_layers
-from attnconv.viz import visualize
 
 SMALL = dict(cifar_stem=True, channels=(8, 8, 16, 16), num_classes=5)
 

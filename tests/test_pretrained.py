@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from test_models import _official_rfa_resnet18_state_dict
+from helpers import official_rfa_resnet18_state_dict
 
 from attnconv import create_model
 from attnconv.layers import RFAConv2d
@@ -101,7 +101,7 @@ def test_unreadable_sources_are_one_line_errors(tmp_path, monkeypatch) -> None:
 
 
 def test_official_rfa_imagenet_checkpoint_starts_the_zoo_model(tmp_path) -> None:
-    official = _official_rfa_resnet18_state_dict()
+    official = official_rfa_resnet18_state_dict()
     path = tmp_path / "RFAresnet18.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in official.items()}}, path)
     model = create_model("resnet18_rfa", num_classes=5)
@@ -165,7 +165,7 @@ def test_finetune_recipes_build_the_papers_network_that_their_weights_fit(recipe
     hold (torchvision's own count, ``meta['num_params']``)."""
     from torchvision.models import get_model_weights
 
-    from attnconv.profiling import count_params
+    from attnconv.analysis.profiling import count_params
     from attnconv.training.config import load_recipe
     from attnconv.training.models import build_model
 

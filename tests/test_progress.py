@@ -11,12 +11,12 @@ import torch
 
 import attnconv.detection.run as det_run
 import attnconv.training.run as train_run
+from attnconv.analysis.profiling import attention_layers, count_params
 from attnconv.cli import main
 from attnconv.layers.attention import CAM, AttnConv2d
 from attnconv.layers.aw_conv import AWConv2d
 from attnconv.layers.rfa_conv import RFAConv2d
 from attnconv.models import create_model
-from attnconv.profiling import attention_layers, count_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from attnconv.analysis.profiling import count_params
 from attnconv.detection.config import SYNTHETIC_MODEL_ARGS, DetConfig
 from attnconv.detection.run import build_detector, load_det_recipe
 from attnconv.engine.config import ConfigError
 from attnconv.layers import AWConv2d, RFAConv2d
 from attnconv.models import create_model
 from attnconv.models.detection import fasterrcnn
-from attnconv.profiling import count_params
 from attnconv.recipes import list_recipes, recipe_path
 from attnconv.training.config import RunConfig, apply, load_recipe
 from attnconv.training.models import build_model

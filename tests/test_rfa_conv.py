@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 from attnconv import RFAConv2d, RFCAConv2d, RFCBAMConv2d, create_conv
-from attnconv.profiling import saved_tensor_bytes
+from attnconv.analysis.profiling import saved_tensor_bytes
 from attnconv.testing.reference_rfa import OfficialRFAConv, OfficialRFCAConv, OfficialRFCBAMConv
 
 pytestmark = pytest.mark.usefixtures("float64_by_default")

@@ -12,9 +12,9 @@ import torch
 from helpers import assert_matches_official, randomise, run
 
 from attnconv import RFCAConv2d, RFCBAMConv2d
+from attnconv.analysis.profiling import saved_tensor_bytes
 from attnconv.layers import rfa_conv
 from attnconv.ops import _build, rfa, rfa_tile
-from attnconv.profiling import saved_tensor_bytes
 from attnconv.testing.reference_rfa import OfficialRFCAConv, OfficialRFCBAMConv
 
 pytestmark = pytest.mark.usefixtures("float64_by_default")

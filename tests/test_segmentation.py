@@ -17,6 +17,7 @@ from torchvision import tv_tensors
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 
+from attnconv.analysis.profiling import count_params
 from attnconv.cli import main
 from attnconv.detection.synthetic import make_shapes_dataset
 from attnconv.engine.config import ConfigError
@@ -28,7 +29,6 @@ from attnconv.models.segmentation import (
     segmentation_backbone,
     undilated_block_convs,
 )
-from attnconv.profiling import count_params
 from attnconv.segmentation import (
     IGNORE_INDEX,
     MaskFolder,

@@ -277,7 +277,7 @@ def test_last_checkpoint_is_the_last_epoch_even_when_it_got_worse(tmp_path: Path
 
 class _HugeWeightsAtSecondValidation(L.Callback):
     """Finite weights whose logits overflow: the training loss of epoch 0 was finite, the
-    validation loss of epoch 1 is not (the --optim.lr 1000000 case of the issue)."""
+    validation loss of epoch 1 is not, as when training with --optim.lr 1000000."""
 
     def on_validation_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.current_epoch == 1:

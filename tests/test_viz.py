@@ -10,7 +10,7 @@ from timm.layers import SEModule
 from torch import nn
 
 from attnconv import AWConv2d, create_conv, create_model
-from attnconv.viz import (
+from attnconv.analysis.figures import (
     augmented_batch,
     effective_gate,
     kernel_mosaic,
@@ -110,7 +110,7 @@ NARROW = dict(num_classes=5, channels=(8, 16, 32, 64))
 
 
 def test_visualize_a_zoo_model_shows_its_layers_attention(tmp_path):
-    from attnconv.viz import visualize
+    from attnconv.analysis.figures import visualize
 
     torch.manual_seed(0)
     model = create_model("resnet50_se_aw", **NARROW).eval()

@@ -29,7 +29,9 @@ from ultralytics.nn.modules.block import Bottleneck
 from ultralytics.nn.modules.conv import Conv
 from ultralytics.utils import SETTINGS, YAML
 
+from attnconv.analysis.profiling import count_macs, count_params
 from attnconv.detection import make_shapes_dataset
+from attnconv.engine.tables import markdown_table
 from attnconv.integrations.ultralytics import (
     BLOCKS,
     complexity,
@@ -39,7 +41,6 @@ from attnconv.integrations.ultralytics import (
     write_yolo_dataset,
 )
 from attnconv.layers import create_conv
-from attnconv.profiling import count_macs, count_params, markdown_table
 
 SETTINGS.update(sync=False)
 register()

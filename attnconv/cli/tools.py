@@ -9,7 +9,12 @@ from attnconv.cli.training import _thread_count, set_threads
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from attnconv.bench import benchmark_models, complexity_table, describe, memory_label
+    from attnconv.analysis.complexity import (
+        benchmark_models,
+        complexity_table,
+        describe,
+        memory_label,
+    )
 
     set_threads(args)
     stats = benchmark_models(args.models, args.input_size, args.batch_size, device=args.device,
@@ -31,8 +36,8 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _viz(args: argparse.Namespace) -> None:
+    from attnconv.analysis.figures import visualize
     from attnconv.loading import load_model
-    from attnconv.viz import visualize
 
     model, input_size = load_model(args.model, args.checkpoint, num_classes=args.num_classes)
     size = args.size if args.size is not None else input_size[-1] if input_size else None

@@ -13,7 +13,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from attnconv.profiling import markdown_table
+from attnconv.engine.tables import markdown_table
 
 #: The first six of COCOeval's twelve summary numbers, in its order.
 COCO_METRICS: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")

@@ -19,6 +19,7 @@ import torch
 import yaml
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from attnconv.analysis.profiling import model_table
 from attnconv.detection.coco_eval import metrics_table, write_metrics
 from attnconv.detection.config import SYNTHETIC_MODEL_ARGS, DetConfig
 from attnconv.detection.data import coco_dataset, detection_loader
@@ -45,7 +46,6 @@ from attnconv.engine.trainer import (
 from attnconv.loading import CheckpointError
 from attnconv.models import check_model_name
 from attnconv.models.detection import check_fasterrcnn_args, fasterrcnn
-from attnconv.profiling import model_table
 from attnconv.weights import atomic_save, safe_load
 
 __all__ = ["SYNTHETIC_MODEL_ARGS", "DetConfig", "DetResult", "build_detector", "eval_det",
@@ -109,7 +109,7 @@ def build_detector(config: DetConfig, num_classes: int, load_init: bool = True
 
 
 def detector_summary(name: str, model: torch.nn.Module) -> str:
-    """The table printed before training (:func:`attnconv.profiling.model_table`), for a
+    """The table printed before training (:func:`attnconv.analysis.profiling.model_table`), for a
     square image at the side Faster R-CNN resizes it to (``min(min_size, max_size)``)."""
     side = min(max(model.transform.min_size), model.transform.max_size)
     return model_table([(f"fasterrcnn({name})", model)], [torch.zeros(3, side, side)],

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from attnconv.profiling import markdown_table
+from attnconv.engine.tables import markdown_table
 from attnconv.segmentation.data import IGNORE_INDEX
 
 

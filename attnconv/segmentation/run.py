@@ -14,6 +14,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from attnconv.analysis.profiling import count_params
 from attnconv.engine.config import ConfigError, apply, to_dict
 from attnconv.engine.trainer import (
     NonFiniteLossError,
@@ -32,7 +33,6 @@ from attnconv.engine.trainer import (
 from attnconv.loading import CheckpointError
 from attnconv.models import check_model_name
 from attnconv.models.segmentation import create_segmentation_model
-from attnconv.profiling import count_params
 from attnconv.segmentation.config import SegConfig
 from attnconv.segmentation.data import SegmentationSets, build_segmentation_sets, pad_collate
 from attnconv.segmentation.metrics import iou_table

@@ -13,8 +13,10 @@ from typing import Any
 import lightning as L
 import torch
 
-from attnconv import profiling
+from attnconv.analysis import profiling
+from attnconv.analysis.profiling import count_macs, count_params
 from attnconv.engine.progress import JobProgress
+from attnconv.engine.tables import markdown_table
 from attnconv.engine.trainer import (
     NonFiniteLossError,
     SavedEpoch,
@@ -33,7 +35,6 @@ from attnconv.engine.trainer import (
 )
 from attnconv.loading import Trained, is_trained_checkpoint, load_model, load_trained
 from attnconv.pretrained import init_from
-from attnconv.profiling import count_macs, count_params, markdown_table
 from attnconv.training.callbacks import Throughput
 from attnconv.training.config import ConfigError, RunConfig, apply, check_model_args
 from attnconv.training.data import ClassificationData, Datasets, build_datasets
@@ -96,7 +97,7 @@ def _model_cost(model: torch.nn.Module, sets: Datasets) -> tuple[int, int]:
 
 
 def model_summary(models: dict[str, torch.nn.Module], sets: Datasets) -> str:
-    """The table printed before training (:func:`attnconv.profiling.model_table`) at the
+    """The table printed before training (:func:`attnconv.analysis.profiling.model_table`) at the
     data's input size."""
     size = f"{sets.in_chans}x{sets.image_size}x{sets.image_size}"
     return profiling.model_table(

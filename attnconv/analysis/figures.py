@@ -271,7 +271,8 @@ def gate_title(name: str, module: nn.Module) -> str:
 def _attention_kinds() -> dict[str, tuple[type, ...]]:
     """The layer classes each figure draws ('aw', 'rfa', 'gate'); under 'conv', every attention
     conv, so that the ones no figure draws are still listed."""
-    from attnconv.layers import ATTN_LAYERS, CONV_LAYERS, AttentionConv2d, AWConv2d
+    from attnconv.layers import ATTN_LAYERS, CONV_LAYERS, AWConv2d
+    from attnconv.layers.base import AttentionConv2d
 
     convs = {getattr(f, "func", f) for f in CONV_LAYERS.values()}  # a partial's class too
     rfa = tuple(c for c in convs if isinstance(c, type) and hasattr(c, "receptive_field_attention"))

@@ -1,8 +1,8 @@
 """The complexity table: parameters, multiply-adds, speed and memory of whole networks.
 
 What ``attnconv bench`` prints. Multiply-adds are counted by ``torch.utils.flop_counter``
-(:func:`attnconv.profiling.count_macs`), which sees per-sample (batch-folded grouped) convs and
-functional convs; the "GFLOPs" of the AW and RFAConv papers (thop) are multiply-adds too.
+(:func:`attnconv.analysis.profiling.count_macs`), which sees per-sample (batch-folded grouped)
+convs and functional convs; the "GFLOPs" of the AW and RFAConv papers (thop) are multiply-adds too.
 Times are medians with the models interleaved in one process, so the ratio columns stay
 meaningful on a shared machine.
 """
@@ -20,15 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnconv.models import MODEL_ARGS, check_model_name, create_model
-from attnconv.profiling import (
+from attnconv.analysis.profiling import (
     count_macs,
     count_params,
+    forward_fn,
     machine_description,
-    markdown_table,
     median_times,
     saved_tensor_bytes,
 )
+from attnconv.engine.tables import markdown_table
+from attnconv.models import MODEL_ARGS, check_model_name, create_model
 
 FORMATS: tuple[str, ...] = ("markdown", "csv")
 
@@ -101,14 +102,6 @@ def _train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
     return run
 
 
-def _forward(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    def run() -> None:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    return run
-
-
 def _cuda_peak_bytes(step: Callable[[], None]) -> int:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -164,7 +157,7 @@ def benchmark_models(
         bar.update()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         train_steps[name] = _train_step(model, x, target, optimizer)
-        forwards[name] = _forward(model, x)
+        forwards[name] = forward_fn(model, x)
         bar.set_postfix_str(f"{name}: memory")
         if device.type == "cuda":
             train_steps[name]()  # optimizer state exists from the first step on
@@ -173,8 +166,9 @@ def benchmark_models(
             rows[name]["memory_bytes"] = saved_tensor_bytes(model, x)
         bar.update()
 
-    def ticking(fns: dict[str, Callable[[], None]], phase: str) -> dict[str, Callable[[], None]]:
-        def wrap(name: str, fn: Callable[[], None]) -> Callable[[], None]:
+    def ticking(fns: dict[str, Callable[[], object]], phase: str
+                ) -> dict[str, Callable[[], None]]:
+        def wrap(name: str, fn: Callable[[], object]) -> Callable[[], None]:
             def run() -> None:
                 bar.set_postfix_str(f"{name}: {phase}")
                 fn()

@@ -1,8 +1,9 @@
 """Measuring layers and models: multiply-adds, wall time and memory kept for backward.
 
-Used by ``benchmarks/``, ``attnconv demo`` and ``attnconv bench``; timings are never asserted
-in tests. Times are medians over repeats, with the candidates interleaved in one process so
-that a noisy machine slows all of them alike and their ratios stay meaningful.
+Used by ``benchmarks/``, ``attnconv demo``, ``attnconv bench`` and the tables the tasks print
+before training; timings are never asserted in tests. Times are medians over repeats, with the
+candidates interleaved in one process so that a noisy machine slows all of them alike and their
+ratios stay meaningful.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from attnconv.engine.tables import markdown_table
 
 
 def count_params(module: nn.Module) -> int:
@@ -111,17 +114,6 @@ def saved_tensor_bytes(module: nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    """A GitHub-markdown table; floats get three significant digits (whole numbers above 100)."""
-    def fmt(v: object) -> str:
-        if isinstance(v, float):
-            return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
-        return str(v)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def attention_layers(model: nn.Module) -> list[tuple[str, int, str]]:
     """``(kind, count, where)`` for each kind of attention conv (AW, RFA, ...) and activation
     attention (SE, CBAM, ...) in ``model``, in the order they first appear.
@@ -129,7 +121,8 @@ def attention_layers(model: nn.Module) -> list[tuple[str, int, str]]:
     ``where`` names the module slots, e.g. ``conv1 in layer1-4``; an attention inside another
     (the CAM of a CAMConv) belongs to the outer one.
     """
-    from attnconv.layers import ATTN_LAYERS, AttnConv2d, is_attention_conv
+    from attnconv.layers import ATTN_LAYERS, AttnConv2d
+    from attnconv.layers.base import is_attention_conv
 
     gates = tuple(cls for cls in ATTN_LAYERS.values() if isinstance(cls, type))
     found: dict[str, list[str]] = {}

@@ -1,9 +1,8 @@
-"""Data and file integrity: weight digests, writes killed mid-way, file modes, the last partial
-batch, unreadable images and COCO annotation validation."""
+"""Weight files: the digest of every tensor and key stored in a checkpoint and checked on
+load, writes that survive being killed mid-way, and the file mode they get."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -13,20 +12,10 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from attnconv.training.checkpoint import SafeCheckpointIO
-from attnconv.training.config import DataConfig
-from attnconv.training.data import (
-    ClassificationData,
-    DataError,
-    build_datasets,
-    check_images,
-    image_files,
-)
 from attnconv.weights import (
     DIGEST_KEY,
     CorruptCheckpointError,
@@ -62,7 +51,7 @@ def _flip_inside(path: Path, tensor: torch.Tensor, count: int = 64) -> None:
     path.write_bytes(bytes(data))
 
 
-# ---- item 9: a digest of the tensors in every checkpoint --------------------------------------
+# ---- a digest of the tensors and metadata in every checkpoint -----------------------------
 
 def test_digest_is_stored_verified_and_removed(tmp_path: Path) -> None:
     ckpt = _checkpoint()
@@ -176,8 +165,7 @@ def test_lightning_checkpoint_io_writes_the_digest(tmp_path: Path) -> None:
     assert DIGEST_KEY in torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert DIGEST_KEY not in io.load_checkpoint(tmp_path / "last.ckpt")
 
-
-# ---- item 10: writes killed mid-way, and the file mode ----------------------------------------
+# ---- writes killed mid-way, and the file mode ------------------------------------------------
 
 _SLOW_WRITER = textwrap.dedent("""
     import sys, time
@@ -259,173 +247,3 @@ def test_checkpoints_get_the_umask_default_mode(tmp_path: Path) -> None:
         os.umask(old)
     for name in ("a.ckpt", "b.ckpt"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o640  # 0o666 & ~0o027
-
-
-# ---- item 4: the last partial training batch -------------------------------------------------
-
-def test_digits_at_batch_4_drop_the_single_last_sample() -> None:
-    cfg = DataConfig(batch_size=4, augment=False)
-    data = ClassificationData(cfg)
-    data.setup("fit")
-    assert len(data.sets.train) == 1437  # 359 x 4 + 1
-    train = list(data.train_dataloader())
-    assert len(train) == 359 and {x.shape[0] for x, _ in train} == {4}
-    val = list(data.val_dataloader())
-    assert sum(x.shape[0] for x, _ in val) == 360  # validation keeps every sample
-    # Why: BatchNorm in training mode cannot normalise a batch of one 1x1 feature map.
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
-        torch.nn.BatchNorm1d(4).train()(torch.randn(1, 4))
-
-
-def test_a_batch_larger_than_the_training_set_is_a_clear_error() -> None:
-    data = ClassificationData(DataConfig(batch_size=2000))
-    data.setup("fit")
-    with pytest.raises(DataError, match=r"data.batch_size 2000 is larger than the training set "
-                                        r"\(1437 samples"):
-        data.train_dataloader()
-
-
-# ---- item 8: unreadable images ---------------------------------------------------------------
-
-def _tree(root: Path) -> list[Path]:
-    rng = np.random.default_rng(0)
-    files = []
-    for split in ("train", "val"):
-        for name in ("cat", "dog"):
-            (root / split / name).mkdir(parents=True)
-            for i in range(2):
-                files.append(root / split / name / f"{i}.png")
-                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(files[-1])
-    return files
-
-
-def _truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[:200])
-
-
-def test_a_truncated_image_names_its_file_when_read(tmp_path: Path) -> None:
-    files = _tree(tmp_path)
-    _truncate(files[1])
-    sets = build_datasets(DataConfig(name="imagefolder", root=str(tmp_path), image_size=16))
-    sets.train[0]  # a good one reads
-    with pytest.raises(DataError, match=rf"cannot read image {files[1]}: .*truncated"):
-        sets.train[1]
-
-
-def test_data_check_opens_every_image_before_training(tmp_path: Path) -> None:
-    files = _tree(tmp_path)
-    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=16)
-    sets = build_datasets(cfg)
-    assert sorted(image_files(sets.train) + image_files(sets.val)) == sorted(files)
-    assert check_images(files, progress=False) == 8
-    _truncate(files[1])
-    (files[6]).write_text("not a png")
-    cfg.check = True
-    with pytest.raises(DataError, match=r"^2 of 8 images cannot be read: ") as err:
-        build_datasets(cfg)
-    assert str(files[1]) in str(err.value) and str(files[6]) in str(err.value)
-    assert "\n" not in str(err.value)
-
-
-def test_data_check_is_a_config_option() -> None:
-    from attnconv.training.config import RunConfig, apply
-
-    assert apply(RunConfig(), {"data": {"check": True}}, where="test").data.check is True
-    assert DataConfig().check is False
-
-
-# ---- item 7: COCO annotation validation -----------------------------------------------------
-
-def _coco(root: Path, boxes: list[list[float]], category_ids: list[int] | None = None,
-          categories: list[int] = (1, 2), size: tuple[int, int] = (40, 30)) -> Path:
-    """Two images of ``size`` (W, H); box i on image 1 + i % 2."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    for i in (1, 2):
-        Image.new("RGB", size, (i * 50, 0, 0)).save(root / "images" / f"{i}.png")
-    ids = category_ids or [1] * len(boxes)
-    coco = {"images": [{"id": i, "file_name": f"{i}.png", "width": size[0], "height": size[1]}
-                       for i in (1, 2)],
-            "annotations": [{"id": n + 1, "image_id": 1 + n % 2, "category_id": c, "bbox": b,
-                             "area": 10.0, "iscrowd": 0}
-                            for n, (b, c) in enumerate(zip(boxes, ids, strict=True))],
-            "categories": [{"id": c, "name": f"c{c}"} for c in categories]}
-    path = root / "ann.json"
-    path.write_text(json.dumps(coco))
-    return path
-
-
-def test_boxes_across_the_border_are_clamped_and_degenerate_ones_dropped_with_one_warning(
-        tmp_path: Path) -> None:
-    from attnconv.detection.data import AnnotationWarning, coco_dataset
-
-    boxes = [[-0.01, 2, 10, 10],            # crosses the left border by 0.01 px: clamped
-             [35, 20, 10, 20],              # crosses right and bottom: clamped to 35..40, 20..30
-             [5, 5, 10, 10],                # fine
-             [50, 5, 10, 10],               # fully outside
-             [3, 3, 0, 5],                  # zero width
-             [3, 3, -4, 5],                 # negative width
-             [float("nan"), 1, 2, 2],       # not finite (json writes NaN)
-             [39.5, 3, 10, 5]]              # 0.5 px wide once clamped
-    path = _coco(tmp_path, boxes)
-    with pytest.warns(AnnotationWarning) as record:
-        dataset = coco_dataset(tmp_path / "images", path, train=False)
-    assert len(record) == 1
-    assert str(record[0].message) == (
-        f"{path}: clamped 2 of 8 boxes to their image, dropped 5 (1 outside the image, "
-        "2 zero or negative size, 1 not finite or not 4 numbers, 1 under 1 px after clamping)")
-    _, first = dataset[0]
-    _, second = dataset[1]
-    torch.testing.assert_close(first["boxes"].as_subclass(torch.Tensor),
-                               torch.tensor([[0.0, 2, 9.99, 12], [5, 5, 15, 15]]))
-    torch.testing.assert_close(second["boxes"].as_subclass(torch.Tensor),
-                               torch.tensor([[35.0, 20, 40, 30]]))
-    gt = dataset.coco.loadAnns(dataset.coco.getAnnIds())
-    assert [a["bbox"] for a in gt] == [[0.0, 2.0, 9.99, 10.0], [35.0, 20.0, 5.0, 10.0],
-                                       [5, 5, 10, 10]]
-
-
-def test_clean_annotations_give_no_warning(tmp_path: Path) -> None:
-    import warnings
-
-    from attnconv.detection.data import coco_dataset
-
-    path = _coco(tmp_path, [[0, 0, 40, 30], [1, 1, 5, 5]])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert len(coco_dataset(tmp_path / "images", path, train=True)) == 2
-
-
-@pytest.mark.parametrize("case, message", [
-    ("unknown category", r"1 annotations of .*ann.json use category ids \[99\] that are not "
-                         r"among its categories \[1, 2\]"),
-    ("no categories", r"ann.json has no categories"),
-    ("missing image", r"1 of 2 images of .*ann.json are missing from .*images, "
-                      r"e.g. .*images/2.png"),
-    ("no annotations", r"ann.json holds no usable box \(0 annotations\): nothing to train on, "
-                       r"and COCO metrics cannot be computed"),
-    ("all dropped", r"holds no usable box \(1 annotations, all dropped: 1 outside the image\)"),
-])
-def test_annotation_files_that_cannot_be_right_stop_with_one_line(tmp_path: Path, case: str,
-                                                                  message: str) -> None:
-    from attnconv.detection.data import AnnotationError, coco_dataset
-
-    boxes = {"all dropped": [[100, 100, 5, 5]], "no annotations": []}.get(case, [[1, 1, 5, 5]])
-    path = _coco(tmp_path, boxes, category_ids=[99] if case == "unknown category" else None,
-                 categories=[] if case == "no categories" else [1, 2])
-    if case == "missing image":
-        (tmp_path / "images" / "2.png").unlink()
-    with pytest.raises(AnnotationError, match=message) as err:
-        coco_dataset(tmp_path / "images", path, train=False)
-    assert "\n" not in str(err.value)
-
-
-def test_detection_images_are_named_when_unreadable(tmp_path: Path) -> None:
-    from attnconv.detection.data import coco_dataset
-
-    path = _coco(tmp_path, [[1, 1, 5, 5], [2, 2, 5, 5]])
-    (tmp_path / "images" / "2.png").write_bytes(b"\x89PNG broken")
-    dataset = coco_dataset(tmp_path / "images", path, train=False)
-    with pytest.raises(DataError, match=r"cannot read image .*images/2.png"):
-        dataset[1]
-    with pytest.raises(DataError, match=r"^1 of 2 images cannot be read: .*images/2.png"):
-        coco_dataset(tmp_path / "images", path, train=False, check=True)
