@@ -19,6 +19,8 @@ from attnconv.layers import (
     create_conv,
     get_attn,
     get_conv,
+    set_impl,
+    use_impl,
 )
 from attnconv.models import create_model, list_models
 
@@ -46,4 +48,6 @@ __all__ = [
     "get_attn",
     "get_conv",
     "list_models",
+    "set_impl",
+    "use_impl",
 ]

@@ -1,6 +1,6 @@
 """The fused RFAConv kernel (attnconv.ops.rfa, csrc/rfa_fused.cpp) against the faithful float64
 official module (attnconv.testing.reference_rfa) and against its own eager formulation; the
-dispatch (impl=, set_rfa_impl) and the fallback with its warning."""
+dispatch (impl=, set_impl, use_impl) and the fallback with its warning."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import assert_matches_official, randomise, run
 
-from attnconv import RFAConv2d
+from attnconv import AWConv2d, RFAConv2d, set_impl, use_impl
 from attnconv.analysis.profiling import saved_tensor_bytes
 from attnconv.layers import rfa_conv
 from attnconv.ops import _build, rfa
@@ -221,22 +221,23 @@ def test_impl_reaches_the_dispatch(monkeypatch):
     assert calls == [1]
     RFAConv2d(6, 5)(x)  # auto on CPU: fused
     assert calls == [1, 1]
-    try:
-        rfa.set_rfa_impl("eager")
-        RFAConv2d(6, 5)(x)
-        assert calls == [1, 1]
-        RFAConv2d(6, 5, impl="fused")(x)  # the constructor's choice wins
-        assert calls == [1, 1, 1]
-    finally:
-        rfa.set_rfa_impl("auto")
+    model = torch.nn.Sequential(RFAConv2d(6, 5, impl="fused"), AWConv2d(5, 5, 3, padding=1))
+    with use_impl(model, "eager"):  # the RFA layer only: AW has no path of that name
+        assert [m.impl for m in model] == ["eager", "auto"]
+        model(x)
+    assert calls == [1, 1]
+    assert [m.impl for m in model] == ["fused", "auto"]  # the layers' own choices are back
+    assert set_impl(model, "eager") == 1 and model[0].impl == "eager"
+    model(x)
+    assert calls == [1, 1]
 
 
-@pytest.mark.parametrize("impl", ["compiled", "FUSED", 1])
+@pytest.mark.parametrize("impl", ["compiled", "FUSED", 1, None])
 def test_bad_impl_is_rejected(impl):
-    with pytest.raises(ValueError, match="impl must be one of"):
+    with pytest.raises(ValueError, match="RFAConv2d: impl must be one of"):
         RFAConv2d(6, 5, impl=impl)
-    with pytest.raises(ValueError, match="impl"):
-        rfa.set_rfa_impl(impl)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        set_impl(torch.nn.Sequential(RFAConv2d(6, 5)), impl)
 
 
 def test_without_the_kernel_the_layer_runs_eager_and_warns_once(monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import assert_matches_official, randomise, run
 
-from attnconv import RFCAConv2d, RFCBAMConv2d
+from attnconv import RFCAConv2d, RFCBAMConv2d, use_impl
 from attnconv.analysis.profiling import saved_tensor_bytes
 from attnconv.layers import rfa_conv
 from attnconv.ops import _build, rfa, rfa_tile
@@ -262,14 +262,12 @@ def test_impl_reaches_the_dispatch(name, monkeypatch):
         auto.train(training)(x)
         assert len(calls) - before == int(cls._auto_fused[training])
     calls.clear()
-    try:
-        rfa.set_rfa_impl("eager")
-        cls(6, 5)(x)
-        assert calls == []
-        cls(6, 5, impl="fused")(x)  # the constructor's choice wins
-        assert calls == [1]
-    finally:
-        rfa.set_rfa_impl("auto")
+    layer = cls(6, 5, impl="fused")
+    with use_impl(layer, "eager"):
+        layer(x)
+    assert calls == [] and layer.impl == "fused"
+    layer(x)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("name", LAYERS)

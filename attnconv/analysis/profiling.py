@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from attnconv.engine.tables import markdown_table
+from attnconv.layers.base import use_impl
 
 
 def count_params(module: nn.Module) -> int:
@@ -32,10 +33,8 @@ def count_macs(module: nn.Module, *inputs: torch.Tensor) -> int:
     torch's FlopCounterMode counts 2 FLOPs per multiply-add of convolutions and matmuls,
     including per-sample (grouped) and functional convs; elementwise ops are not counted.
     """
-    from attnconv.ops import eager_rfa
-
-    # The fused RFA op is one node to the counter: count the eager formulation it equals.
-    with torch.no_grad(), eager_rfa(), FlopCounterMode(display=False) as counter:
+    # The fused RFA ops are one node each to the counter: count the eager formulation they equal.
+    with torch.no_grad(), use_impl(module, "eager"), FlopCounterMode(display=False) as counter:
         module(*inputs)
     return counter.get_total_flops() // 2
 

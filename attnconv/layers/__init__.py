@@ -2,7 +2,7 @@
 
 from attnconv.layers.attention import CAM, CBAM, ECA, SE, AttnConv2d, CoordAttention
 from attnconv.layers.aw_conv import AWConv2d
-from attnconv.layers.base import AttentionConv2d, is_attention_conv
+from attnconv.layers.base import AttentionConv2d, is_attention_conv, set_impl, use_impl
 from attnconv.layers.create import (
     ATTN_LAYERS,
     CONV_LAYERS,
@@ -32,4 +32,6 @@ __all__ = [
     "get_attn",
     "get_conv",
     "is_attention_conv",
+    "set_impl",
+    "use_impl",
 ]

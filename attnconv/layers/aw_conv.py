@@ -70,6 +70,8 @@ class AWConv2d(AttentionConv2d):
     sized to the cache on CPU, the whole batch on GPUs).
     """
 
+    IMPLS = IMPLS
+
     def __init__(
         self,
         in_channels: int,
@@ -93,8 +95,7 @@ class AWConv2d(AttentionConv2d):
         check_positive(type(self).__name__, attn_channels=attn_channels)
         if chunk_size is not None:
             check_positive(type(self).__name__, chunk_size=chunk_size)
-        if impl not in IMPLS:
-            raise ValueError(f"{type(self).__name__}: impl must be one of {IMPLS}, got {impl!r}")
+        self.check_impl(impl)
         try:
             super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                              groups, bias, padding_mode, device=device, dtype=dtype)

@@ -62,7 +62,7 @@ from attnconv.layers.helpers import (
     check_positive,
     layer_name,
 )
-from attnconv.ops.rfa import _check_impl, _out_size, rfa_feature_stats, rfa_fused, use_fused
+from attnconv.ops.rfa import RFA_IMPLS, _out_size, rfa_feature_stats, rfa_fused, use_fused
 from attnconv.ops.rfa_tile import rfa_tile_attend, rfa_tile_reduce
 
 __all__ = ["RFAConv2d", "RFCAConv2d", "RFCBAMConv2d"]
@@ -98,6 +98,7 @@ class _ReceptiveFieldConv2d(AttentionConv2d):
     #: interleaved measurements of both paths found them faster at (8, 64, 56, 56) stride 1
     #: and (32, 128, 28, 28) stride 2 on 2 threads (benchmarks/RESULTS.md)
     _auto_fused: tuple[bool, bool] = (True, True)  # (eval, training)
+    IMPLS = RFA_IMPLS
 
     def __init__(
         self,
@@ -339,8 +340,8 @@ class RFAConv2d(_ReceptiveFieldConv2d):
 
     ``impl``: "fused" runs the fused C++ kernels (:mod:`attnconv.ops`, built by ``make`` or
     on first use) on CPU, "eager" the formulation below, "auto" (the default) on CPU the path
-    measured faster for the layer and mode (``_auto_fused``), on other devices eager; None
-    follows :func:`attnconv.ops.set_rfa_impl`. Where "fused" cannot run (CUDA, no compiler)
+    measured faster for the layer and mode (``_auto_fused``), on other devices eager (see also
+    :func:`attnconv.layers.set_impl`). Where "fused" cannot run (CUDA, no compiler)
     the layer runs eager and warns once with the reason.
     """
 
@@ -356,11 +357,11 @@ class RFAConv2d(_ReceptiveFieldConv2d):
         dilation: _size_2_t = 1,
         groups: int = 1,
         bias: bool = True,
-        impl: str | None = None,
+        impl: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        _check_impl(impl, f"{type(self).__name__}: impl")
+        self.check_impl(impl)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, device=device, dtype=dtype)
         self.impl = impl
@@ -422,7 +423,6 @@ class _TileAttentionConv2d(_ReceptiveFieldConv2d):
     ``impl`` as in :class:`RFAConv2d`; the fused path is :mod:`attnconv.ops.rfa_tile`.
     """
 
-    impl: str | None = None
     #: the attention kind of the fused tile ops (0 RFCBAM, 1 RFCA)
     _tile_kind: int
 
@@ -514,12 +514,12 @@ class RFCBAMConv2d(_TileAttentionConv2d):
         groups: int = 1,
         bias: bool = True,
         hidden_channels: int = 16,
-        impl: str | None = None,
+        impl: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         check_positive(type(self).__name__, hidden_channels=hidden_channels)
-        _check_impl(impl, f"{type(self).__name__}: impl")
+        self.check_impl(impl)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, device=device, dtype=dtype)
         factory = {"device": device, "dtype": dtype}
@@ -590,12 +590,12 @@ class RFCAConv2d(_TileAttentionConv2d):
         groups: int = 1,
         bias: bool = True,
         reduction: int = 32,
-        impl: str | None = None,
+        impl: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         check_positive(type(self).__name__, reduction=reduction)
-        _check_impl(impl, f"{type(self).__name__}: impl")
+        self.check_impl(impl)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, device=device, dtype=dtype)
         factory = {"device": device, "dtype": dtype}

@@ -3,17 +3,13 @@ formulations."""
 
 from attnconv.ops.rfa import (
     RFA_IMPLS,
-    eager_rfa,
     ensure_loaded,
     fused_available,
-    get_rfa_impl,
     rfa_eager,
     rfa_feature_stats,
     rfa_fused,
-    set_rfa_impl,
 )
 from attnconv.ops.rfa_tile import rfa_tile_attend, rfa_tile_reduce
 
-__all__ = ["RFA_IMPLS", "eager_rfa", "ensure_loaded", "fused_available", "get_rfa_impl",
-           "rfa_eager", "rfa_feature_stats", "rfa_fused", "rfa_tile_attend", "rfa_tile_reduce",
-           "set_rfa_impl"]
+__all__ = ["RFA_IMPLS", "ensure_loaded", "fused_available", "rfa_eager", "rfa_feature_stats",
+           "rfa_fused", "rfa_tile_attend", "rfa_tile_reduce"]

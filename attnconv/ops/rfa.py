@@ -18,9 +18,8 @@ recomputes through :func:`rfa_eager`).
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +28,8 @@ from torch import Tensor
 from attnconv.ops._build import is_loaded, load_extension
 
 __all__ = [
-    "RFA_IMPLS", "ensure_loaded", "fused_available", "get_rfa_impl", "rfa_eager",
-    "rfa_feature_stats", "rfa_fused", "set_rfa_impl", "use_fused",
+    "RFA_IMPLS", "ensure_loaded", "fused_available", "rfa_eager", "rfa_feature_stats",
+    "rfa_fused", "use_fused",
 ]
 
 
@@ -227,49 +226,15 @@ def rfa_eager(x: Tensor, wdt: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor 
 #: other devices eager (which torch.compile can fuse); "eager": the layers' own formulation;
 #: "fused": the fused kernel (falling back with a warning where it cannot run).
 RFA_IMPLS = ("auto", "eager", "fused")
-_default_impl = "auto"
-_forced_eager = False
 _warned: set[str] = set()
 
 
-def _check_impl(impl: str | None, where: str = "impl") -> None:
-    if impl is not None and impl not in RFA_IMPLS:
-        raise ValueError(f"{where} must be one of {RFA_IMPLS} or None (the global default), "
-                         f"got {impl!r}")
-
-
-def set_rfa_impl(impl: str) -> None:
-    """The implementation of RFAConv2d, RFCBAMConv2d and RFCAConv2d layers built with
-    ``impl=None`` (default "auto")."""
-    global _default_impl
-    _check_impl(impl, "set_rfa_impl(impl)")
-    _default_impl = impl or "auto"
-
-
-def get_rfa_impl() -> str:
-    return _default_impl
-
-
-@contextlib.contextmanager
-def eager_rfa() -> Iterator[None]:
-    """Every RFA-family layer runs its eager formulation inside, whatever its ``impl``: for
-    torch's FlopCounterMode, which counts the convs of the eager formulation but cannot see
-    inside the fused op (the two compute the same thing)."""
-    global _forced_eager
-    previous, _forced_eager = _forced_eager, True
-    try:
-        yield
-    finally:
-        _forced_eager = previous
-
-
-def use_fused(layer: str, impl: str | None, x: Tensor, auto_fused: bool = True) -> bool:
+def use_fused(layer: str, impl: str, x: Tensor, auto_fused: bool = True) -> bool:
     """Whether ``layer`` runs the fused op on ``x``. ``auto_fused``: whether "auto" picks the
     fused kernel for this layer and mode on CPU (the layer's measured choice). On other
     devices "auto" is the eager path, silently (torch.compile fuses it there); an explicit
     "fused" that cannot run warns once per reason."""
-    impl = impl or _default_impl
-    if (impl == "eager" or _forced_eager or torch.compiler.is_exporting()
+    if (impl == "eager" or torch.compiler.is_exporting()
             or torch.onnx.is_in_onnx_export()):
         return False  # export keeps the decomposed formulation (ONNX has no such operator)
     if impl == "auto" and (x.device.type != "cpu" or not auto_fused):
