@@ -60,8 +60,8 @@ def test_the_docs_pages_and_their_blocks_were_found() -> None:
     names = {page.name for page in PAGES}
     assert {"README.md", "layers.md", "models.md", "training.md", "detection.md",
             "segmentation.md", "yolo.md", "export.md", "benchmarks.md", "layout.md"} <= names
-    assert len(BLOCKS) >= 12
-    assert sum("compile-only" not in block.markers for block in BLOCKS) >= 9  # most run
+    assert len(BLOCKS) >= 19
+    assert sum("compile-only" not in block.markers for block in BLOCKS) >= 14  # most run
 
 
 def test_every_marker_sits_right_above_a_python_block() -> None:
@@ -93,7 +93,8 @@ def test_python_block(block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def _relative_links(page: Path) -> list[str]:
-    text = re.sub(r"`[^`\n]*`", "", page.read_text())  # code spans are not links
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)  # nor code blocks
+    text = re.sub(r"`[^`]*`", "", text)  # code spans (which may wrap a line) are not links
     return [target for target in LINK.findall(text)
             if not re.match(r"[a-z][a-z0-9+.-]*:", target) and not target.startswith("#")]
 
@@ -105,7 +106,13 @@ def test_every_relative_link_resolves_to_a_file() -> None:
             path = (page.parent / target.split("#")[0]).resolve()
             assert path.is_file(), f"{page.relative_to(ROOT)}: {target} does not exist"
             found += 1
-    assert found >= 20  # the links were found
+    assert found >= 48  # the links were found
+
+
+def test_every_figure_in_docs_is_shown_on_a_page() -> None:
+    shown = {(page.parent / target).resolve() for page in PAGES for target in _relative_links(page)}
+    for figure in sorted((ROOT / "docs").glob("*.png")):
+        assert figure.resolve() in shown, f"docs/{figure.name} is on no page"
 
 
 def test_the_readme_links_every_docs_page() -> None:
