@@ -221,35 +221,44 @@ def test_convert_model_refuses_an_unknown_conv_name() -> None:
         convert_model(create_model("resnet18", num_classes=2), conv="bogus")
 
 
-def _readme_commands() -> list[list[str]]:
-    """The ``attnconv`` command lines of README.md's shell blocks (continuations joined,
-    comments dropped), as argument lists after ``attnconv``."""
+def _doc_commands() -> list[list[str]]:
+    """The ``attnconv`` command lines of the shell blocks of README.md and docs/*.md
+    (continuations joined, comments dropped), as argument lists after ``attnconv``."""
     import shlex
 
-    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
     commands = []
-    for line in text.splitlines():
-        if not line.startswith(("attnconv ", "torchrun ")):
-            continue
-        words = shlex.split(line, comments=True)
-        if words[:1] == ["torchrun"] and "attnconv.cli" in words:
-            words = ["attnconv", *words[words.index("attnconv.cli") + 1:]]
-        if words[:1] == ["attnconv"] and "..." not in words and "my_recipe.yaml" not in words:
-            commands.append(words[1:])
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        in_shell = False
+        for line in page.read_text().replace("\\\n", " ").splitlines():
+            if line.startswith("```"):
+                in_shell = not in_shell and line.strip() in ("```bash", "```sh")
+                continue
+            if not in_shell or not line.startswith(("attnconv ", "torchrun ")):
+                continue
+            words = shlex.split(line, comments=True)
+            if words[:1] == ["torchrun"] and "attnconv.cli" in words:
+                words = ["attnconv", *words[words.index("attnconv.cli") + 1:]]
+            if words[:1] == ["attnconv"] and "..." not in words and "my_recipe.yaml" not in words:
+                commands.append(words[1:])
     return commands
 
 
-def test_the_readmes_commands_are_accepted() -> None:
+def test_the_docs_commands_are_accepted() -> None:
     from attnconv.detection.run import check_config
+    from attnconv.segmentation.config import SegConfig
 
-    commands = _readme_commands()
-    assert len(commands) >= 12  # the README's examples were found
+    commands = _doc_commands()
+    assert len(commands) >= 36  # the README's and docs/'s examples were found
+    assert {argv[0] for argv in commands} >= {"train", "compare", "eval", "train-det",
+                                              "train-seg", "export", "viz", "bench"}
     for argv in commands:
         args = build_parser().parse_args(argv)
         if argv[0] in ("train", "compare"):
             run_config_from_args(args)
-        elif argv[0] == "train-det":  # was: model_args.pretrained_backbone, which is refused
+        elif argv[0] == "train-det":  # what parses but Faster R-CNN would refuse later
             check_config(config_from_args(args, DetConfig()))
+        elif argv[0] == "train-seg":
+            config_from_args(args, SegConfig())
 
 
 @pytest.mark.parametrize("command", ["train", "train-det", "train-seg"])
