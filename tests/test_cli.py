@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from attnconv.classification.config import ClassifierTrainerConfig, RunConfig
+from attnconv.classification.config import config_from_args as run_config_from_args
 from attnconv.cli import build_parser, main
 from attnconv.convert import convert_model
 from attnconv.detection.config import DetConfig
 from attnconv.engine.config import config_from_args
 from attnconv.models import create_model
-from attnconv.training.config import ClassifierTrainerConfig, RunConfig
-from attnconv.training.config import config_from_args as run_config_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,7 +205,7 @@ def test_help_does_not_import_lightning() -> None:
 
 @pytest.mark.slow
 def test_the_layers_and_the_zoo_import_without_the_training_extras() -> None:
-    code = ("import sys, attnconv\nfrom attnconv.loading import load_model\n"
+    code = ("import sys, attnconv\nfrom attnconv.classification.loading import load_model\n"
             "attnconv.create_model('resnet18_aw', num_classes=3)\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'torchmetrics', "
             "'pycocotools', 'sklearn', 'tensorboard', 'matplotlib'}))")
@@ -299,8 +299,8 @@ def test_only_rank_zero_prints_the_results(rank: int, tmp_path: Path,
 
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+    import attnconv.classification.run as cls_run
     import attnconv.segmentation.run as seg_run
-    import attnconv.training.run as cls_run
     from attnconv.detection.coco_eval import COCO_METRICS
     from attnconv.detection.run import _report
 
@@ -329,8 +329,8 @@ def test_demo_prints_the_speed_of_its_models_timed_side_by_side(
         tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
 
-    import attnconv.demo as demo
-    import attnconv.training.run as cls_run
+    import attnconv.classification.demo as demo
+    import attnconv.classification.run as cls_run
 
     timed = []
     monkeypatch.setattr(cls_run, "compare", lambda models, seeds, cfg: SimpleNamespace(

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
+from attnconv.classification.config import DataConfig, RunConfig, apply
+from attnconv.classification.data import IMAGENET_MEAN, DataError, build_datasets, crop_policy
 from attnconv.engine.config import ConfigError
-from attnconv.training.config import DataConfig, RunConfig, apply
-from attnconv.training.data import IMAGENET_MEAN, DataError, build_datasets, crop_policy
 
 
 def test_digits_split_is_fixed_and_stratified() -> None:
@@ -203,8 +203,8 @@ def test_checkpoint_scores_the_same_on_its_training_geometry(tmp_path: Path) -> 
     the validation images transformed as its training images were."""
     from torch.nn import functional as F
 
-    from attnconv.loading import load_trained
-    from attnconv.training.run import evaluate, train
+    from attnconv.classification.loading import load_trained
+    from attnconv.classification.run import evaluate, train
 
     _gray_tree(tmp_path / "data", per_class=6)
     cfg = apply(RunConfig(), {

@@ -18,15 +18,15 @@ import pytest
 import torch
 from PIL import Image
 
-from attnconv.training.checkpoint import SafeCheckpointIO
-from attnconv.training.config import DataConfig
-from attnconv.training.data import (
+from attnconv.classification.config import DataConfig
+from attnconv.classification.data import (
     ClassificationData,
     DataError,
     build_datasets,
     check_images,
     image_files,
 )
+from attnconv.engine.checkpoint import SafeCheckpointIO
 from attnconv.weights import (
     DIGEST_KEY,
     CorruptCheckpointError,
@@ -328,7 +328,7 @@ def test_data_check_opens_every_image_before_training(tmp_path: Path) -> None:
 
 
 def test_data_check_is_a_config_option() -> None:
-    from attnconv.training.config import RunConfig, apply
+    from attnconv.classification.config import RunConfig, apply
 
     assert apply(RunConfig(), {"data": {"check": True}}, where="test").data.check is True
     assert DataConfig().check is False

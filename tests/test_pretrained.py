@@ -165,9 +165,9 @@ def test_finetune_recipes_build_the_papers_network_that_their_weights_fit(recipe
     hold (torchvision's own count, ``meta['num_params']``)."""
     from torchvision.models import get_model_weights
 
+    from attnconv.classification.config import load_recipe
+    from attnconv.classification.models import build_model
     from attnconv.profiling import count_params
-    from attnconv.training.config import load_recipe
-    from attnconv.training.models import build_model
 
     cfg = load_recipe(recipe)
     name, classes = FINETUNE[recipe]
@@ -251,10 +251,10 @@ def test_init_from_a_classification_run_checkpoint_and_detection_backbone(tmp_pa
 
 def test_detection_init_reaches_the_backbone_and_pretrained_backbone_points_to_it(tmp_path
                                                                                   ) -> None:
+    from attnconv.classification.config import apply
     from attnconv.detection.config import DetConfig
     from attnconv.detection.run import build_detector
     from attnconv.engine.config import ConfigError
-    from attnconv.training.config import apply
 
     plain = create_model("resnet18", channels=(8, 8, 16, 16), num_classes=0)
     path = tmp_path / "plain.pth"

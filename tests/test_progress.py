@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import attnconv.classification.run as train_run
 import attnconv.detection.run as det_run
-import attnconv.training.run as train_run
 from attnconv.cli import main
 from attnconv.layers.attention import CAM, AttnConv2d
 from attnconv.layers.aw_conv import AWConv2d

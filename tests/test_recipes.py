@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from attnconv.classification.config import RunConfig, apply, load_recipe
+from attnconv.classification.models import build_model
 from attnconv.detection.config import SYNTHETIC_MODEL_ARGS, DetConfig
 from attnconv.detection.run import build_detector, load_det_recipe
 from attnconv.engine.config import ConfigError
@@ -17,8 +19,6 @@ from attnconv.models import create_model
 from attnconv.models.detection import fasterrcnn
 from attnconv.profiling import count_params
 from attnconv.recipes import list_recipes, recipe_path
-from attnconv.training.config import RunConfig, apply, load_recipe
-from attnconv.training.models import build_model
 
 CLASSIFICATION = {"cifar10", "cifar100", "demo", "fashion_mnist", "imagenet_resnet_aw",
                   "imagenet_rfaconv",

@@ -14,14 +14,14 @@ import torch
 from PIL import Image
 from torch import nn
 
+from attnconv.classification.config import RunConfig
+from attnconv.classification.data import DataError
+from attnconv.classification.models import build_model
 from attnconv.cli import main
 from attnconv.export import ExportError, export_onnx
 from attnconv.models import create_model
 from attnconv.pretrained import InitError, init_from
 from attnconv.segmentation.data import MaskFolder, build_segmentation_sets
-from attnconv.training.config import RunConfig
-from attnconv.training.data import DataError
-from attnconv.training.models import build_model
 
 #: A narrow resnet18, so that checkpoints stay small.
 NARROW = {"channels": [8, 8, 8, 8]}

@@ -17,6 +17,7 @@ from torchvision import tv_tensors
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 
+from attnconv.classification.data import DataError
 from attnconv.cli import main
 from attnconv.detection.synthetic import make_shapes_dataset
 from attnconv.engine.config import ConfigError
@@ -48,7 +49,6 @@ from attnconv.segmentation.data import (
 )
 from attnconv.segmentation.module import Segmenter, poly_factor
 from attnconv.segmentation.run import build_model
-from attnconv.training.data import DataError
 
 NARROW = {"channels": (8, 16, 32, 64)}
 DILATIONS = [(False, False, False), (False, False, True), (False, True, True)]

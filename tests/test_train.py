@@ -13,12 +13,12 @@ import lightning as L
 import pytest
 import torch
 
+from attnconv.classification.config import RunConfig, apply
+from attnconv.classification.models import ModelNameError
+from attnconv.classification.module import NonFiniteLossError
+from attnconv.classification.report import read_epoch_metrics, welch_interval
+from attnconv.classification.run import comparison_table, evaluate, train
 from attnconv.engine.config import ConfigError
-from attnconv.training.config import RunConfig, apply
-from attnconv.training.models import ModelNameError
-from attnconv.training.module import NonFiniteLossError
-from attnconv.training.report import read_epoch_metrics, welch_interval
-from attnconv.training.run import comparison_table, evaluate, train
 from attnconv.weights import atomic_save, safe_load
 
 TINY_MODEL_ARGS = {"cifar_stem": True, "channels": [8, 8, 16, 16]}
@@ -213,7 +213,7 @@ class _Probe(L.Callback):
 
 def test_one_run_has_one_throughput_callback_and_int_limits_are_batch_counts(
         tmp_path: Path) -> None:
-    from attnconv.training.callbacks import Throughput
+    from attnconv.engine.callbacks import Throughput
 
     probe = _Probe()
     # Before: two Throughput callbacks logged train_img_per_s, and an int limit of 1 became
@@ -372,10 +372,10 @@ def test_more_devices_than_gpus_is_refused_naming_what_exists(tmp_path: Path) ->
 def test_one_schedule_serves_both_tasks_in_their_units() -> None:
     # The two former lr_factors (epochs for classification, steps for detection), written out
     # as they were, against the engine's one schedule behind both.
+    from attnconv.classification.config import OptimConfig
+    from attnconv.classification.module import lr_factor as cls_factor
     from attnconv.detection.config import DetOptimConfig
     from attnconv.detection.module import lr_factor as det_factor
-    from attnconv.training.config import OptimConfig
-    from attnconv.training.module import lr_factor as cls_factor
 
     def old_cls(epoch: int, o: OptimConfig, max_epochs: int) -> float:
         if epoch < o.warmup_epochs:
@@ -466,7 +466,7 @@ def test_a_second_run_in_a_folder_in_use_is_refused_and_a_killed_runs_lock_is_go
 
 def test_a_run_refused_while_reading_its_data_leaves_nothing_and_the_fix_runs(
         tmp_path: Path) -> None:
-    from attnconv.training.data import DataError
+    from attnconv.classification.data import DataError
 
     cfg = tiny_config(tmp_path, name="big", trainer={"max_epochs": 1, "limit_train_batches": 1})
     with pytest.raises(DataError, match="larger than the training set"):

@@ -6,10 +6,16 @@ from pathlib import Path
 
 import pytest
 
+from attnconv.classification.config import (
+    ConfigError,
+    RunConfig,
+    apply,
+    config_from_args,
+    load_recipe,
+)
+from attnconv.classification.demo import demo_config
 from attnconv.cli import build_parser
-from attnconv.demo import demo_config
 from attnconv.recipes import recipe_path
-from attnconv.training.config import ConfigError, RunConfig, apply, config_from_args, load_recipe
 
 RECIPES = recipe_path("demo").parent
 

@@ -20,8 +20,8 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    from attnconv.classification.loading import load_model
     from attnconv.export import export_onnx
-    from attnconv.loading import load_model
 
     model, size = load_model(args.model, args.checkpoint, num_classes=args.num_classes)
     report = export_onnx(model, args.output or f"{args.model}.onnx",
@@ -31,7 +31,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _viz(args: argparse.Namespace) -> None:
-    from attnconv.loading import load_model
+    from attnconv.classification.loading import load_model
     from attnconv.viz import visualize
 
     model, input_size = load_model(args.model, args.checkpoint, num_classes=args.num_classes)

@@ -6,7 +6,7 @@ import argparse
 import os
 import time
 
-from attnconv.training.config import add_config_arguments, config_from_args
+from attnconv.classification.config import add_config_arguments, config_from_args
 
 _FORMATTER = argparse.RawDescriptionHelpFormatter
 
@@ -33,8 +33,8 @@ def set_threads(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from attnconv.classification.run import summary_table, train
     from attnconv.engine.trainer import is_global_zero
-    from attnconv.training.run import summary_table, train
 
     set_threads(args)
     result = train(config_from_args(args))
@@ -46,7 +46,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from attnconv.training.run import evaluate
+    from attnconv.classification.run import evaluate
 
     overrides = {"root": args.data_root} if args.data_root else None
     m = evaluate(args.checkpoint, overrides, accelerator=args.accelerator)
@@ -55,8 +55,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
+    from attnconv.classification.run import compare
     from attnconv.engine.trainer import is_global_zero
-    from attnconv.training.run import compare
 
     set_threads(args)
     result = compare(args.models, args.seeds, config_from_args(args))
@@ -69,7 +69,7 @@ def _compare(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     import torch
 
-    from attnconv.demo import DEMO_MODELS, demo_config, throughput_report
+    from attnconv.classification.demo import DEMO_MODELS, demo_config, throughput_report
 
     set_threads(args)
     cfg = demo_config(out_dir=args.out_dir, progress_bar=args.progress,
@@ -79,8 +79,8 @@ def _demo(args: argparse.Namespace) -> None:
           f"(scikit-learn, {cfg.data.image_size}x{cfg.data.image_size}), "
           f"{cfg.trainer.max_epochs} epochs, {args.seeds} seeds each, "
           f"{torch.get_num_threads()} CPU thread(s)...", flush=True)
-    from attnconv.training.data import build_datasets
-    from attnconv.training.run import compare  # Lightning: seconds to import, after the line
+    from attnconv.classification.data import build_datasets
+    from attnconv.classification.run import compare  # Lightning: seconds to import, after the line
 
     start = time.perf_counter()
     result = compare(models, args.seeds, cfg)
@@ -159,10 +159,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def recipe_command(name: str) -> str:
     """The command a recipe is for (``train``, ``train-det`` or ``train-seg``): the one whose
     config takes every key of the recipe."""
+    from attnconv.classification.config import RunConfig
     from attnconv.detection.config import DetConfig
     from attnconv.engine.config import ConfigError, load_recipe
     from attnconv.segmentation.config import SegConfig
-    from attnconv.training.config import RunConfig
 
     fits = []
     for command, config in (("train", RunConfig()), ("train-det", DetConfig()),

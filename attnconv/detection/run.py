@@ -42,7 +42,7 @@ from attnconv.engine.trainer import (
     saved_epochs,
     stopped_note,
 )
-from attnconv.loading import CheckpointError
+from attnconv.errors import CheckpointError
 from attnconv.models import check_model_name
 from attnconv.models.detection import check_fasterrcnn_args, fasterrcnn
 from attnconv.profiling import model_table

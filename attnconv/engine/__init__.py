@@ -6,9 +6,8 @@
   non-finite stop, run folders, resume.
 * :mod:`attnconv.engine.schedule` -- the one learning-rate schedule (warm-up, multistep,
   cosine), in epochs; tasks step it per epoch or per iteration.
-* :mod:`attnconv.training.checkpoint`, :mod:`attnconv.training.callbacks` -- atomic
-  weights-only checkpoint I/O, RNG state in checkpoints, throughput (task-independent; they
-  stay where they were so that concurrent changes to them merge).
+* :mod:`attnconv.engine.checkpoint`, :mod:`attnconv.engine.callbacks` -- atomic weights-only
+  checkpoint I/O, RNG state in checkpoints, throughput.
 
 A task is a config dataclass (sections over :class:`TrainerConfig`), a LightningModule and a
 ``train``/``evaluate`` pair of functions that call :func:`make_trainer`.

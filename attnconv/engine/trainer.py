@@ -22,10 +22,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from attnconv.engine.callbacks import RNGState
+from attnconv.engine.checkpoint import SafeCheckpointIO
 from attnconv.engine.config import ConfigError, TrainerConfig
 from attnconv.engine.progress import EpochBars, RunBar, RunProgress
-from attnconv.training.callbacks import RNGState
-from attnconv.training.checkpoint import SafeCheckpointIO
 
 
 class NonFiniteLossError(RuntimeError):

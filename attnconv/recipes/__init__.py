@@ -1,6 +1,6 @@
 """The recipes that ship with attnconv, as package data: ``attnconv train --config NAME``.
 
-A recipe is a YAML mapping over a task's config (:mod:`attnconv.training.config` for
+A recipe is a YAML mapping over a task's config (:mod:`attnconv.classification.config` for
 classification, :mod:`attnconv.detection.config` for detection) that states the whole model,
 so nothing of one recipe leaks into another. Its first comment lines say where it comes from.
 """

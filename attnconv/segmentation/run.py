@@ -29,7 +29,7 @@ from attnconv.engine.trainer import (
     saved_epochs,
     stopped_note,
 )
-from attnconv.loading import CheckpointError
+from attnconv.errors import CheckpointError
 from attnconv.models import check_model_name
 from attnconv.models.segmentation import create_segmentation_model
 from attnconv.profiling import count_params

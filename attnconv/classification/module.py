@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from attnconv.classification.config import OptimConfig
 from attnconv.engine import schedule
 from attnconv.engine.trainer import NonFiniteLossError, stop_if_not_finite
-from attnconv.training.config import OptimConfig
 
 __all__ = ["Classifier", "NonFiniteLossError", "lr_factor"]
 

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from attnconv.classification.config import RunConfig, apply, load_recipe
 from attnconv.profiling import markdown_table, median_times
-from attnconv.training.config import RunConfig, apply, load_recipe
 
 if TYPE_CHECKING:
-    from attnconv.training.data import Datasets
+    from attnconv.classification.data import Datasets
 
 #: The three variants of a narrow CIFAR-stem ResNet-18 the demo compares.
 DEMO_MODELS = ("resnet18", "resnet18_aw", "resnet18_rfa")
@@ -60,7 +60,7 @@ def throughput_report(names: Sequence[str], cfg: RunConfig, sets: Datasets,
     one random batch of ``cfg``'s batch size and the data's image size, as a table with each
     model's ratio to the first, headed by the machine's load average (1 minute) before and
     after."""
-    from attnconv.training.models import build_model
+    from attnconv.classification.models import build_model
 
     torch.manual_seed(0)
     batch = cfg.data.batch_size

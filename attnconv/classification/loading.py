@@ -1,7 +1,7 @@
 """Networks back from files: :func:`load_model` for export, visualisation and evaluation.
 
-Next to :mod:`attnconv.weights` (which reads the files weights-only) and free of Lightning, so
-``attnconv export`` and ``attnconv viz`` do not import the training wing.
+The files are read weights-only by :mod:`attnconv.weights`. Free of Lightning, so ``attnconv
+export`` and ``attnconv viz`` stay quick.
 """
 
 from __future__ import annotations
@@ -12,20 +12,17 @@ from typing import Any
 
 import torch
 
+from attnconv.errors import CheckpointError
 from attnconv.weights import read_state_dict, safe_load
 
 __all__ = ["CheckpointError", "Trained", "is_trained_checkpoint", "load_model", "load_trained"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as asked (wrong kind, wrong model, refused)."""
 
 
 @dataclass
 class Trained:
     """A network restored from an ``attnconv train`` checkpoint, with its run's settings."""
     model: torch.nn.Module
-    config: Any  # attnconv.training.config.RunConfig
+    config: Any  # attnconv.classification.config.RunConfig
     meta: dict[str, Any]
 
     @property
@@ -47,8 +44,8 @@ def _read(checkpoint: str | Path) -> Any:
 def load_trained(checkpoint: str | Path, state: dict[str, Any] | None = None) -> Trained:
     """Rebuild the network of an ``attnconv train`` checkpoint (read weights-only, unless its
     already loaded ``state`` is given)."""
-    from attnconv.training.config import RunConfig, apply
-    from attnconv.training.models import build_model
+    from attnconv.classification.config import RunConfig, apply
+    from attnconv.classification.models import build_model
 
     state = _read(checkpoint) if state is None else state
     if not is_trained_checkpoint(state):
@@ -105,7 +102,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, **kwargs: Any
     rebuilt; ``name`` must match) or a plain state dict (``{'state_dict': ...}`` accepted),
     loaded strictly into ``create_model(name, **kwargs)``. Files are read weights-only.
     """
-    from attnconv.training.models import build_model
+    from attnconv.classification.models import build_model
 
     if checkpoint is None:
         return build_model(name, **kwargs), None

@@ -14,6 +14,18 @@ import lightning as L
 import torch
 
 from attnconv import profiling
+from attnconv.classification.config import ConfigError, RunConfig, apply, check_model_args
+from attnconv.classification.data import ClassificationData, Datasets, build_datasets
+from attnconv.classification.loading import Trained, is_trained_checkpoint, load_model, load_trained
+from attnconv.classification.models import build_model, check_model_name
+from attnconv.classification.module import Classifier
+from attnconv.classification.report import (
+    difference_text,
+    mean_std_text,
+    plot_comparison,
+    plot_training_curves,
+)
+from attnconv.engine.callbacks import Throughput
 from attnconv.engine.progress import JobProgress
 from attnconv.engine.trainer import (
     NonFiniteLossError,
@@ -31,22 +43,10 @@ from attnconv.engine.trainer import (
     saved_epochs,
     stopped_note,
 )
-from attnconv.loading import Trained, is_trained_checkpoint, load_model, load_trained
 from attnconv.pretrained import init_from
 from attnconv.profiling import count_macs, count_params, markdown_table
-from attnconv.training.callbacks import Throughput
-from attnconv.training.config import ConfigError, RunConfig, apply, check_model_args
-from attnconv.training.data import ClassificationData, Datasets, build_datasets
-from attnconv.training.models import build_model, check_model_name
-from attnconv.training.module import Classifier
-from attnconv.training.report import (
-    difference_text,
-    mean_std_text,
-    plot_comparison,
-    plot_training_curves,
-)
 
-# Re-exported: they lived here before attnconv.loading.
+# Re-exported: they lived here before attnconv.classification.loading.
 __all__ = ["Comparison", "RunResult", "Trained", "compare", "comparison_table", "evaluate",
            "is_trained_checkpoint", "load_model", "load_trained", "summary_table", "train"]
 

@@ -15,7 +15,7 @@ _HOMES = {
     "ModelNameError": "models", "build_model": "models",
     "Classifier": "module", "NonFiniteLossError": "module",
     "compare": "run", "evaluate": "run", "summary_table": "run", "train": "run",
-    "load_model": "run", "load_trained": "run",  # defined in attnconv.loading
+    "load_model": "run", "load_trained": "run",  # defined in attnconv.classification.loading
 }
 
 __all__ = sorted(_HOMES)
@@ -23,5 +23,5 @@ __all__ = sorted(_HOMES)
 
 def __getattr__(name: str) -> Any:
     if name not in _HOMES:
-        raise AttributeError(f"module 'attnconv.training' has no attribute '{name}'")
-    return getattr(importlib.import_module(f"attnconv.training.{_HOMES[name]}"), name)
+        raise AttributeError(f"module 'attnconv.classification' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"attnconv.classification.{_HOMES[name]}"), name)
