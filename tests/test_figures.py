@@ -120,11 +120,11 @@ def test_load_image_in_grayscale() -> None:
 @pytest.mark.slow  # builds, saves and reloads a model, draws one figure
 def test_viz_cli_on_a_one_channel_digits_checkpoint(tmp_path: Path, drawn: list,
                                                     capsys: pytest.CaptureFixture) -> None:
-    from attnconv.classification.config import RunConfig
+    from attnconv.classification.config import ClassificationConfig
     from attnconv.cli import main
     from attnconv.weights import atomic_save
 
-    cfg = RunConfig(model="resnet18_aw")
+    cfg = ClassificationConfig(model="resnet18_aw")
     torch.manual_seed(0)
     model = create_model("resnet18_aw", num_classes=10, in_chans=1, **cfg.model_args)
     for name, p in model.named_parameters():

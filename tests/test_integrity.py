@@ -328,9 +328,10 @@ def test_data_check_opens_every_image_before_training(tmp_path: Path) -> None:
 
 
 def test_data_check_is_a_config_option() -> None:
-    from attnconv.classification.config import RunConfig, apply
+    from attnconv.classification.config import ClassificationConfig
+    from attnconv.engine.config import apply
 
-    assert apply(RunConfig(), {"data": {"check": True}}, where="test").data.check is True
+    assert apply(ClassificationConfig(), {"data": {"check": True}}, where="test").data.check is True
     assert DataConfig().check is False
 
 

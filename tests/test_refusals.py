@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from attnconv.classification.config import RunConfig
+from attnconv.classification.config import ClassificationConfig
 from attnconv.classification.data import DataError
 from attnconv.classification.models import build_model
 from attnconv.cli import main
@@ -30,7 +30,7 @@ NARROW = {"channels": [8, 8, 8, 8]}
 def _classifier_checkpoint(path: Path, model: str, num_classes: int, sizes: bool = True) -> None:
     """An ``attnconv train`` checkpoint holding a narrow resnet18 of 10 classes whose metadata
     names ``model`` and ``num_classes`` (neither, nor the input size, without ``sizes``)."""
-    config = RunConfig().to_dict()
+    config = ClassificationConfig().to_dict()
     config.update(model=model, model_args=NARROW)
     meta = {"config": config}
     if sizes:
@@ -220,9 +220,9 @@ def test_masks_without_a_labelled_pixel_blame_the_data(tmp_path: Path) -> None:
 def test_train_seg_refuses_before_training(argv: list[str], message: str, tmp_path: Path,
                                            capsys: pytest.CaptureFixture) -> None:
     from attnconv.models.segmentation import create_segmentation_model
-    from attnconv.segmentation.config import SegConfig
+    from attnconv.segmentation.config import SegmentationConfig
 
-    cfg = SegConfig()
+    cfg = SegmentationConfig()
     model = create_segmentation_model(cfg.head, cfg.model, 3, **cfg.model_args)
     weights = {k.removeprefix("backbone."): v.clone() for k, v in model.state_dict().items()
                if k.startswith("backbone.")}

@@ -13,18 +13,18 @@ import lightning as L
 import pytest
 import torch
 
-from attnconv.classification.config import RunConfig, apply
-from attnconv.classification.models import ModelNameError
-from attnconv.classification.module import NonFiniteLossError
+from attnconv.classification.config import ClassificationConfig
 from attnconv.classification.report import read_epoch_metrics, welch_interval
 from attnconv.classification.run import comparison_table, evaluate, train
-from attnconv.engine.config import ConfigError
+from attnconv.engine.config import ConfigError, apply
+from attnconv.engine.trainer import NonFiniteLossError
+from attnconv.models import ModelNameError
 from attnconv.weights import atomic_save, safe_load
 
 TINY_MODEL_ARGS = {"cifar_stem": True, "channels": [8, 8, 16, 16]}
 
 
-def tiny_config(out_dir: Path, **extra: Any) -> RunConfig:
+def tiny_config(out_dir: Path, **extra: Any) -> ClassificationConfig:
     """resnet18 with 8-16 channels on 8x8 digits, 6 batches per epoch: seconds per epoch."""
     values: dict[str, Any] = {
         "model": "resnet18", "model_args": TINY_MODEL_ARGS, "out_dir": str(out_dir),
@@ -35,7 +35,7 @@ def tiny_config(out_dir: Path, **extra: Any) -> RunConfig:
     }
     for key, value in extra.items():
         values[key] = {**values[key], **value} if isinstance(value, dict) else value
-    return apply(RunConfig(), values)
+    return apply(ClassificationConfig(), values)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -228,15 +228,14 @@ def test_one_run_has_one_throughput_callback_and_int_limits_are_batch_counts(
 
 @pytest.mark.slow
 def test_a_compiled_run_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Before: `--trainer.compile true` crashed at the first step for every model
-    # (truth-testing the compiled module asked AttnResNet for len()). Dynamo traces forward
-    # and backward as it would for inductor; aot_eager skips the C++ code generation, which
-    # took 6 minutes of the shared 2-core machine.
+    # Truth-testing the compiled module would ask AttnResNet for len() at the first step.
+    # Dynamo traces forward and backward as it would for inductor; aot_eager skips the C++
+    # code generation, which takes minutes on 2 cores.
     import functools
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    cfg = tiny_config(tmp_path, name="compiled", model="resnet18_aw",
-                      trainer={"max_epochs": 1, "compile": True, "limit_train_batches": 3,
+    cfg = tiny_config(tmp_path, name="compiled", model="resnet18_aw", compile=True,
+                      trainer={"max_epochs": 1, "limit_train_batches": 3,
                                "limit_val_batches": 1, "deterministic": False})
     result = train(cfg)
     last = safe_load(result.run_dir / "checkpoints" / "last.ckpt")

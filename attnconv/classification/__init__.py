@@ -1,5 +1,6 @@
-"""Training and evaluation of image classifiers on Lightning: recipes, data, checkpoints,
-summaries and multi-seed comparisons. ``attnconv train`` / ``eval`` / ``compare`` call these.
+"""Image classification: training and evaluation on Lightning over :mod:`attnconv.engine`,
+data, checkpoints and the networks back from them, summaries, multi-seed comparisons and the
+demo. ``attnconv train`` / ``eval`` / ``compare`` / ``demo`` call these.
 
 Names are imported on first use, so that ``attnconv --help`` does not load Lightning.
 """
@@ -10,12 +11,13 @@ import importlib
 from typing import Any
 
 _HOMES = {
-    "ConfigError": "config", "RunConfig": "config", "load_recipe": "config",
+    "ClassificationConfig": "config",
     "DataError": "data", "build_datasets": "data",
-    "ModelNameError": "models", "build_model": "models",
-    "Classifier": "module", "NonFiniteLossError": "module",
+    "build_model": "models",
+    "Classifier": "module",
+    "CheckpointError": "loading", "Trained": "loading", "load_model": "loading",
+    "load_trained": "loading",
     "compare": "run", "evaluate": "run", "summary_table": "run", "train": "run",
-    "load_model": "run", "load_trained": "run",  # defined in attnconv.classification.loading
 }
 
 __all__ = sorted(_HOMES)

@@ -8,110 +8,91 @@ option names must exist: a typo is an error before any data is read or any model
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from attnconv.engine import config as _engine
-from attnconv.engine.config import (
-    MAX_IMAGE_SIDE,
-    MAX_SEED,
-    ConfigError,
-    TrainerConfig,
-    opt,
-)
-
-_opt = opt
+from attnconv.engine.config import MAX_IMAGE_SIDE, ConfigError, RunConfig, opt
 
 INIT_HELP = ("start from pretrained weights of the plain network: torchvision:NAME[.WEIGHTS], "
              "timm:NAME, or a weights file (state dict, attnconv checkpoint, official RFAConv "
              "ImageNet checkpoint); attention tensors start neutral, a new class count gets a "
              "new classifier")
 
-__all__ = ["SECTIONS", "ConfigError", "DataConfig", "OptimConfig", "RunConfig",
-           "TrainerConfig", "add_config_arguments", "apply", "check_model_args", "config_from_args",
-           "load_recipe"]
+__all__ = ["ClassificationConfig", "DataConfig", "OptimConfig", "check_model_args"]
 
 
 @dataclass
 class DataConfig:
-    name: str = _opt("digits", "dataset: digits (embedded, no download), cifar10, cifar100, "
+    name: str = opt("digits", "dataset: digits (embedded, no download), cifar10, cifar100, "
                                "mnist, fashion_mnist, kmnist, imagefolder "
                                "(ROOT/train/CLASS/*.png and ROOT/val/CLASS/*)")
-    root: str | None = _opt(None, "dataset folder; required for every dataset but digits (MNIST "
+    root: str | None = opt(None, "dataset folder; required for every dataset but digits (MNIST "
                                   "family: torchvision's layout or a folder of the IDX files)")
-    download: bool = _opt(False, "download CIFAR or the MNIST family into root when it is not "
+    download: bool = opt(False, "download CIFAR or the MNIST family into root when it is not "
                                  "there")
-    image_size: int | None = _opt(None, "side of the square images fed to the model; None: the "
+    image_size: int | None = opt(None, "side of the square images fed to the model; None: the "
                                         "dataset's own (digits 8, MNIST family 28, CIFAR 32, "
                                         "imagefolder 224)",
                                   min=8, max=MAX_IMAGE_SIDE)
-    crop: str = _opt("auto", "geometry of the images: imagenet (random resized crop; validation "
+    crop: str = opt("auto", "geometry of the images: imagenet (random resized crop; validation "
                              "resized to size/0.875 and centre-cropped), cifar (random crop of "
                              "the image padded by 1/8 of its side), none (resize only); cifar "
                              "and none validate on the training geometry; auto: cifar for "
                              "images of at most 64 px, else imagenet",
                      choices=("auto", "imagenet", "cifar", "none"))
-    channels: int | None = _opt(None, "image channels fed to the model; None: the data's own "
+    channels: int | None = opt(None, "image channels fed to the model; None: the data's own "
                                       "(1 for grayscale images)", choices=(None, 1, 3))
-    batch_size: int = _opt(64, "samples per batch on each device", min=1)
-    num_workers: int = _opt(0, "data-loading worker processes per device", min=0)
-    val_fraction: float = _opt(0.2, "digits only: share of samples held out for validation",
+    batch_size: int = opt(64, "samples per batch on each device", min=1)
+    num_workers: int = opt(0, "data-loading worker processes per device", min=0)
+    val_fraction: float = opt(0.2, "digits only: share of samples held out for validation",
                                above=0.0, below=1.0)
-    augment: bool = _opt(True, "training augmentation (data.crop's random crop, flip if the "
+    augment: bool = opt(True, "training augmentation (data.crop's random crop, flip if the "
                                "data allows; a small random shift for digits)")
-    check: bool = _opt(False, "open every image file once before training (names every file "
+    check: bool = opt(False, "open every image file once before training (names every file "
                               "that cannot be read)")
 
 
 @dataclass
 class OptimConfig:
-    name: str = _opt("sgd", "optimizer: sgd or adamw", choices=("sgd", "adamw"))
-    lr: float = _opt(0.1, "learning rate for a batch of data.batch_size x devices x nodes",
+    name: str = opt("sgd", "optimizer: sgd or adamw", choices=("sgd", "adamw"))
+    lr: float = opt(0.1, "learning rate for a batch of data.batch_size x devices x nodes",
                      min=0.0)
-    momentum: float = _opt(0.9, "SGD momentum", min=0.0, max=1.0)
-    nesterov: bool = _opt(False, "SGD Nesterov momentum")
-    weight_decay: float = _opt(1e-4, "weight decay", min=0.0)
-    scheduler: str = _opt("multistep", "lr schedule per epoch: multistep, cosine or constant",
+    momentum: float = opt(0.9, "SGD momentum", min=0.0, max=1.0)
+    nesterov: bool = opt(False, "SGD Nesterov momentum")
+    weight_decay: float = opt(1e-4, "weight decay", min=0.0)
+    scheduler: str = opt("multistep", "lr schedule per epoch: multistep, cosine or constant",
                           choices=("multistep", "cosine", "constant"))
     milestones: list[int] = field(default_factory=lambda: [30, 60, 90], metadata={
         "help": "multistep: epochs at which lr is multiplied by gamma", "min": 0})
-    gamma: float = _opt(0.1, "multistep: lr factor at each milestone", above=0.0)
-    warmup_epochs: int = _opt(0, "epochs of linear lr warm-up before the schedule", min=0)
-    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing", min=0.0, below=1.0)
+    gamma: float = opt(0.1, "multistep: lr factor at each milestone", above=0.0)
+    warmup_epochs: int = opt(0, "epochs of linear lr warm-up before the schedule", min=0)
+    label_smoothing: float = opt(0.0, "cross-entropy label smoothing", min=0.0, below=1.0)
 
 
 @dataclass
-class ClassifierTrainerConfig(TrainerConfig):
-    channels_last: bool = _opt(False, "channels-last memory format (faster on GPUs with AMP)")
-    compile: bool = _opt(False, "torch.compile the model")
+class ClassificationConfig(RunConfig):
+    """The run of ``attnconv train``: the engine's run fields, the data and optim sections,
+    and the module's memory format and compilation."""
 
+    task: ClassVar[str] = "classification"
+    command: ClassVar[str] = "train"
+    resume_applies: ClassVar[frozenset[str]] = frozenset({"data.num_workers", "data.root",
+                                                          "data.download"})
+    run_files: ClassVar[frozenset[str]] = frozenset({"curves.png"})
 
-@dataclass
-class RunConfig:
-    model: str = _opt("resnet18", "model name (attnconv.create_model)")
     model_args: dict = field(default_factory=dict, metadata={
         "help": "keyword arguments of the model, e.g. '{cifar_stem: true, channels: [16, 32, "
                 "64, 128]}' (a recipe states them all; an option changes the keys it names)"})
-    init: str | None = _opt(None, INIT_HELP)
-    seed: int = _opt(0, "random seed of weights, data order and augmentation", min=0,
-                     max=MAX_SEED)
-    out_dir: str = _opt("runs", "folder that holds one sub-folder per run")
-    name: str | None = _opt(None, "run sub-folder name (default: MODEL-sSEED)")
-    resume: str | None = _opt(None, "checkpoint to continue from, or 'last' for RUN/last.ckpt")
-    overwrite: bool = _opt(False, "replace an earlier run in the run folder (without it, such a "
-                                  "folder is refused unless resuming)")
+    init: str | None = opt(None, INIT_HELP)
+    channels_last: bool = opt(False, "channels-last memory format (faster on GPUs with AMP)")
+    compile: bool = opt(False, "torch.compile the model")
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: ClassifierTrainerConfig = field(default_factory=ClassifierTrainerConfig)
 
-    def to_dict(self) -> dict[str, Any]:
-        return _engine.to_dict(self)
-
-
-SECTIONS = {"data": DataConfig, "optim": OptimConfig, "trainer": ClassifierTrainerConfig}
+    def check(self) -> None:
+        super().check()
+        check_model_args(self.model_args)
 
 
 def check_model_args(model_args: Mapping[str, Any]) -> None:
@@ -126,24 +107,3 @@ def check_model_args(model_args: Mapping[str, Any]) -> None:
                         for v in value)):
             raise ConfigError(f"model_args.{key} must be 4 {what} >= 1, one per ResNet stage, "
                               f"not {value!r}")
-
-
-def apply(config: RunConfig, values: Mapping[str, Any], where: str = "config", *,
-          merge_mappings: bool = False) -> RunConfig:
-    """Copy of ``config`` with nested ``values`` applied; unknown keys raise ConfigError."""
-    return _engine.apply(config, values, where, merge_mappings=merge_mappings)
-
-
-def load_recipe(name_or_path: str | Path, config: RunConfig | None = None) -> RunConfig:
-    """A RunConfig from a shipped recipe's name or a YAML file, over ``config`` (defaults)."""
-    return _engine.load_recipe(name_or_path, config or RunConfig())
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
-    """``--config`` and one ``--key`` / ``--section.key`` option per field of RunConfig."""
-    _engine.add_config_arguments(parser, RunConfig(), exclude)
-
-
-def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
-    """The RunConfig that ``--config`` and the dotted options of ``args`` describe."""
-    return _engine.config_from_args(args, base or RunConfig())

@@ -22,7 +22,7 @@ __all__ = ["CheckpointError", "Trained", "is_trained_checkpoint", "load_model", 
 class Trained:
     """A network restored from an ``attnconv train`` checkpoint, with its run's settings."""
     model: torch.nn.Module
-    config: Any  # attnconv.classification.config.RunConfig
+    config: Any  # attnconv.classification.config.ClassificationConfig
     meta: dict[str, Any]
 
     @property
@@ -44,15 +44,16 @@ def _read(checkpoint: str | Path) -> Any:
 def load_trained(checkpoint: str | Path, state: dict[str, Any] | None = None) -> Trained:
     """Rebuild the network of an ``attnconv train`` checkpoint (read weights-only, unless its
     already loaded ``state`` is given)."""
-    from attnconv.classification.config import RunConfig, apply
+    from attnconv.classification.config import ClassificationConfig
     from attnconv.classification.models import build_model
+    from attnconv.engine.config import apply
 
     state = _read(checkpoint) if state is None else state
     if not is_trained_checkpoint(state):
         raise CheckpointError(f"{checkpoint} is not a checkpoint written by `attnconv train`")
     meta = state["attnconv"]
     _check_classifier_meta(meta, checkpoint)
-    cfg = apply(RunConfig(), meta["config"], where=str(checkpoint))
+    cfg = apply(ClassificationConfig(), meta["config"], where=str(checkpoint))
     model = build_model(cfg.model, meta["num_classes"], meta["in_chans"], **cfg.model_args)
     # Classifier keeps the network as `model`: its state-dict keys are `model.<name>`.
     _load_weights(model, {k.removeprefix("model."): v for k, v in state["state_dict"].items()
