@@ -163,7 +163,7 @@ def test_a_checkpoint_that_is_not_one_is_refused_in_one_line(
 
 def test_a_checkpoint_of_the_other_task_is_named_as_such(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    # Were: "unknown config key 'data.num_classes'" / "unknown config key 'data.name'".
+    # Not "unknown config key 'data.num_classes'": the refusal names the command to use.
     det, cls = tmp_path / "det.ckpt", tmp_path / "cls.ckpt"
     torch.save({"attnconv": {"config": dataclasses.asdict(DetectionConfig()), "num_classes": 4},
                 "state_dict": {}}, det)
@@ -229,7 +229,7 @@ def test_the_layers_and_the_zoo_import_without_the_training_extras() -> None:
 
 
 def test_convert_model_refuses_an_unknown_conv_name() -> None:
-    # Before: every conv was skipped with the error as its reason and the model came back.
+    # Not every conv skipped with the error as its reason and the model returned.
     with pytest.raises(ValueError, match="bogus"):
         convert_model(create_model("resnet18", num_classes=2), conv="bogus")
 
@@ -259,7 +259,7 @@ def test_the_readmes_commands_are_accepted() -> None:
         args = build_parser().parse_args(argv)
         if argv[0] in ("train", "compare"):
             config_from_args(args, ClassificationConfig())
-        elif argv[0] == "train-det":  # was: model_args.pretrained_backbone, which is refused
+        elif argv[0] == "train-det":  # not model_args.pretrained_backbone, which is refused
             config_from_args(args, DetectionConfig()).check()
 
 

@@ -191,7 +191,7 @@ def test_train_det_runs_on_the_shared_engine_and_eval_det_keeps_the_log(
     before = log.read_text()
     assert "train/loss" in before.splitlines()[0]
     capsys.readouterr()
-    # Before: eval-det wrote its own CSVLogger into the run folder and erased the training log.
+    # eval-det writes no logger into the run folder, which would erase the training log.
     main(["eval-det", str(run / "checkpoints" / "last.ckpt")])
     assert log.read_text() == before
     out = capsys.readouterr().out

@@ -164,7 +164,7 @@ def test_coco_recipe_builds_a_detector_whose_box_head_has_the_recipes_width() ->
 
 
 def test_representation_size_sets_the_box_head_width() -> None:
-    # Before: torchvision passed it on to its transform, which ignored it (always 1024).
+    # torchvision would pass it on to its transform, which ignores it (always 1024).
     small = {"backbone_args": {"channels": [8, 8, 16, 16], "layers": [1, 1, 1, 1]},
              "fpn_channels": 16}
     detector = fasterrcnn("resnet18", 5, representation_size=48, **small)

@@ -94,7 +94,7 @@ SMALL = ["--input-size", "3", "16", "16"]
     (["export", "resnet18_aw", "--checkpoint", "{tmp}/other_model.ckpt"], "Missing key(s)"),
     (["viz", "--model", "resnet18", "--checkpoint", "{tmp}/other_classes.ckpt", "--out",
       "{tmp}/viz"], "size mismatch for fc.weight"),
-    (["eval", "--checkpoint", "{tmp}/no_meta.ckpt"],  # was: "is a detection checkpoint"
+    (["eval", "--checkpoint", "{tmp}/no_meta.ckpt"],  # not "is a detection checkpoint"
      "no_meta.ckpt is a checkpoint of `attnconv train` without num_classes, in_chans, "
      "image_size in its metadata"),
     (["export", "resnet18", "--checkpoint", "{tmp}/fake.safetensors"],
@@ -205,7 +205,7 @@ def test_a_corrupt_segmentation_file_is_named(kind: str, tmp_path: Path) -> None
 
 
 def test_masks_without_a_labelled_pixel_blame_the_data(tmp_path: Path) -> None:
-    # Was: training stopped at once on a non-finite loss, with "lower optim.lr".
+    # Not a stop at the first non-finite loss with "lower optim.lr": the data is at fault.
     with pytest.raises(DataError, match="every mask of the folder training set is 255 "
                                         r"\(ignore\) everywhere"):
         _folder_sets(_mask_folder(tmp_path, mask_value=255))
@@ -213,7 +213,7 @@ def test_masks_without_a_labelled_pixel_blame_the_data(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--data.batch_size", "1"],  # was: BatchNorm's "Expected more than 1 value per channel"
+    (["--data.batch_size", "1"],  # not BatchNorm's "Expected more than 1 value per channel"
      "data.batch_size must be >= 2 for head deeplabv3"),
     (["--init", "{tmp}/init.pt"], "init.pt holds NaN or Inf weights"),
 ])

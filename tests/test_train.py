@@ -216,8 +216,8 @@ def test_one_run_has_one_throughput_callback_and_int_limits_are_batch_counts(
     from attnconv.engine.callbacks import Throughput
 
     probe = _Probe()
-    # Before: two Throughput callbacks logged train_img_per_s, and an int limit of 1 became
-    # 1.0 (all batches) for Lightning.
+    # One Throughput callback logs train_img_per_s, and an int limit of 1 stays one batch
+    # (1.0 would be all of them for Lightning).
     result = train(tiny_config(tmp_path, name="probe", trainer={"max_epochs": 1,
                                                                 "limit_train_batches": 1}),
                    callbacks=[probe])
@@ -257,7 +257,7 @@ class _WorseAfterFirstEpoch(L.Callback):
 @pytest.mark.slow
 def test_last_checkpoint_is_the_last_epoch_even_when_it_got_worse(tmp_path: Path,
                                                                   capsys) -> None:
-    # Before: last.ckpt was written only with a new best, so it held epoch 0 here.
+    # last.ckpt is every epoch's end, not only the epochs with a new best (epoch 0 here).
     cfg = tiny_config(tmp_path, name="worse", trainer={"max_epochs": 3,
                                                        "limit_train_batches": 2})
     train(cfg, callbacks=[_WorseAfterFirstEpoch()])
@@ -289,7 +289,7 @@ def _all_finite(path: Path) -> bool:
 
 
 def test_a_non_finite_validation_loss_stops_before_anything_is_saved(tmp_path: Path) -> None:
-    # Before: only the training loss was checked, and the NaN state became best and last.
+    # The validation loss is checked too: a NaN state must become neither best nor last.
     cfg = tiny_config(tmp_path, name="valnan", trainer={"max_epochs": 3,
                                                         "limit_train_batches": 2})
     with pytest.raises(NonFiniteLossError, match=r"val_loss is (nan|inf) after validation of "
@@ -308,7 +308,7 @@ class _PoisonFirstStep(L.Callback):
 
 
 def test_a_stop_before_any_checkpoint_says_there_is_none(tmp_path: Path) -> None:
-    # Before: "the last good checkpoint is kept" also when no checkpoint existed.
+    # "The last good checkpoint" is named only where one exists.
     with pytest.raises(NonFiniteLossError, match="no checkpoint was written"):
         train(tiny_config(tmp_path, name="early"), callbacks=[_PoisonFirstStep()])
     assert not (tmp_path / "early" / "checkpoints").exists()
@@ -328,7 +328,7 @@ def test_an_enormous_learning_rate_never_leaves_a_non_finite_checkpoint(tmp_path
 
 
 def test_resume_refuses_changed_options_it_cannot_apply(tmp_path: Path) -> None:
-    # Before: --optim.lr under --resume trained at the old lr and recorded the new one.
+    # --optim.lr under --resume would train at the old lr and record the new one.
     cfg = tiny_config(tmp_path, name="changed", trainer={"max_epochs": 2,
                                                          "limit_train_batches": 2})
     train(cfg, callbacks=[_StopAfterFirstEpoch()])
@@ -340,7 +340,7 @@ def test_resume_refuses_changed_options_it_cannot_apply(tmp_path: Path) -> None:
 
 
 def test_a_run_folder_belongs_to_one_run(tmp_path: Path) -> None:
-    # Before: a second run with the same name wrote best-v1.ckpt next to the first run's files.
+    # A second run with the same name must not write best-v1.ckpt beside the first run's files.
     cfg = tiny_config(tmp_path, name="same", trainer={"max_epochs": 1, "limit_train_batches": 1})
     train(cfg)
     with pytest.raises(ConfigError, match=r"run folder .*same holds an earlier run: pass "

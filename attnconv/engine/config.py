@@ -8,6 +8,10 @@ A task's config is a dataclass whose dataclass-typed fields are *sections* (``da
 (close names are suggested) and ``choices`` and the range (``min``, ``max``, ``above``,
 ``below``) in a field's metadata are enforced and shown in the options' help.
 
+Every task's config extends :class:`RunConfig` (model, seed, run folder, resume, trainer
+section). A recipe names its task (``task: detection``): loading it for another task is refused
+with the command that takes it.
+
 Free mappings (``model_args``): a recipe states the whole mapping, replacing the default, so
 one recipe's keys never leak into another's; on the command line ``--model_args '{k: v}'``
 changes only the keys it names.
@@ -122,6 +126,8 @@ class RunConfig:
     run_files: ClassVar[frozenset[str]] = frozenset()
     #: What the task generates into a run folder as the run's input: kept by an overwrite.
     run_inputs: ClassVar[frozenset[str]] = frozenset()
+    #: Every task's config, by its task (filled as each is defined).
+    TASKS: ClassVar[dict[str, type[RunConfig]]] = {}
 
     model: str = opt("resnet18", "the zoo network (attnconv.create_model name); for detection "
                                  "and segmentation, the backbone")
@@ -139,9 +145,6 @@ class RunConfig:
     overwrite: bool = opt(False, "replace an earlier run in the run folder (without it, such a "
                                  "folder is refused unless resuming)")
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-
-    #: Every task config, by its task (filled as each is defined).
-    TASKS: ClassVar[dict[str, type[RunConfig]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
