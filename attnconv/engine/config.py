@@ -157,12 +157,12 @@ class RunConfig:
         return self.name or f"{self.model}-s{self.seed}"
 
     def check(self) -> None:
-        """ConfigError (or ModelNameError) for what no single key's check sees; a task adds
-        its own. Runs once, before any data is read or any model is built."""
+        """ModelNameError for a model the zoo does not have, ConfigError for what the keys' own
+        checks cannot see; a task adds its own. The run template calls it once, before any
+        data is read or any model is built."""
         from attnconv.models import check_model_name
 
         check_model_name(self.model)
-        parse_devices(self.trainer.devices)
 
     @classmethod
     def resumable(cls) -> frozenset[str]:
