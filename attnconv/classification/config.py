@@ -91,6 +91,7 @@ class ClassificationConfig(RunConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def check(self) -> None:
+        """Also: ``model_args.channels`` / ``layers`` that no ResNet of the zoo has."""
         super().check()
         check_model_args(self.model_args)
 
