@@ -12,19 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from attnconv.classification.config import ClassificationConfig
 from attnconv.cli import build_parser, main
 from attnconv.convert import convert_model
-from attnconv.detection.config import DetConfig
+from attnconv.detection.config import DetectionConfig
 from attnconv.engine.config import config_from_args
 from attnconv.models import create_model
-from attnconv.training.config import ClassifierTrainerConfig, RunConfig
-from attnconv.training.config import config_from_args as run_config_from_args
+from attnconv.segmentation.config import SegmentationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _config(argv: list[str]) -> RunConfig:
-    return run_config_from_args(build_parser().parse_args(["train", *argv]))
+def _config(argv: list[str]) -> ClassificationConfig:
+    return config_from_args(build_parser().parse_args(["train", *argv]), ClassificationConfig())
 
 
 def test_numbers_parse_as_their_fields_types() -> None:
@@ -93,7 +93,15 @@ def test_an_unknown_option_names_the_commands_close_options(
     (["eval", "--checkpoint", "nowhere.ckpt"], "checkpoint nowhere.ckpt does not exist"),
     (["train-det", "--data.batch_size", "two"], "data.batch_size must be an integer"),
     (["train-det", "--model", "resnet18_wa"], "unknown model 'resnet18_wa'"),
-    (["train-det", "--config", "imagenet_rfaconv"], "unknown config key 'data.name'"),
+    # A recipe names its task; another task's command refuses it, naming the right one.
+    (["train-det", "--config", "imagenet_rfaconv"], "recipe imagenet_rfaconv is for "
+     "classification, not detection: use attnconv train --config imagenet_rfaconv"),
+    (["train", "--config", "fasterrcnn_r101_aw_coco_1x"], "recipe fasterrcnn_r101_aw_coco_1x is "
+     "for detection, not classification: use attnconv train-det --config "
+     "fasterrcnn_r101_aw_coco_1x"),
+    (["train-seg", "--config", "demo"], "use attnconv train --config demo"),
+    (["compare", "resnet18", "--config", "deeplabv3_voc_aug"],
+     "use attnconv train-seg --config deeplabv3_voc_aug"),
     (["train-det", "--model_args", "{representation_sise: 8}"],
      "did you mean representation_size"),
     (["train-det", "--data.train_images", "x"], "give all four of data.train_images"),
@@ -116,7 +124,8 @@ def test_refusals_are_one_line_on_stderr_with_status_2(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     out_dir = ["--out_dir", str(tmp_path / "runs")] if argv[0] in ("train", "train-det",
-                                                                    "compare") else []
+                                                                    "train-seg", "compare") \
+        else []
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, *out_dir])
     err = capsys.readouterr().err
@@ -155,12 +164,12 @@ def test_a_checkpoint_that_is_not_one_is_refused_in_one_line(
 
 def test_a_checkpoint_of_the_other_task_is_named_as_such(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    # Were: "unknown config key 'data.num_classes'" / "unknown config key 'data.name'".
+    # Not "unknown config key 'data.num_classes'": the refusal names the command to use.
     det, cls = tmp_path / "det.ckpt", tmp_path / "cls.ckpt"
-    torch.save({"attnconv": {"config": dataclasses.asdict(DetConfig()), "num_classes": 4},
+    torch.save({"attnconv": {"config": dataclasses.asdict(DetectionConfig()), "num_classes": 4},
                 "state_dict": {}}, det)
-    torch.save({"attnconv": {"config": RunConfig().to_dict(), "num_classes": 10, "in_chans": 1,
-                             "image_size": 16}, "state_dict": {}}, cls)
+    torch.save({"attnconv": {"config": ClassificationConfig().to_dict(), "num_classes": 10,
+                             "in_chans": 1, "image_size": 16}, "state_dict": {}}, cls)
     for argv, message in (
             (["eval", "--checkpoint", str(det)], "is a detection checkpoint of `attnconv "
              "train-det`, not a classifier of `attnconv train` (eval-det evaluates it)"),
@@ -177,17 +186,22 @@ def test_detection_uses_the_same_config_system() -> None:
     args = build_parser().parse_args(
         ["train-det", "--config", "fasterrcnn_r101_aw_coco_1x", "--optim.lr", "1e-2",
          "--trainer.limit_train_batches", "2", "--model_args", "{min_size: 600}"])
-    cfg = config_from_args(args, DetConfig())
+    cfg = config_from_args(args, DetectionConfig())
     assert cfg.optim.lr == 0.01 and cfg.trainer.limit_train_batches == 2
     assert cfg.model_args["min_size"] == 600 and cfg.model_args["max_size"] == 1333
     assert cfg.model == "resnet101_aw"
 
 
-def test_trainer_options_are_the_shared_ones_plus_the_tasks() -> None:
-    from attnconv.engine.config import TrainerConfig
+def test_the_tasks_share_one_run_config_and_one_trainer_section() -> None:
+    from attnconv.engine.config import RunConfig, TrainerConfig
+    from attnconv.segmentation.config import SegmentationConfig
 
-    assert issubclass(ClassifierTrainerConfig, TrainerConfig)
-    assert type(DetConfig().trainer) is TrainerConfig
+    for task in (ClassificationConfig, DetectionConfig, SegmentationConfig):
+        assert issubclass(task, RunConfig)
+        assert type(task().trainer) is TrainerConfig
+        assert RunConfig.TASKS[task.task] is task
+    assert {f.name for f in dataclasses.fields(RunConfig)} <= {
+        f.name for f in dataclasses.fields(SegmentationConfig)}
 
 
 @pytest.mark.slow
@@ -205,7 +219,7 @@ def test_help_does_not_import_lightning() -> None:
 
 @pytest.mark.slow
 def test_the_layers_and_the_zoo_import_without_the_training_extras() -> None:
-    code = ("import sys, attnconv\nfrom attnconv.loading import load_model\n"
+    code = ("import sys, attnconv\nfrom attnconv.classification.loading import load_model\n"
             "attnconv.create_model('resnet18_aw', num_classes=3)\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'torchmetrics', "
             "'pycocotools', 'sklearn', 'tensorboard', 'matplotlib'}))")
@@ -216,7 +230,7 @@ def test_the_layers_and_the_zoo_import_without_the_training_extras() -> None:
 
 
 def test_convert_model_refuses_an_unknown_conv_name() -> None:
-    # Before: every conv was skipped with the error as its reason and the model came back.
+    # Not every conv skipped with the error as its reason and the model returned.
     with pytest.raises(ValueError, match="bogus"):
         convert_model(create_model("resnet18", num_classes=2), conv="bogus")
 
@@ -244,9 +258,6 @@ def _doc_commands() -> list[list[str]]:
 
 
 def test_the_docs_commands_are_accepted() -> None:
-    from attnconv.detection.run import check_config
-    from attnconv.segmentation.config import SegConfig
-
     commands = _doc_commands()
     assert len(commands) >= 36  # the README's and docs/'s examples were found
     assert {argv[0] for argv in commands} >= {"train", "compare", "eval", "train-det",
@@ -254,11 +265,11 @@ def test_the_docs_commands_are_accepted() -> None:
     for argv in commands:
         args = build_parser().parse_args(argv)
         if argv[0] in ("train", "compare"):
-            run_config_from_args(args)
+            config_from_args(args, ClassificationConfig())
         elif argv[0] == "train-det":  # what parses but Faster R-CNN would refuse later
-            check_config(config_from_args(args, DetConfig()))
+            config_from_args(args, DetectionConfig()).check()
         elif argv[0] == "train-seg":
-            config_from_args(args, SegConfig())
+            config_from_args(args, SegmentationConfig())
 
 
 @pytest.mark.parametrize("command", ["train", "train-det", "train-seg"])
@@ -308,8 +319,8 @@ def test_only_rank_zero_prints_the_results(rank: int, tmp_path: Path,
 
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+    import attnconv.classification.run as cls_run
     import attnconv.segmentation.run as seg_run
-    import attnconv.training.run as cls_run
     from attnconv.detection.coco_eval import COCO_METRICS
     from attnconv.detection.run import _report
 
@@ -319,7 +330,7 @@ def test_only_rank_zero_prints_the_results(rank: int, tmp_path: Path,
     monkeypatch.setattr(cls_run, "summary_table", lambda results: "| train table |")
     monkeypatch.setattr(cls_run, "compare", lambda models, seeds, cfg: SimpleNamespace(
         table="| compare table |", plot=tmp_path / "compare.png"))
-    monkeypatch.setattr(seg_run, "train_seg", lambda cfg: SimpleNamespace(
+    monkeypatch.setattr(seg_run, "train", lambda cfg: SimpleNamespace(
         report=lambda: "| seg table |", run_dir=tmp_path, best_checkpoint=None))
     main(["train", "--out_dir", str(tmp_path)])
     main(["compare", "resnet18", "--out_dir", str(tmp_path)])
@@ -338,8 +349,8 @@ def test_demo_prints_the_speed_of_its_models_timed_side_by_side(
         tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
 
-    import attnconv.demo as demo
-    import attnconv.training.run as cls_run
+    import attnconv.classification.demo as demo
+    import attnconv.classification.run as cls_run
 
     timed = []
     monkeypatch.setattr(cls_run, "compare", lambda models, seeds, cfg: SimpleNamespace(

@@ -66,7 +66,7 @@ def test_unknown_key_in_recipe_exits_before_training(tmp_path: Path,
 def test_viz_of_a_checkpoint_trained_on_the_grayscale_digits(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture
                                                              ) -> None:
-    # Before: the RGB image met a 1-channel stem ("expected input ... to have 1 channels").
+    # The stem takes the data's channels (an RGB image must not meet a 1-channel stem).
     main(["train", *TINY, "--model", "resnet18_aw", "--trainer.limit_train_batches", "1",
           "--trainer.limit_val_batches", "1", "--out_dir", str(tmp_path), "--name", "d"])
     capsys.readouterr()

@@ -14,9 +14,8 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-from attnconv.engine.config import ConfigError
-from attnconv.training.config import DataConfig, RunConfig, apply
-from attnconv.training.data import (
+from attnconv.classification.config import ClassificationConfig, DataConfig
+from attnconv.classification.data import (
     IMAGENET_MEAN,
     ClassificationData,
     DataError,
@@ -25,6 +24,7 @@ from attnconv.training.data import (
     crop_policy,
     image_files,
 )
+from attnconv.engine.config import ConfigError, apply
 
 
 def test_digits_split_is_fixed_and_stratified() -> None:
@@ -187,9 +187,9 @@ def test_auto_crop_is_imagenets_for_large_images(tmp_path: Path) -> None:
 def test_crop_option_is_checked() -> None:
     with pytest.raises(ConfigError, match=r"data.crop must be one of auto, imagenet, cifar, "
                                           r"none, not 'centre'"):
-        apply(RunConfig(), {"data": {"crop": "centre"}})
+        apply(ClassificationConfig(), {"data": {"crop": "centre"}})
     with pytest.raises(ConfigError, match=r"data.channels must be one of None, 1, 3, not 2"):
-        apply(RunConfig(), {"data": {"channels": 2}})
+        apply(ClassificationConfig(), {"data": {"channels": 2}})
     with pytest.raises(DataError, match=r"data.crop and data.channels do not apply to "
                                         r"data.name=digits"):
         build_datasets(DataConfig(crop="imagenet"))
@@ -216,11 +216,11 @@ def test_checkpoint_scores_the_same_on_its_training_geometry(tmp_path: Path) -> 
     the validation images transformed as its training images were."""
     from torch.nn import functional as F
 
-    from attnconv.loading import load_trained
-    from attnconv.training.run import evaluate, train
+    from attnconv.classification.loading import load_trained
+    from attnconv.classification.run import evaluate, train
 
     _gray_tree(tmp_path / "data", per_class=6)
-    cfg = apply(RunConfig(), {
+    cfg = apply(ClassificationConfig(), {
         "model": "resnet18", "model_args": {"cifar_stem": True, "channels": [4, 4, 8, 8]},
         "out_dir": str(tmp_path / "runs"), "name": "geometry",
         "data": {"name": "imagefolder", "root": str(tmp_path / "data"), "image_size": 16,
@@ -392,5 +392,5 @@ def test_data_check_opens_every_image_before_training(tmp_path: Path) -> None:
 
 
 def test_data_check_is_a_config_option() -> None:
-    assert apply(RunConfig(), {"data": {"check": True}}, where="test").data.check is True
+    assert apply(ClassificationConfig(), {"data": {"check": True}}, where="test").data.check is True
     assert DataConfig().check is False

@@ -15,9 +15,9 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from attnconv import list_models
 from attnconv.cli import build_parser, main
 from attnconv.detection import coco_box_metrics, coco_dataset, make_shapes_dataset
-from attnconv.detection.config import DetConfig
-from attnconv.detection.run import train_det
-from attnconv.engine.config import apply, config_from_args
+from attnconv.detection.config import DetectionConfig
+from attnconv.detection.run import train
+from attnconv.engine.config import apply, config_from_args, load_recipe
 from attnconv.models.detection import create_backbone, fasterrcnn, load_backbone_weights
 from attnconv.weights import safe_load
 
@@ -155,9 +155,7 @@ def test_train_det_cli_raises_ap_on_synthetic_shapes(tmp_path, one_thread, capsy
 
 
 def test_aw_coco_recipe_is_the_papers_1x_schedule():
-    from attnconv.detection.run import load_det_recipe
-
-    config = load_det_recipe("fasterrcnn_r101_aw_coco_1x")
+    config = load_recipe("fasterrcnn_r101_aw_coco_1x", DetectionConfig)
     assert config.model == "resnet101_aw"
     assert config.trainer.max_epochs == 12 and list(config.optim.milestones) == [8, 11]
     assert config.optim.lr == 0.02 and config.optim.momentum == 0.9
@@ -193,7 +191,7 @@ def test_train_det_runs_on_the_shared_engine_and_eval_det_keeps_the_log(
     before = log.read_text()
     assert "train/loss" in before.splitlines()[0]
     capsys.readouterr()
-    # Before: eval-det wrote its own CSVLogger into the run folder and erased the training log.
+    # eval-det writes no logger into the run folder, which would erase the training log.
     main(["eval-det", str(run / "checkpoints" / "last.ckpt")])
     assert log.read_text() == before
     out = capsys.readouterr().out
@@ -223,22 +221,22 @@ class _StopAfterFirstEpoch(L.Callback):
         trainer.should_stop = True
 
 
-def _tiny_det_config(out_dir, name: str) -> DetConfig:
+def _tiny_det_config(out_dir, name: str) -> DetectionConfig:
     args = build_parser().parse_args(
         ["train-det", "--out_dir", str(out_dir), "--name", name, *TINY_DET,
          "--data.synthetic_train", "12", "--trainer.max_epochs", "3",
          "--trainer.deterministic", "true"])
-    return config_from_args(args, DetConfig())
+    return config_from_args(args, DetectionConfig())
 
 
 @pytest.mark.slow
 def test_a_stopped_and_resumed_detection_run_ends_with_the_same_weights(tmp_path, one_thread):
     # 12 images in batches of 4: 3 steps per epoch, flips drawn, warm-up across the boundary.
-    whole = train_det(_tiny_det_config(tmp_path, "whole"))
+    whole = train(_tiny_det_config(tmp_path, "whole"))
     stopped = _tiny_det_config(tmp_path, "stopped")
-    train_det(stopped, callbacks=[_StopAfterFirstEpoch()])
+    train(stopped, callbacks=[_StopAfterFirstEpoch()])
     assert safe_load(tmp_path / "stopped" / "checkpoints" / "last.ckpt")["epoch"] == 0
-    resumed = train_det(apply(stopped, {"resume": "last"}))
+    resumed = train(apply(stopped, {"resume": "last"}))
     expected = safe_load(tmp_path / "whole" / "checkpoints" / "last.ckpt")["state_dict"]
     got = safe_load(tmp_path / "stopped" / "checkpoints" / "last.ckpt")["state_dict"]
     assert expected.keys() == got.keys()

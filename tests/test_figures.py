@@ -13,14 +13,14 @@ from matplotlib.figure import Figure as MplFigure
 
 import attnconv.analysis.figures as viz
 from attnconv import AWConv2d, create_model, get_attn
-from attnconv.detection.coco_eval import COCO_METRICS, metrics_table
-from attnconv.training.report import (
+from attnconv.classification.report import (
     DOT_OFFSET,
     comparison_figure,
     difference_text,
     mean_std_text,
     training_curves_figure,
 )
+from attnconv.detection.coco_eval import COCO_METRICS, metrics_table
 
 NARROW = dict(num_classes=5, channels=(8, 16, 32, 64))
 
@@ -121,11 +121,11 @@ def test_load_image_in_grayscale() -> None:
 @pytest.mark.slow  # builds, saves and reloads a model, draws one figure
 def test_viz_cli_on_a_one_channel_digits_checkpoint(tmp_path: Path, drawn: list,
                                                     capsys: pytest.CaptureFixture) -> None:
+    from attnconv.classification.config import ClassificationConfig
     from attnconv.cli import main
-    from attnconv.training.config import RunConfig
     from attnconv.weights import atomic_save
 
-    cfg = RunConfig(model="resnet18_aw")
+    cfg = ClassificationConfig(model="resnet18_aw")
     torch.manual_seed(0)
     model = create_model("resnet18_aw", num_classes=10, in_chans=1, **cfg.model_args)
     for name, p in model.named_parameters():
@@ -179,7 +179,7 @@ def test_compare_with_several_seeds_shows_each_seed_beside_the_mean() -> None:
 
 
 def test_compare_figure_starts_at_zero_and_draws_the_tables_difference() -> None:
-    from attnconv.training.report import welch_interval
+    from attnconv.classification.report import welch_interval
 
     top1 = {"resnet18": [92.78, 94.72], "resnet18_aw": [96.94, 97.50],
             "resnet18_rfa": [97.22, 97.22]}
@@ -201,7 +201,7 @@ def test_compare_figure_starts_at_zero_and_draws_the_tables_difference() -> None
 
 
 def test_comparison_table_prints_no_nan_for_one_seed(tmp_path: Path) -> None:
-    from attnconv.training.run import RunResult, comparison_table
+    from attnconv.classification.run import RunResult, comparison_table
 
     def run(model: str, top1: float) -> RunResult:
         return RunResult(model, 0, top1, 99.0, 0.1, 1000, 2000, 50.0, tmp_path, None, None)
@@ -299,7 +299,7 @@ class _Logged(torch.nn.Module):
 
 
 def test_training_speed_is_measured_with_the_models_interleaved() -> None:
-    from attnconv.demo import train_throughput
+    from attnconv.classification.demo import train_throughput
 
     calls: list[str] = []
     models = {"a": _Logged("a", calls), "b": _Logged("b", calls)}
@@ -313,9 +313,9 @@ def test_training_speed_is_measured_with_the_models_interleaved() -> None:
 
 def test_speed_report_gives_the_load_it_was_measured_under(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import attnconv.training.models as models
-    from attnconv.demo import demo_config, throughput_report
-    from attnconv.training.data import Datasets
+    import attnconv.classification.models as models
+    from attnconv.classification.data import Datasets
+    from attnconv.classification.demo import demo_config, throughput_report
 
     calls: list[str] = []
     monkeypatch.setattr(models, "build_model", lambda name, *a, **k: _Logged(name, calls))
@@ -329,6 +329,6 @@ def test_speed_report_gives_the_load_it_was_measured_under(
 
 
 def test_the_comparison_table_has_no_speed_of_runs_timed_apart() -> None:
-    from attnconv.training.run import COMPARE_HEADERS
+    from attnconv.classification.run import COMPARE_HEADERS
 
     assert not [h for h in COMPARE_HEADERS if "img/s" in h]

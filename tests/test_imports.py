@@ -108,6 +108,19 @@ def test_the_layers_never_import_their_factory():
     assert not [m for m in layer_modules if "attnconv.layers.create" in graph[m]]
 
 
+TASKS = ("attnconv.classification", "attnconv.detection", "attnconv.segmentation")
+
+
+def test_the_engine_imports_no_task():
+    graph = import_graph()
+    engine = [m for m in graph if m.startswith("attnconv.engine.")]
+    assert "attnconv.engine.trainer" in engine and "attnconv.engine.run" in engine
+    upward = {m: sorted(t for t in graph[m] if t.startswith(TASKS)) for m in engine}
+    assert not {m: t for m, t in upward.items() if t}, f"the engine imports a task: {upward}"
+    # the tasks do build on the engine
+    assert "attnconv.engine.trainer" in graph["attnconv.classification.run"]
+
+
 @pytest.mark.slow  # Lightning, torchvision's detection and ultralytics: tens of seconds
 def test_every_module_imports_in_a_fresh_interpreter():
     # a __main__ module runs its program when imported

@@ -166,10 +166,11 @@ def test_finetune_recipes_build_the_papers_network_that_their_weights_fit(recipe
     from torchvision.models import get_model_weights
 
     from attnconv.analysis.profiling import count_params
-    from attnconv.training.config import load_recipe
-    from attnconv.training.models import build_model
+    from attnconv.classification.config import ClassificationConfig
+    from attnconv.classification.models import build_model
+    from attnconv.engine.config import load_recipe
 
-    cfg = load_recipe(recipe)
+    cfg = load_recipe(recipe, ClassificationConfig)
     name, classes = FINETUNE[recipe]
     assert cfg.model == name
     model = build_model(cfg.model, 1000, 3, **cfg.model_args)
@@ -251,15 +252,14 @@ def test_init_from_a_classification_run_checkpoint_and_detection_backbone(tmp_pa
 
 def test_detection_init_reaches_the_backbone_and_pretrained_backbone_points_to_it(tmp_path
                                                                                   ) -> None:
-    from attnconv.detection.config import DetConfig
+    from attnconv.detection.config import DetectionConfig
     from attnconv.detection.run import build_detector
-    from attnconv.engine.config import ConfigError
-    from attnconv.training.config import apply
+    from attnconv.engine.config import ConfigError, apply
 
     plain = create_model("resnet18", channels=(8, 8, 16, 16), num_classes=0)
     path = tmp_path / "plain.pth"
     torch.save(plain.state_dict(), path)
-    cfg = apply(DetConfig(), {"init": str(path), "model": "resnet18_rfa",
+    cfg = apply(DetectionConfig(), {"init": str(path), "model": "resnet18_rfa",
                               "model_args": {"backbone_args": {"channels": [8, 8, 16, 16]}}},
                 merge_mappings=True)
     detector = build_detector(cfg, 3)
@@ -267,7 +267,7 @@ def test_detection_init_reaches_the_backbone_and_pretrained_backbone_points_to_i
     assert torch.equal(body.layer4[1].conv1.weight, plain.layer4[1].conv1.weight)
     assert body.layer4[1].conv2.weight.requires_grad  # trainable_layers 3 with weights
     assert not body.layer1[0].conv2.weight.requires_grad
-    bad = apply(DetConfig(), {"model_args": {"pretrained_backbone": str(path)}},
+    bad = apply(DetectionConfig(), {"model_args": {"pretrained_backbone": str(path)}},
                 merge_mappings=True)
     with pytest.raises(ConfigError, match="give the backbone's weights as init"):
         build_detector(bad, 3)

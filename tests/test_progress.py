@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import attnconv.detection.run as det_run
-import attnconv.training.run as train_run
+import attnconv.engine.run as engine_run
 from attnconv.analysis.profiling import attention_layers, count_params
 from attnconv.cli import main
 from attnconv.layers.attention import CAM, AttnConv2d
@@ -30,10 +29,9 @@ class Seen:
     """What was on stdout/stderr, and torch's thread count, each time a run's Trainer started
     fitting (that is, just before that run's first step)."""
 
-    def __init__(self, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
-                 module=train_run) -> None:
+    def __init__(self, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
         self.capsys, self.out, self.err, self.at_start, self.threads = capsys, "", "", [], []
-        make = module.make_trainer
+        make = engine_run.make_trainer
 
         def spy(*args, **kwargs):
             trainer = make(*args, **kwargs)
@@ -49,7 +47,7 @@ class Seen:
             trainer.fit = fit_spy
             return trainer
 
-        monkeypatch.setattr(module, "make_trainer", spy)
+        monkeypatch.setattr(engine_run, "make_trainer", spy)
 
     def read(self) -> tuple[str, str]:
         captured = self.capsys.readouterr()
@@ -137,7 +135,7 @@ def test_attention_layers_name_each_kind_once_with_its_places() -> None:
 @pytest.mark.slow  # tiny training runs: 2-7 s each on the 2 shared, busy cores
 def test_train_det_has_threads_the_model_table_and_its_bar(
         tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = Seen(capsys, monkeypatch, det_run)
+    seen = Seen(capsys, monkeypatch)
     main(["train-det", "--model", "resnet18_rfa", "--out_dir", str(tmp_path), "--name", "d",
           "--threads", "2", "--model_args",
           "{backbone_args: {channels: [8, 8, 16, 16], layers: [1, 1, 1, 1]}, fpn_channels: 8, "

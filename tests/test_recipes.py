@@ -10,15 +10,15 @@ import torch
 from torch import nn
 
 from attnconv.analysis.profiling import count_params
-from attnconv.detection.config import SYNTHETIC_MODEL_ARGS, DetConfig
-from attnconv.detection.run import build_detector, load_det_recipe
-from attnconv.engine.config import ConfigError
+from attnconv.classification.config import ClassificationConfig
+from attnconv.classification.models import build_model
+from attnconv.detection.config import SYNTHETIC_MODEL_ARGS, DetectionConfig
+from attnconv.detection.run import build_detector
+from attnconv.engine.config import ConfigError, apply, load_recipe
 from attnconv.layers import AWConv2d, RFAConv2d
 from attnconv.models import create_model
 from attnconv.models.detection import fasterrcnn
 from attnconv.recipes import list_recipes, recipe_path
-from attnconv.training.config import RunConfig, apply, load_recipe
-from attnconv.training.models import build_model
 
 CLASSIFICATION = {"cifar10", "cifar100", "demo", "fashion_mnist", "imagenet_resnet_aw",
                   "imagenet_rfaconv",
@@ -36,14 +36,14 @@ def test_every_shipped_recipe_has_a_test_below() -> None:
 
 
 def test_recipes_load_by_name_or_path(tmp_path: Path) -> None:
-    by_name = load_recipe("imagenet_rfaconv")
-    assert load_recipe(recipe_path("imagenet_rfaconv")) == by_name
-    assert load_recipe("imagenet_rfaconv.yaml") == by_name
+    by_name = load_recipe("imagenet_rfaconv", ClassificationConfig)
+    assert load_recipe(recipe_path("imagenet_rfaconv"), ClassificationConfig) == by_name
+    assert load_recipe("imagenet_rfaconv.yaml", ClassificationConfig) == by_name
     own = tmp_path / "mine.yaml"
     own.write_text("model: resnet34_rfa\n")
-    assert load_recipe(own).model == "resnet34_rfa"
+    assert load_recipe(own, ClassificationConfig).model == "resnet34_rfa"
     with pytest.raises(ConfigError, match="did you mean imagenet_rfaconv"):
-        load_recipe("imagenet_rfaconf")
+        load_recipe("imagenet_rfaconf", ClassificationConfig)
 
 
 def test_recipes_ship_inside_the_package() -> None:
@@ -53,19 +53,36 @@ def test_recipes_ship_inside_the_package() -> None:
 
 
 def test_a_recipe_states_the_whole_model() -> None:
-    # Before: RunConfig's model_args defaulted to the demo's narrow channels and a recipe's
-    # keys were merged into them, so imagenet_rfaconv trained a quarter-width ResNet-18.
-    assert RunConfig().model_args == {}
-    narrow = apply(RunConfig(), {"model_args": {"channels": [8, 16, 32, 64]}})
+    # Were a recipe's model_args merged into narrower defaults, imagenet_rfaconv would train a
+    # quarter-width ResNet-18.
+    assert ClassificationConfig().model_args == {}
+    narrow = apply(ClassificationConfig(), {"model_args": {"channels": [8, 16, 32, 64]}})
     assert load_recipe("imagenet_rfaconv", narrow).model_args == {"cifar_stem": False}
-    assert DetConfig().model_args == SYNTHETIC_MODEL_ARGS
-    assert "representation_size" in load_det_recipe("fasterrcnn_r101_aw_coco_1x").model_args
-    assert load_det_recipe("fasterrcnn_r101_aw_coco_1x").model_args["fpn_channels"] == 256
+    assert DetectionConfig().model_args == SYNTHETIC_MODEL_ARGS
+    coco = load_recipe("fasterrcnn_r101_aw_coco_1x", DetectionConfig)
+    assert "representation_size" in coco.model_args and coco.model_args["fpn_channels"] == 256
+
+
+def test_every_recipe_names_its_task_and_another_task_refuses_it() -> None:
+    from attnconv.engine.config import RunConfig, read_recipe
+    from attnconv.segmentation.config import SegmentationConfig
+
+    tasks = {c.task: c for c in (ClassificationConfig, DetectionConfig, SegmentationConfig)}
+    assert tasks == RunConfig.TASKS
+    for name in list_recipes():
+        task = read_recipe(recipe_path(name)).get("task")
+        assert task == ("detection" if name in DETECTION else "segmentation"
+                        if name in SEGMENTATION else "classification"), name
+        assert load_recipe(name, tasks[task]).task == task
+        for other in set(tasks) - {task}:
+            with pytest.raises(ConfigError, match=rf"recipe {name} is for {task}, not {other}: "
+                                                  rf"use attnconv {tasks[task].command} "):
+                load_recipe(name, tasks[other])
 
 
 def _network(name: str, num_classes: int, in_chans: int = 3) -> nn.Module:
     """What `attnconv train --config NAME` would build (train() calls build_model so)."""
-    cfg = load_recipe(name)
+    cfg = load_recipe(name, ClassificationConfig)
     return build_model(cfg.model, num_classes, in_chans, **cfg.model_args)
 
 
@@ -115,8 +132,8 @@ def test_demo_recipe_builds_the_narrow_digits_network() -> None:
 
 
 def test_fashion_mnist_recipe_builds_the_demos_network_on_one_channel() -> None:
-    cfg = load_recipe("fashion_mnist")
-    assert cfg.model_args == load_recipe("demo").model_args
+    cfg = load_recipe("fashion_mnist", ClassificationConfig)
+    assert cfg.model_args == load_recipe("demo", ClassificationConfig).model_args
     assert (cfg.data.name, cfg.data.image_size, cfg.data.crop) == ("fashion_mnist", 28, "cifar")
     model = _network("fashion_mnist", 10, in_chans=1)
     assert model.conv1.in_channels == 1 and model.num_features == 64
@@ -127,12 +144,12 @@ def test_fashion_mnist_recipe_builds_the_demos_network_on_one_channel() -> None:
                                   "finetune_imagenet_resnet50_aw",
                                   "finetune_imagenet_resnet101_aw"])
 def test_imagenet_recipes_ask_for_the_imagenet_crop(name: str) -> None:
-    assert load_recipe(name).data.crop == "imagenet"
+    assert load_recipe(name, ClassificationConfig).data.crop == "imagenet"
 
 
 @pytest.mark.slow
 def test_coco_recipe_builds_a_detector_whose_box_head_has_the_recipes_width() -> None:
-    cfg = load_det_recipe("fasterrcnn_r101_aw_coco_1x")
+    cfg = load_recipe("fasterrcnn_r101_aw_coco_1x", DetectionConfig)
     torch.manual_seed(0)
     detector = build_detector(cfg, cfg.data.num_classes)
     width = cfg.model_args["representation_size"]
@@ -147,7 +164,7 @@ def test_coco_recipe_builds_a_detector_whose_box_head_has_the_recipes_width() ->
 
 
 def test_representation_size_sets_the_box_head_width() -> None:
-    # Before: torchvision passed it on to its transform, which ignored it (always 1024).
+    # torchvision would pass it on to its transform, which ignores it (always 1024).
     small = {"backbone_args": {"channels": [8, 8, 16, 16], "layers": [1, 1, 1, 1]},
              "fpn_channels": 16}
     detector = fasterrcnn("resnet18", 5, representation_size=48, **small)

@@ -14,14 +14,14 @@ import torch
 from PIL import Image
 from torch import nn
 
+from attnconv.classification.config import ClassificationConfig
+from attnconv.classification.data import DataError
+from attnconv.classification.models import build_model
 from attnconv.cli import main
 from attnconv.export import ExportError, export_onnx
 from attnconv.models import create_model
 from attnconv.pretrained import InitError, init_from
 from attnconv.segmentation.data import MaskFolder, build_segmentation_sets
-from attnconv.training.config import RunConfig
-from attnconv.training.data import DataError
-from attnconv.training.models import build_model
 
 #: A narrow resnet18, so that checkpoints stay small.
 NARROW = {"channels": [8, 8, 8, 8]}
@@ -30,7 +30,7 @@ NARROW = {"channels": [8, 8, 8, 8]}
 def _classifier_checkpoint(path: Path, model: str, num_classes: int, sizes: bool = True) -> None:
     """An ``attnconv train`` checkpoint holding a narrow resnet18 of 10 classes whose metadata
     names ``model`` and ``num_classes`` (neither, nor the input size, without ``sizes``)."""
-    config = RunConfig().to_dict()
+    config = ClassificationConfig().to_dict()
     config.update(model=model, model_args=NARROW)
     meta = {"config": config}
     if sizes:
@@ -94,7 +94,7 @@ SMALL = ["--input-size", "3", "16", "16"]
     (["export", "resnet18_aw", "--checkpoint", "{tmp}/other_model.ckpt"], "Missing key(s)"),
     (["viz", "--model", "resnet18", "--checkpoint", "{tmp}/other_classes.ckpt", "--out",
       "{tmp}/viz"], "size mismatch for fc.weight"),
-    (["eval", "--checkpoint", "{tmp}/no_meta.ckpt"],  # was: "is a detection checkpoint"
+    (["eval", "--checkpoint", "{tmp}/no_meta.ckpt"],  # not "is a detection checkpoint"
      "no_meta.ckpt is a checkpoint of `attnconv train` without num_classes, in_chans, "
      "image_size in its metadata"),
     (["export", "resnet18", "--checkpoint", "{tmp}/fake.safetensors"],
@@ -205,7 +205,7 @@ def test_a_corrupt_segmentation_file_is_named(kind: str, tmp_path: Path) -> None
 
 
 def test_masks_without_a_labelled_pixel_blame_the_data(tmp_path: Path) -> None:
-    # Was: training stopped at once on a non-finite loss, with "lower optim.lr".
+    # Not a stop at the first non-finite loss with "lower optim.lr": the data is at fault.
     with pytest.raises(DataError, match="every mask of the folder training set is 255 "
                                         r"\(ignore\) everywhere"):
         _folder_sets(_mask_folder(tmp_path, mask_value=255))
@@ -213,16 +213,16 @@ def test_masks_without_a_labelled_pixel_blame_the_data(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--data.batch_size", "1"],  # was: BatchNorm's "Expected more than 1 value per channel"
+    (["--data.batch_size", "1"],  # not BatchNorm's "Expected more than 1 value per channel"
      "data.batch_size must be >= 2 for head deeplabv3"),
     (["--init", "{tmp}/init.pt"], "init.pt holds NaN or Inf weights"),
 ])
 def test_train_seg_refuses_before_training(argv: list[str], message: str, tmp_path: Path,
                                            capsys: pytest.CaptureFixture) -> None:
     from attnconv.models.segmentation import create_segmentation_model
-    from attnconv.segmentation.config import SegConfig
+    from attnconv.segmentation.config import SegmentationConfig
 
-    cfg = SegConfig()
+    cfg = SegmentationConfig()
     model = create_segmentation_model(cfg.head, cfg.model, 3, **cfg.model_args)
     weights = {k.removeprefix("backbone."): v.clone() for k, v in model.state_dict().items()
                if k.startswith("backbone.")}

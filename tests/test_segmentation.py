@@ -18,9 +18,10 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 
 from attnconv.analysis.profiling import count_params
+from attnconv.classification.data import DataError
 from attnconv.cli import main
 from attnconv.detection.synthetic import make_shapes_dataset
-from attnconv.engine.config import ConfigError
+from attnconv.engine.config import ConfigError, apply, load_recipe
 from attnconv.layers import AWConv2d, RFAConv2d, RFCAConv2d, RFCBAMConv2d
 from attnconv.models.segmentation import (
     deeplabv3,
@@ -34,12 +35,10 @@ from attnconv.segmentation import (
     MaskFolder,
     SegmentationMetrics,
     build_segmentation_sets,
-    eval_seg,
     iou_table,
-    load_seg_recipe,
     shapes_segmentation,
 )
-from attnconv.segmentation.config import SegConfig, SegOptimConfig, apply
+from attnconv.segmentation.config import SegmentationConfig, SegOptimConfig
 from attnconv.segmentation.data import (
     SegmentationPairs,
     pad_collate,
@@ -47,8 +46,7 @@ from attnconv.segmentation.data import (
     voc_segmentation,
 )
 from attnconv.segmentation.module import Segmenter, poly_factor
-from attnconv.segmentation.run import build_model
-from attnconv.training.data import DataError
+from attnconv.segmentation.run import build_model, evaluate
 
 NARROW = {"channels": (8, 16, 32, 64)}
 DILATIONS = [(False, False, False), (False, False, True), (False, True, True)]
@@ -439,12 +437,12 @@ def test_poly_schedule_and_aux_lr_reach_the_optimizer():
 
 def test_config_refuses_unknown_keys_and_wrong_types():
     with pytest.raises(ConfigError, match=r"unknown config key 'data.crop' .*data\.crop_size"):
-        apply(SegConfig(), {"data": {"crop": 3}})
+        apply(SegmentationConfig(), {"data": {"crop": 3}})
     with pytest.raises(ConfigError, match=r"data\.batch_size must be an integer"):
-        apply(SegConfig(), {"data": {"batch_size": "x"}})
+        apply(SegmentationConfig(), {"data": {"batch_size": "x"}})
     with pytest.raises(ConfigError, match=r"head must be one of deeplabv3, fcn"):
-        apply(SegConfig(), {"head": "pspnet"})
-    cfg = apply(SegConfig(), {"optim": {"lr": 1}, "model_args": {"aux_loss": True}},
+        apply(SegmentationConfig(), {"head": "pspnet"})
+    cfg = apply(SegmentationConfig(), {"optim": {"lr": 1}, "model_args": {"aux_loss": True}},
                 merge_mappings=True)
     assert cfg.optim.lr == 1.0 and cfg.model_args["aux_loss"] is True
     assert cfg.model_args["backbone_args"] == {"channels": [16, 32, 64, 128]}
@@ -452,7 +450,7 @@ def test_config_refuses_unknown_keys_and_wrong_types():
 
 def test_options_reach_the_data_and_the_model(shapes):
     root, _ = shapes
-    cfg = apply(SegConfig(), {"head": "fcn", "model": "resnet18_aw",
+    cfg = apply(SegmentationConfig(), {"head": "fcn", "model": "resnet18_aw",
                               "model_args": {"aux_loss": True,
                                              "replace_stride_with_dilation": [False] * 3,
                                              "backbone_args": NARROW},
@@ -473,7 +471,7 @@ def test_options_reach_the_data_and_the_model(shapes):
 def test_recipe_builds_the_papers_network():
     """The VOC recipe: DeepLabV3 at output stride 16 over resnet101_aw; over the plain ResNet-101
     it is exactly torchvision's deeplabv3_resnet101 (same parameter count)."""
-    cfg = load_seg_recipe("deeplabv3_voc_aug")
+    cfg = load_recipe("deeplabv3_voc_aug", SegmentationConfig)
     assert (cfg.model, cfg.head, cfg.data.name, cfg.data.crop_size) == \
         ("resnet101_aw", "deeplabv3", "voc_aug", 513)
     assert (cfg.optim.lr, cfg.optim.power, cfg.trainer.max_epochs) == (0.007, 0.9, 46)
@@ -510,7 +508,7 @@ def test_train_seg_and_eval_seg_from_the_command_line(tmp_path, capsys, one_thre
     report = json.loads((tmp_path / "r" / "seg_metrics.json").read_text())
     assert set(report["iou"]) == {"background", "rectangle", "ellipse", "triangle"}
     checkpoint = tmp_path / "r" / "checkpoints" / "best.ckpt"
-    result = eval_seg(checkpoint, accelerator="cpu")
+    result = evaluate(checkpoint, accelerator="cpu")
     assert result.miou == pytest.approx(report["miou"], abs=1e-6)
     assert isinstance(result.iou, dict) and result.model == "resnet18_rfa"
     main(["eval-seg", str(checkpoint), "--accelerator", "cpu"])

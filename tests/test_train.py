@@ -13,18 +13,18 @@ import lightning as L
 import pytest
 import torch
 
-from attnconv.engine.config import ConfigError
-from attnconv.training.config import RunConfig, apply
-from attnconv.training.models import ModelNameError
-from attnconv.training.module import NonFiniteLossError
-from attnconv.training.report import read_epoch_metrics, welch_interval
-from attnconv.training.run import comparison_table, evaluate, train
+from attnconv.classification.config import ClassificationConfig
+from attnconv.classification.report import read_epoch_metrics, welch_interval
+from attnconv.classification.run import comparison_table, evaluate, train
+from attnconv.engine.config import ConfigError, apply
+from attnconv.engine.trainer import NonFiniteLossError
+from attnconv.models import ModelNameError
 from attnconv.weights import atomic_save, safe_load
 
 TINY_MODEL_ARGS = {"cifar_stem": True, "channels": [8, 8, 16, 16]}
 
 
-def tiny_config(out_dir: Path, **extra: Any) -> RunConfig:
+def tiny_config(out_dir: Path, **extra: Any) -> ClassificationConfig:
     """resnet18 with 8-16 channels on 8x8 digits, 6 batches per epoch: seconds per epoch."""
     values: dict[str, Any] = {
         "model": "resnet18", "model_args": TINY_MODEL_ARGS, "out_dir": str(out_dir),
@@ -35,7 +35,7 @@ def tiny_config(out_dir: Path, **extra: Any) -> RunConfig:
     }
     for key, value in extra.items():
         values[key] = {**values[key], **value} if isinstance(value, dict) else value
-    return apply(RunConfig(), values)
+    return apply(ClassificationConfig(), values)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -213,11 +213,11 @@ class _Probe(L.Callback):
 
 def test_one_run_has_one_throughput_callback_and_int_limits_are_batch_counts(
         tmp_path: Path) -> None:
-    from attnconv.training.callbacks import Throughput
+    from attnconv.engine.callbacks import Throughput
 
     probe = _Probe()
-    # Before: two Throughput callbacks logged train_img_per_s, and an int limit of 1 became
-    # 1.0 (all batches) for Lightning.
+    # One Throughput callback logs train_img_per_s, and an int limit of 1 stays one batch
+    # (1.0 would be all of them for Lightning).
     result = train(tiny_config(tmp_path, name="probe", trainer={"max_epochs": 1,
                                                                 "limit_train_batches": 1}),
                    callbacks=[probe])
@@ -228,15 +228,14 @@ def test_one_run_has_one_throughput_callback_and_int_limits_are_batch_counts(
 
 @pytest.mark.slow
 def test_a_compiled_run_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Before: `--trainer.compile true` crashed at the first step for every model
-    # (truth-testing the compiled module asked AttnResNet for len()). Dynamo traces forward
-    # and backward as it would for inductor; aot_eager skips the C++ code generation, which
-    # took 6 minutes of the shared 2-core machine.
+    # Truth-testing the compiled module would ask AttnResNet for len() at the first step.
+    # Dynamo traces forward and backward as it would for inductor; aot_eager skips the C++
+    # code generation, which takes minutes on 2 cores.
     import functools
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
-    cfg = tiny_config(tmp_path, name="compiled", model="resnet18_aw",
-                      trainer={"max_epochs": 1, "compile": True, "limit_train_batches": 3,
+    cfg = tiny_config(tmp_path, name="compiled", model="resnet18_aw", compile=True,
+                      trainer={"max_epochs": 1, "limit_train_batches": 3,
                                "limit_val_batches": 1, "deterministic": False})
     result = train(cfg)
     last = safe_load(result.run_dir / "checkpoints" / "last.ckpt")
@@ -258,7 +257,7 @@ class _WorseAfterFirstEpoch(L.Callback):
 @pytest.mark.slow
 def test_last_checkpoint_is_the_last_epoch_even_when_it_got_worse(tmp_path: Path,
                                                                   capsys) -> None:
-    # Before: last.ckpt was written only with a new best, so it held epoch 0 here.
+    # last.ckpt is every epoch's end, not only the epochs with a new best (epoch 0 here).
     cfg = tiny_config(tmp_path, name="worse", trainer={"max_epochs": 3,
                                                        "limit_train_batches": 2})
     train(cfg, callbacks=[_WorseAfterFirstEpoch()])
@@ -290,7 +289,7 @@ def _all_finite(path: Path) -> bool:
 
 
 def test_a_non_finite_validation_loss_stops_before_anything_is_saved(tmp_path: Path) -> None:
-    # Before: only the training loss was checked, and the NaN state became best and last.
+    # The validation loss is checked too: a NaN state must become neither best nor last.
     cfg = tiny_config(tmp_path, name="valnan", trainer={"max_epochs": 3,
                                                         "limit_train_batches": 2})
     with pytest.raises(NonFiniteLossError, match=r"val_loss is (nan|inf) after validation of "
@@ -309,7 +308,7 @@ class _PoisonFirstStep(L.Callback):
 
 
 def test_a_stop_before_any_checkpoint_says_there_is_none(tmp_path: Path) -> None:
-    # Before: "the last good checkpoint is kept" also when no checkpoint existed.
+    # "The last good checkpoint" is named only where one exists.
     with pytest.raises(NonFiniteLossError, match="no checkpoint was written"):
         train(tiny_config(tmp_path, name="early"), callbacks=[_PoisonFirstStep()])
     assert not (tmp_path / "early" / "checkpoints").exists()
@@ -329,7 +328,7 @@ def test_an_enormous_learning_rate_never_leaves_a_non_finite_checkpoint(tmp_path
 
 
 def test_resume_refuses_changed_options_it_cannot_apply(tmp_path: Path) -> None:
-    # Before: --optim.lr under --resume trained at the old lr and recorded the new one.
+    # --optim.lr under --resume would train at the old lr and record the new one.
     cfg = tiny_config(tmp_path, name="changed", trainer={"max_epochs": 2,
                                                          "limit_train_batches": 2})
     train(cfg, callbacks=[_StopAfterFirstEpoch()])
@@ -341,7 +340,7 @@ def test_resume_refuses_changed_options_it_cannot_apply(tmp_path: Path) -> None:
 
 
 def test_a_run_folder_belongs_to_one_run(tmp_path: Path) -> None:
-    # Before: a second run with the same name wrote best-v1.ckpt next to the first run's files.
+    # A second run with the same name must not write best-v1.ckpt beside the first run's files.
     cfg = tiny_config(tmp_path, name="same", trainer={"max_epochs": 1, "limit_train_batches": 1})
     train(cfg)
     with pytest.raises(ConfigError, match=r"run folder .*same holds an earlier run: pass "
@@ -372,10 +371,10 @@ def test_more_devices_than_gpus_is_refused_naming_what_exists(tmp_path: Path) ->
 def test_one_schedule_serves_both_tasks_in_their_units() -> None:
     # The two former lr_factors (epochs for classification, steps for detection), written out
     # as they were, against the engine's one schedule behind both.
+    from attnconv.classification.config import OptimConfig
+    from attnconv.classification.module import lr_factor as cls_factor
     from attnconv.detection.config import DetOptimConfig
     from attnconv.detection.module import lr_factor as det_factor
-    from attnconv.training.config import OptimConfig
-    from attnconv.training.module import lr_factor as cls_factor
 
     def old_cls(epoch: int, o: OptimConfig, max_epochs: int) -> float:
         if epoch < o.warmup_epochs:
@@ -466,7 +465,7 @@ def test_a_second_run_in_a_folder_in_use_is_refused_and_a_killed_runs_lock_is_go
 
 def test_a_run_refused_while_reading_its_data_leaves_nothing_and_the_fix_runs(
         tmp_path: Path) -> None:
-    from attnconv.training.data import DataError
+    from attnconv.classification.data import DataError
 
     cfg = tiny_config(tmp_path, name="big", trainer={"max_epochs": 1, "limit_train_batches": 1})
     with pytest.raises(DataError, match="larger than the training set"):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnconv.training.checkpoint import SafeCheckpointIO
+from attnconv.engine.checkpoint import SafeCheckpointIO
 from attnconv.weights import (
     DIGEST_KEY,
     CorruptCheckpointError,

@@ -6,21 +6,21 @@ from __future__ import annotations
 import argparse
 
 from attnconv.cli.training import add_threads_argument, set_threads
-from attnconv.detection.config import DetConfig
+from attnconv.detection.config import DetectionConfig
 from attnconv.engine.config import add_config_arguments, config_from_args
 
 
 def _train_det(args: argparse.Namespace) -> None:
-    from attnconv.detection.run import train_det
+    from attnconv.detection.run import train
 
     set_threads(args)
-    train_det(config_from_args(args, DetConfig()))
+    train(config_from_args(args, DetectionConfig()))
 
 
 def _eval_det(args: argparse.Namespace) -> None:
-    from attnconv.detection.run import eval_det
+    from attnconv.detection.run import evaluate
 
-    eval_det(args.checkpoint, args.val_images, args.val_annotations, args.run_dir,
+    evaluate(args.checkpoint, args.val_images, args.val_annotations, args.run_dir,
              args.batch_size, args.accelerator)
 
 
@@ -33,7 +33,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     "shapes dataset in the run folder, CPU) and evaluate it with pycocotools."
                     "\nExample: attnconv train-det --config fasterrcnn_r101_aw_coco_1x "
                     "--init torchvision:resnet101")
-    add_config_arguments(train, DetConfig())
+    add_config_arguments(train, DetectionConfig())
     add_threads_argument(train)
     train.set_defaults(func=_train_det)
 

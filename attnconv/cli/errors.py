@@ -16,9 +16,9 @@ STOPPED = 1
 
 ERRORS: dict[str, tuple[str, int]] = {
     "attnconv.errors.ConfigError": ("error", REFUSED),
-    "attnconv.training.data.DataError": ("error", REFUSED),
+    "attnconv.classification.data.DataError": ("error", REFUSED),
     "attnconv.models.ModelNameError": ("error", REFUSED),
-    "attnconv.loading.CheckpointError": ("error", REFUSED),
+    "attnconv.errors.CheckpointError": ("error", REFUSED),
     "attnconv.pretrained.InitError": ("error", REFUSED),
     "attnconv.export.ExportError": ("failed", REFUSED),
     "builtins.FileNotFoundError": ("error", REFUSED),

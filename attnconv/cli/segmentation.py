@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 
 from attnconv.engine.config import add_config_arguments, config_from_args
-from attnconv.segmentation.config import SegConfig
+from attnconv.segmentation.config import SegmentationConfig
 
 
 def _train_seg(args: argparse.Namespace) -> None:
     from attnconv.engine.trainer import is_global_zero
-    from attnconv.segmentation.run import train_seg
+    from attnconv.segmentation.run import train
 
-    result = train_seg(config_from_args(args, SegConfig()))
+    result = train(config_from_args(args, SegmentationConfig()))
     if not is_global_zero():  # every process of a distributed run gets here; one reports
         return
     print("\n" + result.report())
@@ -22,10 +22,10 @@ def _train_seg(args: argparse.Namespace) -> None:
 
 
 def _eval_seg(args: argparse.Namespace) -> None:
-    from attnconv.segmentation.run import eval_seg
+    from attnconv.segmentation.run import evaluate
 
     overrides = {"root": args.data_root} if args.data_root else None
-    print(eval_seg(args.checkpoint, overrides, accelerator=args.accelerator).report())
+    print(evaluate(args.checkpoint, overrides, accelerator=args.accelerator).report())
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +36,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Semantic segmentation. With no option: DeepLabV3 over a narrow ResNet-18 "
                     "on generated shapes (CPU, minutes).\nExample: attnconv train-seg --config "
                     "deeplabv3_voc_aug --data.root ~/data/voc --data.sbd_root ~/data/SBD")
-    add_config_arguments(train, SegConfig())
+    add_config_arguments(train, SegmentationConfig())
     train.set_defaults(func=_train_seg)
 
     evaluate = sub.add_parser("eval-seg", allow_abbrev=False,

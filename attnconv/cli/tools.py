@@ -25,8 +25,8 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    from attnconv.classification.loading import load_model
     from attnconv.export import export_onnx
-    from attnconv.loading import load_model
 
     model, size = load_model(args.model, args.checkpoint, num_classes=args.num_classes)
     report = export_onnx(model, args.output or f"{args.model}.onnx",
@@ -37,7 +37,7 @@ def _export(args: argparse.Namespace) -> None:
 
 def _viz(args: argparse.Namespace) -> None:
     from attnconv.analysis.figures import visualize
-    from attnconv.loading import load_model
+    from attnconv.classification.loading import load_model
 
     model, input_size = load_model(args.model, args.checkpoint, num_classes=args.num_classes)
     size = args.size if args.size is not None else input_size[-1] if input_size else None

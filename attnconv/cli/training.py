@@ -6,7 +6,8 @@ import argparse
 import os
 import time
 
-from attnconv.training.config import add_config_arguments, config_from_args
+from attnconv.classification.config import ClassificationConfig
+from attnconv.engine.config import add_config_arguments, config_from_args
 
 _FORMATTER = argparse.RawDescriptionHelpFormatter
 
@@ -33,11 +34,11 @@ def set_threads(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from attnconv.classification.run import summary_table, train
     from attnconv.engine.trainer import is_global_zero
-    from attnconv.training.run import summary_table, train
 
     set_threads(args)
-    result = train(config_from_args(args))
+    result = train(config_from_args(args, ClassificationConfig()))
     if not is_global_zero():  # every process of a distributed run gets here; one reports
         return
     print("\n" + summary_table([result]))
@@ -46,7 +47,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from attnconv.training.run import evaluate
+    from attnconv.classification.run import evaluate
 
     overrides = {"root": args.data_root} if args.data_root else None
     m = evaluate(args.checkpoint, overrides, accelerator=args.accelerator)
@@ -55,11 +56,11 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
+    from attnconv.classification.run import compare
     from attnconv.engine.trainer import is_global_zero
-    from attnconv.training.run import compare
 
     set_threads(args)
-    result = compare(args.models, args.seeds, config_from_args(args))
+    result = compare(args.models, args.seeds, config_from_args(args, ClassificationConfig()))
     if not is_global_zero():
         return
     print("\n" + result.table + f"\n\nbar chart: {result.plot}\ntraining speed, the models "
@@ -69,7 +70,7 @@ def _compare(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     import torch
 
-    from attnconv.demo import DEMO_MODELS, demo_config, throughput_report
+    from attnconv.classification.demo import DEMO_MODELS, demo_config, throughput_report
 
     set_threads(args)
     cfg = demo_config(out_dir=args.out_dir, progress_bar=args.progress,
@@ -79,8 +80,8 @@ def _demo(args: argparse.Namespace) -> None:
           f"(scikit-learn, {cfg.data.image_size}x{cfg.data.image_size}), "
           f"{cfg.trainer.max_epochs} epochs, {args.seeds} seeds each, "
           f"{torch.get_num_threads()} CPU thread(s)...", flush=True)
-    from attnconv.training.data import build_datasets
-    from attnconv.training.run import compare  # Lightning: seconds to import, after the line
+    from attnconv.classification.data import build_datasets
+    from attnconv.classification.run import compare  # Lightning: seconds to import, after the line
 
     start = time.perf_counter()
     result = compare(models, args.seeds, cfg)
@@ -112,7 +113,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "digits.\nExamples: attnconv train --config demo\n          attnconv train --config "
         "cifar10 --model resnet18_rfa --data.root ~/data\nDistributed: torchrun "
         "--nproc-per-node 4 -m attnconv.cli train --trainer.devices 4 ...")
-    add_config_arguments(train)
+    add_config_arguments(train, ClassificationConfig())
     add_threads_argument(train)
     train.set_defaults(func=_train)
 
@@ -135,7 +136,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                      "reference")
     cmp.add_argument("--seeds", type=int, default=3, help="seeds per model (default: 3)")
     # The models are the positional MODELs: a --model option would be ignored.
-    add_config_arguments(cmp, exclude=("model", "resume"))
+    add_config_arguments(cmp, ClassificationConfig(), exclude=("model", "resume"))
     add_threads_argument(cmp)
     cmp.set_defaults(func=_compare)
 
@@ -157,23 +158,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def recipe_command(name: str) -> str:
-    """The command a recipe is for (``train``, ``train-det`` or ``train-seg``): the one whose
-    config takes every key of the recipe."""
-    from attnconv.detection.config import DetConfig
-    from attnconv.engine.config import ConfigError, load_recipe
-    from attnconv.segmentation.config import SegConfig
-    from attnconv.training.config import RunConfig
+    """The command a recipe is for (``train``, ``train-det`` or ``train-seg``): the one of the
+    task its ``task`` key names."""
+    from attnconv.detection.config import DetectionConfig
+    from attnconv.engine.config import ConfigError, read_recipe
+    from attnconv.recipes import recipe_path
+    from attnconv.segmentation.config import SegmentationConfig
 
-    fits = []
-    for command, config in (("train", RunConfig()), ("train-det", DetConfig()),
-                            ("train-seg", SegConfig())):
-        try:
-            load_recipe(name, config)
-        except ConfigError:
-            continue
-        fits.append(command)
-    if len(fits) != 1:
-        which = f"the configs of {', '.join(fits)}" if fits else "no command's config"
-        raise ConfigError(f"recipe {name} fits {which}: a recipe states the keys of one "
-                          "command's config")
-    return fits[0]
+    configs = (ClassificationConfig, DetectionConfig, SegmentationConfig)
+    task = read_recipe(recipe_path(name)).get("task")
+    commands = {c.task: c.command for c in configs}
+    if task not in commands:
+        raise ConfigError(f"recipe {name} must name its task: task: "
+                          f"{' | '.join(commands)} (not {task!r})")
+    return commands[task]

@@ -14,8 +14,8 @@ _HOMES = {
     "COCO_METRICS": "coco_eval", "coco_box_metrics": "coco_eval", "metrics_table": "coco_eval",
     "coco_dataset": "data", "collate": "data", "detection_loader": "data",
     "Detector": "module", "DetOptim": "module",
-    "DetConfig": "config", "DetDataConfig": "config", "DetOptimConfig": "config",
-    "DetResult": "run", "eval_det": "run", "load_det_recipe": "run", "train_det": "run",
+    "DetectionConfig": "config", "DetDataConfig": "config", "DetOptimConfig": "config",
+    "DetectionResult": "run", "build_detector": "run", "evaluate": "run", "train": "run",
     "ShapesDataset": "synthetic", "make_shapes_dataset": "synthetic",
 }
 

@@ -10,9 +10,9 @@ settings leak into it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from attnconv.engine.config import MAX_IMAGE_SIDE, MAX_SEED, TrainerConfig, opt
+from attnconv.engine.config import MAX_IMAGE_SIDE, ConfigError, RunConfig, TrainerConfig, opt
 
 #: Faster R-CNN settings for the synthetic 128 px shapes: a narrow backbone, small anchors and
 #: few RoIs, so that CPU training takes minutes.
@@ -68,25 +68,48 @@ def _detection_trainer() -> TrainerConfig:
 
 
 @dataclass
-class DetConfig:
-    model: str = opt("resnet18", "backbone: any attnconv.create_model ResNet name")
+class DetectionConfig(RunConfig):
+    """The run of ``attnconv train-det``: Faster R-CNN over the backbone ``model``."""
+
+    task: ClassVar[str] = "detection"
+    command: ClassVar[str] = "train-det"
+    resume_applies: ClassVar[frozenset[str]] = frozenset({"data.num_workers"})
+    run_files: ClassVar[frozenset[str]] = frozenset({"detector.pt", "coco_metrics.json",
+                                                     "coco_metrics.csv"})
+    run_inputs: ClassVar[frozenset[str]] = frozenset({"data"})
+
     model_args: dict = field(default_factory=lambda: dict(SYNTHETIC_MODEL_ARGS), metadata={
         "help": "keyword arguments of attnconv.models.detection.fasterrcnn (a recipe states "
                 "them all; an option changes the keys it names)"})
     init: str | None = opt(None, "start the backbone from ImageNet weights: torchvision:NAME"
                                  "[.WEIGHTS], timm:NAME or a weights file (then frozen BN and "
                                  "model_args.trainable_layers apply, as in torchvision)")
-    seed: int = opt(0, "random seed", min=0, max=MAX_SEED)
-    out_dir: str = opt("runs", "folder that holds one sub-folder per run")
-    name: str | None = opt(None, "run sub-folder name (default: fasterrcnn_MODEL-sSEED)")
-    resume: str | None = opt(None, "checkpoint to continue from, or 'last' for RUN/last.ckpt")
-    overwrite: bool = opt(False, "replace an earlier run in the run folder (without it, such a "
-                                 "folder is refused unless resuming)")
+    trainer: TrainerConfig = field(default_factory=_detection_trainer)
     data: DetDataConfig = field(default_factory=DetDataConfig)
     optim: DetOptimConfig = field(
         default_factory=lambda: DetOptimConfig(milestones=[4, 5], warmup_iters=50))
-    trainer: TrainerConfig = field(default_factory=_detection_trainer)
 
     @property
     def run_name(self) -> str:
         return self.name or f"fasterrcnn_{self.model}-s{self.seed}"
+
+    def check(self) -> None:
+        """Also: a data section naming only some of the four paths, a ``model_args`` key
+        Faster R-CNN does not take."""
+        from attnconv.models.detection import check_fasterrcnn_args
+
+        super().check()
+        data = self.data
+        paths = (data.train_images, data.train_annotations, data.val_images,
+                 data.val_annotations)
+        if any(p is not None for p in paths) and None in paths:
+            raise ConfigError("give all four of data.train_images, data.train_annotations, "
+                              "data.val_images, data.val_annotations (or none for synthetic "
+                              "data)")
+        if "pretrained_backbone" in self.model_args:
+            raise ConfigError("model_args.pretrained_backbone: give the backbone's weights as "
+                              "init (--init torchvision:resnet50, timm:NAME or a weights file)")
+        try:
+            check_fasterrcnn_args(self.model_args)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model_args: {err}") from err

@@ -31,7 +31,7 @@ from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
-from attnconv.training.data import DataError, check_images, read_rgb
+from attnconv.classification.data import DataError, check_images, read_rgb
 
 Target = dict[str, Any]
 

@@ -17,7 +17,7 @@ from attnconv.detection.config import DetOptimConfig
 from attnconv.engine import schedule
 from attnconv.engine.trainer import stop_if_not_finite
 
-#: The optimizer section of :class:`attnconv.detection.config.DetConfig`.
+#: The optimizer section of :class:`attnconv.detection.config.DetectionConfig`.
 DetOptim = DetOptimConfig
 
 

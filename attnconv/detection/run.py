@@ -1,5 +1,5 @@
-"""``train_det`` and ``eval_det``: the library functions behind ``attnconv train-det`` /
-``attnconv eval-det``.
+"""``train`` and ``evaluate`` of detection: the library functions behind ``attnconv train-det``
+/ ``attnconv eval-det``.
 
 Without data paths the run generates the synthetic shapes dataset into its own folder, so a
 fresh clone trains end to end on CPU with no download. Every evaluation prints AP, AP50, AP75,
@@ -16,66 +16,31 @@ from typing import Any
 
 import lightning as L
 import torch
-import yaml
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from attnconv.analysis.profiling import model_table
 from attnconv.detection.coco_eval import metrics_table, write_metrics
-from attnconv.detection.config import SYNTHETIC_MODEL_ARGS, DetConfig
+from attnconv.detection.config import DetectionConfig
 from attnconv.detection.data import coco_dataset, detection_loader
 from attnconv.detection.module import Detector
 from attnconv.detection.synthetic import make_shapes_dataset
-from attnconv.engine.config import ConfigError, apply, load_recipe, to_dict
-from attnconv.engine.progress import JobProgress
+from attnconv.engine.config import ConfigError, apply
+from attnconv.engine.run import Fitted, Task, fit
 from attnconv.engine.trainer import (
-    NonFiniteLossError,
     SavedEpoch,
-    check_devices,
-    claim_run_dir,
     evaluation_trainer,
     is_global_zero,
-    make_trainer,
     quiet_lightning,
     result_note,
-    resume_notes,
-    resume_path,
-    run_dir_path,
-    saved_epochs,
-    stopped_note,
 )
-from attnconv.loading import CheckpointError
-from attnconv.models import check_model_name
-from attnconv.models.detection import check_fasterrcnn_args, fasterrcnn
+from attnconv.errors import CheckpointError
+from attnconv.models.detection import fasterrcnn
 from attnconv.weights import atomic_save, safe_load
 
-__all__ = ["SYNTHETIC_MODEL_ARGS", "DetConfig", "DetResult", "build_detector", "eval_det",
-           "load_det_recipe", "train_det"]
-
-def load_det_recipe(name_or_path: str | Path, config: DetConfig | None = None) -> DetConfig:
-    """A DetConfig from a shipped recipe's name (``fasterrcnn_r101_aw_coco_1x``) or a YAML
-    file, applied over ``config`` (defaults when None)."""
-    return load_recipe(name_or_path, config or DetConfig())
+__all__ = ["DetectionResult", "build_detector", "evaluate", "train"]
 
 
-def check_config(config: DetConfig) -> None:
-    """ConfigError for what would fail later: a data section naming only some of the four
-    paths, a ``model_args`` key Faster R-CNN does not take, an unknown backbone."""
-    check_model_name(config.model)
-    data = config.data
-    paths = (data.train_images, data.train_annotations, data.val_images, data.val_annotations)
-    if any(p is not None for p in paths) and None in paths:
-        raise ConfigError("give all four of data.train_images, data.train_annotations, "
-                          "data.val_images, data.val_annotations (or none for synthetic data)")
-    if "pretrained_backbone" in config.model_args:
-        raise ConfigError("model_args.pretrained_backbone: give the backbone's weights as init "
-                          "(--init torchvision:resnet50, timm:NAME or a weights file)")
-    try:
-        check_fasterrcnn_args(config.model_args)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"model_args: {err}") from err
-
-
-def _datasets(config: DetConfig, run_dir: Path):
+def _datasets(config: DetectionConfig, run_dir: Path):
     data = config.data
     if data.train_images is None:
         shapes = make_shapes_dataset(run_dir / "data", data.synthetic_train, data.synthetic_val,
@@ -91,12 +56,17 @@ def _datasets(config: DetConfig, run_dir: Path):
     return train, val, num_classes
 
 
-def build_detector(config: DetConfig, num_classes: int, load_init: bool = True
+def build_detector(config: DetectionConfig, num_classes: int, load_init: bool = True
                    ) -> torch.nn.Module:
     """The Faster R-CNN ``config`` describes (``config.model`` is the backbone's zoo name), its
     backbone started from ``config.init``; without ``load_init`` the same network (frozen BN)
-    without reading those weights, for a checkpoint to fill."""
-    check_config(config)
+    without reading those weights, for a checkpoint to fill. ConfigError for a config that
+    cannot describe one (:meth:`DetectionConfig.check`)."""
+    config.check()
+    return _detector(config, num_classes, load_init)
+
+
+def _detector(config: DetectionConfig, num_classes: int, load_init: bool) -> torch.nn.Module:
     args = dict(config.model_args)
     if config.init and load_init:
         args["pretrained_backbone"] = config.init
@@ -117,7 +87,7 @@ def detector_summary(name: str, model: torch.nn.Module) -> str:
 
 
 @dataclass
-class DetResult:
+class DetectionResult:
     model: str
     metrics: dict[str, float]
     run_dir: Path
@@ -127,80 +97,70 @@ class DetResult:
     note: str = ""
 
 
-def train_det(config: DetConfig, callbacks: Sequence[L.Callback] = ()) -> DetResult:
+class Detection(Task[DetectionConfig, DetectionResult]):
+    """Detection's hooks of the run template. Without data paths the data is generated into
+    the run folder."""
+
+    monitor = "val/AP"
+    tensorboard = False
+
+    def data(self, run_dir: Path) -> tuple[Any, Any, int]:
+        return _datasets(self.config, run_dir)
+
+    def module(self, data: tuple[Any, Any, int], load_init: bool) -> tuple[Detector, str]:
+        cfg = self.config
+        _, val, num_classes = data
+        model = _detector(cfg, num_classes, load_init)
+        meta = {"config": cfg.to_dict(), "num_classes": num_classes}
+        return (Detector(model, cfg.optim, coco_gt=val.coco, meta=meta),
+                detector_summary(cfg.model, model))
+
+    def loaders(self, data: tuple[Any, Any, int]) -> dict[str, Any]:
+        d = self.config.data
+        train, val, _ = data
+        # The shuffle draws from the global generator, whose state the checkpoints keep
+        # (RNGState), so that a resumed run sees the data in the same order.
+        return {"train_dataloaders": detection_loader(train, d.batch_size, True, d.num_workers),
+                "val_dataloaders": detection_loader(val, d.batch_size, False, d.num_workers)}
+
+    def finish(self, fitted: Fitted) -> DetectionResult:
+        cfg, module, run_dir = self.config, fitted.module, fitted.run_dir
+        # The last validation may have been skipped (max_steps, check_val_every_n_epoch).
+        evaluation_trainer(cfg.trainer.accelerator).validate(
+            module, self.loaders(fitted.data)["val_dataloaders"], verbose=False)
+        checkpoint = run_dir / "detector.pt"
+        last = fitted.last
+        if fitted.trainer.is_global_zero:
+            epoch = {"epoch": last.epoch} if last is not None else {}
+            atomic_save({**module.meta, **epoch, "state_dict": module.model.state_dict()},
+                        checkpoint)
+        if last is not None:  # detector.pt holds the weights of last.ckpt
+            last = SavedEpoch(checkpoint, last.epoch, module.metrics.get("AP"))
+        return _report(cfg.model, module.metrics, run_dir, checkpoint, fitted.seconds,
+                       result_note(last, fitted.best, cfg.trainer.max_epochs, "AP"))
+
+
+def train(config: DetectionConfig, callbacks: Sequence[L.Callback] = ()) -> DetectionResult:
     """Train Faster R-CNN as ``config`` says, evaluate on the val split with pycocotools, print
     the table and write ``RUN/detector.pt`` (weights + config), ``RUN/coco_metrics.*`` and
     the Lightning checkpoints ``RUN/checkpoints/{best,last}.ckpt`` (for ``resume``)."""
-    quiet_lightning()
-    check_config(config)
-    check_devices(config.trainer)
-    run_dir = run_dir_path(config.out_dir, config.run_name)
-    resume = resume_path(config.resume, run_dir)
-    for note in resume_notes(resume, _plain(config)):
-        print(f"resume: applying {note}")
-    with claim_run_dir(run_dir, resuming=resume is not None, overwrite=config.overwrite,
-                       asked=_plain(config)):
-        return _train_det(config, run_dir, resume, callbacks)
-
-
-def _train_det(config: DetConfig, run_dir: Path, resume: Path | None,
-               callbacks: Sequence[L.Callback]) -> DetResult:
-    L.seed_everything(config.seed, workers=True, verbose=False)
-    train, val, num_classes = _datasets(config, run_dir)
-    model = build_detector(config, num_classes, load_init=resume is None)
-    meta = {"config": _plain(config), "num_classes": num_classes}
-    module = Detector(model, config.optim, coco_gt=val.coco, meta=meta)
-    job = JobProgress(f"train-det {config.model}", detail=config.trainer.progress_bar)
-    job.write(detector_summary(config.model, model))
-    trainer = make_trainer(config.trainer, run_dir, monitor="val/AP", mode="max",
-                           callbacks=[job.callback(config.run_name), *callbacks],
-                           tensorboard=False, resuming=resume is not None)
-    job.bar.refresh()  # the trainer is accepted: the bar shows from here
-    data = config.data
-    start = time.perf_counter()
-    try:
-        # The shuffle draws from the global generator, whose state the checkpoints keep
-        # (RNGState), so that a resumed run sees the data in the same order.
-        trainer.fit(module, detection_loader(train, data.batch_size, True, data.num_workers),
-                    detection_loader(val, data.batch_size, False, data.num_workers),
-                    ckpt_path=resume)
-    except NonFiniteLossError as err:
-        raise NonFiniteLossError(f"{err}; {stopped_note(run_dir)}") from None
-    finally:
-        job.close()
-    seconds = time.perf_counter() - start
-    # The last validation may have been skipped (max_steps, check_val_every_n_epoch).
-    evaluation_trainer(config.trainer.accelerator).validate(
-        module, detection_loader(val, data.batch_size, False, data.num_workers), verbose=False)
-    checkpoint = run_dir / "detector.pt"
-    last, best = saved_epochs(trainer, run_dir, "val/AP")
-    if trainer.is_global_zero:
-        epoch = {"epoch": last.epoch} if last is not None else {}
-        atomic_save({**meta, **epoch, "state_dict": model.state_dict()}, checkpoint)
-    if last is not None:  # detector.pt holds the weights of last.ckpt
-        last = SavedEpoch(checkpoint, last.epoch, module.metrics.get("AP"))
-    return _report(config.model, module.metrics, run_dir, checkpoint, seconds,
-                   result_note(last, best, config.trainer.max_epochs, "AP"))
-
-
-def _plain(config: DetConfig) -> dict[str, Any]:
-    # Only builtins, so that eval-det reads the file with torch.load(weights_only=True).
-    return yaml.safe_load(yaml.safe_dump(to_dict(config)))
+    return fit(Detection(config), callbacks)
 
 
 def _report(model: str, metrics: dict[str, float], run_dir: Path, checkpoint: Path,
-            seconds: float, note: str) -> DetResult:
+            seconds: float, note: str) -> DetectionResult:
     json_path, csv_path = write_metrics(run_dir, metrics, model)
     if is_global_zero():  # every process of a distributed run gets here; one reports
         print(f"\nCOCO box metrics (percent), {run_dir}\n")
         print(metrics_table({model: metrics}))
         print(f"\n{note}\nwritten: {json_path}, {csv_path}")
-    return DetResult(model, metrics, run_dir, checkpoint, seconds, note)
+    return DetectionResult(model, metrics, run_dir, checkpoint, seconds, note)
 
 
-def eval_det(checkpoint: str | Path, val_images: str | None = None,
+def evaluate(checkpoint: str | Path, val_images: str | None = None,
              val_annotations: str | None = None, run_dir: str | Path | None = None,
-             batch_size: int | None = None, accelerator: str | None = None) -> DetResult:
+             batch_size: int | None = None, accelerator: str | None = None
+             ) -> DetectionResult:
     """Evaluate ``RUN/detector.pt`` (or a train-det ``.ckpt``) on a COCO split (default: the
     split it was validated on). Writes ``coco_metrics.*`` only; the training log is untouched."""
     quiet_lightning()
@@ -214,7 +174,7 @@ def eval_det(checkpoint: str | Path, val_images: str | None = None,
     if "in_chans" in saved:  # what `attnconv train` stores with a classifier
         raise CheckpointError(f"{checkpoint} is a classification checkpoint of `attnconv train`, "
                               "not of `attnconv train-det`: use attnconv eval --checkpoint")
-    config = apply(DetConfig(), saved["config"], where=str(checkpoint))
+    config = apply(DetectionConfig(), saved["config"], where=str(checkpoint))
     home = checkpoint.parent if checkpoint.suffix == ".pt" else checkpoint.parent.parent
     run_dir = Path(run_dir) if run_dir else home
     if val_images is None:

@@ -8,6 +8,10 @@ A task's config is a dataclass whose dataclass-typed fields are *sections* (``da
 (close names are suggested) and ``choices`` and the range (``min``, ``max``, ``above``,
 ``below``) in a field's metadata are enforced and shown in the options' help.
 
+Every task's config extends :class:`RunConfig` (model, seed, run folder, resume, trainer
+section). A recipe names its task (``task: detection``): loading it for another task is refused
+with the command that takes it.
+
 Free mappings (``model_args``): a recipe states the whole mapping, replacing the default, so
 one recipe's keys never leak into another's; on the command line ``--model_args '{k: v}'``
 changes only the keys it names.
@@ -25,7 +29,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -80,6 +84,94 @@ class TrainerConfig:
                                            min=0)
     limit_val_batches: int | float = opt(1.0, "val batches per epoch: a share (a float "
                                               "<= 1.0) or a count (an int)", min=0)
+
+
+def parse_devices(devices: str) -> int | str | list[int]:
+    """``'4'`` -> 4, ``'0,1'`` -> [0, 1], ``'auto'`` -> ``'auto'`` (Lightning's forms);
+    ConfigError for anything else (``-1``, Lightning's "all GPUs", included: say auto)."""
+    text = str(devices).strip()
+    if text.isdigit():
+        return int(text)
+    if text == "auto":
+        return text
+    parts = [d.strip() for d in text.split(",") if d.strip()]
+    if "," in text and parts and all(d.isdigit() for d in parts):
+        return [int(d) for d in parts]
+    raise ConfigError(f"trainer.devices must be a count >= 1, a list of device indices such "
+                      f"as '0,1', or auto, not {devices!r}")
+
+
+#: Options every run's resume may change: they change how the rest of the run is run or
+#: shown, not what it computes. A task adds its own (:attr:`RunConfig.resume_applies`).
+RESUME_APPLIES = frozenset({
+    "resume", "overwrite", "out_dir", "name", "trainer.max_epochs", "trainer.max_steps",
+    "trainer.progress_bar", "trainer.log_every_n_steps", "trainer.check_val_every_n_epoch",
+    "trainer.limit_val_batches", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
+    "trainer.accelerator",
+})
+
+
+@dataclass
+class RunConfig:
+    """The fields of every task's run; a task's config extends it with its ``data`` and
+    ``optim`` sections and states what is its own in the class attributes below."""
+
+    #: The task a recipe for this config names in its ``task`` key.
+    task: ClassVar[str] = ""
+    #: The command that trains this task (named by refusals of another task's recipe).
+    command: ClassVar[str] = ""
+    #: Options of the task's sections a resume may change (beyond :data:`RESUME_APPLIES`).
+    resume_applies: ClassVar[frozenset[str]] = frozenset()
+    #: What the task writes into a run folder, beside the checkpoints and logs.
+    run_files: ClassVar[frozenset[str]] = frozenset()
+    #: What the task generates into a run folder as the run's input: kept by an overwrite.
+    run_inputs: ClassVar[frozenset[str]] = frozenset()
+    #: Every task's config, by its task (filled as each is defined).
+    TASKS: ClassVar[dict[str, type[RunConfig]]] = {}
+
+    model: str = opt("resnet18", "the zoo network (attnconv.create_model name); for detection "
+                                 "and segmentation, the backbone")
+    model_args: dict = field(default_factory=dict, metadata={
+        "help": "keyword arguments of the model (a recipe states them all; an option changes "
+                "the keys it names)"})
+    init: str | None = opt(None, "start from pretrained weights of the plain network: "
+                                 "torchvision:NAME[.WEIGHTS], timm:NAME or a weights file")
+    seed: int = opt(0, "random seed of weights, data order and augmentation", min=0,
+                    max=MAX_SEED)
+    out_dir: str = opt("runs", "folder that holds one sub-folder per run")
+    name: str | None = opt(None, "run sub-folder name (default: the model and the seed, e.g. "
+                                 "resnet18-s0)")
+    resume: str | None = opt(None, "checkpoint to continue from, or 'last' for RUN/last.ckpt")
+    overwrite: bool = opt(False, "replace an earlier run in the run folder (without it, such a "
+                                 "folder is refused unless resuming)")
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.task:
+            RunConfig.TASKS[cls.task] = cls
+
+    @property
+    def run_name(self) -> str:
+        """The run folder's name: ``name``, or the model and the seed."""
+        return self.name or f"{self.model}-s{self.seed}"
+
+    def check(self) -> None:
+        """ModelNameError for a model the zoo does not have, ConfigError for what the keys' own
+        checks cannot see; a task adds its own. The run template calls it once, before any
+        data is read or any model is built."""
+        from attnconv.models import check_model_name
+
+        check_model_name(self.model)
+
+    @classmethod
+    def resumable(cls) -> frozenset[str]:
+        """Every option a resume of this task's runs may change."""
+        return RESUME_APPLIES | cls.resume_applies
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as builtins only (what checkpoints store, read back weights-only)."""
+        return yaml.safe_load(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
 
 
 def is_section(hint: Any) -> bool:
@@ -219,10 +311,6 @@ def _apply(target: Any, values: Mapping[str, Any], where: str, prefix: str,
         setattr(target, key, value)
 
 
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """The mapping of a YAML recipe file (ConfigError when it is missing or not a mapping)."""
     path = Path(path)
@@ -237,13 +325,28 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     return dict(values)
 
 
-def load_recipe(name_or_path: str | Path, config: C) -> C:
-    """``config`` with the recipe ``name_or_path`` applied: a shipped recipe's name
-    (``imagenet_rfaconv``, see :func:`attnconv.recipes.list_recipes`) or a YAML file."""
+def load_recipe(name_or_path: str | Path, config: C | type[C]) -> C:
+    """``config`` (a task's config, or its class for the defaults) with the recipe
+    ``name_or_path`` applied: a shipped recipe's name (``imagenet_rfaconv``, see
+    :func:`attnconv.recipes.list_recipes`) or a YAML file.
+
+    A recipe's ``task`` key names the task it is for; a recipe of another task is refused,
+    naming the command that takes it.
+    """
     from attnconv.recipes import recipe_path
 
+    if isinstance(config, type):
+        config = config()
     path = recipe_path(name_or_path)
-    return apply(config, read_recipe(path), where=str(path))
+    values = read_recipe(path)
+    task = values.pop("task", None)
+    ours = getattr(config, "task", "")
+    if task is not None and ours and task != ours:
+        other = RunConfig.TASKS.get(task)
+        use = f"use attnconv {other.command} --config {name_or_path}" if other else \
+            f"attnconv {getattr(config, 'command', '')} takes {ours} recipes"
+        raise ConfigError(f"recipe {name_or_path} is for {task}, not {ours}: {use}")
+    return apply(config, values, where=str(path))
 
 
 def _flat_fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:

@@ -4,6 +4,7 @@ non-finite stop, atomic weights-only checkpoints and resume."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -22,10 +23,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from attnconv.engine.config import ConfigError, TrainerConfig
+from attnconv.engine.callbacks import RNGState
+from attnconv.engine.checkpoint import SafeCheckpointIO
+from attnconv.engine.config import ConfigError, RunConfig, TrainerConfig, parse_devices
 from attnconv.engine.progress import EpochBars, RunBar, RunProgress
-from attnconv.training.callbacks import RNGState
-from attnconv.training.checkpoint import SafeCheckpointIO
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,14 +87,15 @@ class FiniteGuard(L.Callback):
         self._check(trainer, module, "at the end")
 
 
-def resume_notes(resume: Path | None, asked: dict[str, Any]) -> list[str]:
+def resume_notes(resume: Path | None, config: RunConfig) -> list[str]:
     """:func:`check_resume` of the config stored in the checkpoint ``resume`` (if any)."""
     from attnconv.weights import safe_load
 
     if resume is None:
         return []
     stored = (safe_load(resume).get("attnconv") or {}).get("config")
-    return check_resume(stored, asked) if isinstance(stored, dict) else []
+    return (check_resume(stored, config.to_dict(), config.resumable())
+            if isinstance(stored, dict) else [])
 
 
 def stopped_note(run_dir: Path) -> str:
@@ -158,31 +160,31 @@ def is_global_zero() -> bool:
     return rank_zero_only.rank == 0
 
 
-def check_devices(t: TrainerConfig) -> None:
-    """ConfigError when ``t`` asks for a GPU this machine lacks, or for more GPUs than it has
-    (instead of Lightning starting that many CPU processes under ``accelerator: auto``); the
-    refusal says how to run on the CPU instead."""
+def check_devices(t: TrainerConfig) -> int | str | list[int]:
+    """``t.devices`` in Lightning's form (:func:`parse_devices`); ConfigError when ``t`` asks
+    for a GPU this machine lacks, or for more GPUs than it has (instead of Lightning starting
+    that many CPU processes under ``accelerator: auto``); the refusal says how to run on the
+    CPU instead."""
     devices = parse_devices(t.devices)
     wanted = len(devices) if isinstance(devices, list) else devices
     if t.accelerator == "cpu":
-        return
+        return devices
     count = wanted if isinstance(wanted, int) else 0  # 'auto', -1: as many as there are
     needed = max(count, 1) if t.accelerator in ("gpu", "cuda") else count
     found = torch.cuda.device_count()
     if found >= needed or (t.accelerator == "auto" and needed <= 1):
-        return
+        return devices
     asked, cpu = ((f"trainer.devices {t.devices}", f"for {count} CPU processes") if count > 1
                   else (f"trainer.accelerator {t.accelerator}", "to train on the CPU"))
     raise ConfigError(f"{asked}: this machine has {found} GPU{'s' * (found != 1)} "
                       f"(torch.cuda.device_count()); {cpu} say --trainer.accelerator cpu")
 
 
-#: What runs write into their folder (and ``logs-N``, the logs of resumed parts); a folder
-#: holding anything else is not a run's, and no run starts in it.
-RUN_ENTRIES = frozenset({"checkpoints", "logs", "tensorboard", "curves.png", "data",
-                         "detector.pt", "coco_metrics.json", "coco_metrics.csv",
-                         "seg_metrics.json", "seg_metrics.md", ".lock"})
 LOCK_FILE = ".lock"
+#: What every run writes into its folder (and ``logs-N``, the logs of resumed parts), beside
+#: its task's own files (:attr:`RunConfig.run_files`, :attr:`RunConfig.run_inputs`); a folder
+#: holding anything else is not a run's, and no run starts in it.
+RUN_ENTRIES = frozenset({"checkpoints", "logs", "tensorboard", LOCK_FILE})
 
 
 def run_dir_path(out_dir: str | Path, name: str) -> Path:
@@ -198,18 +200,19 @@ def run_dir_path(out_dir: str | Path, name: str) -> Path:
     return out / name
 
 
-def _is_run_entry(name: str) -> bool:
+def _is_run_entry(name: str, config: RunConfig) -> bool:
     # ``.NAME.PID.XXXX.tmp``: an atomic write in progress or abandoned by a killed run.
-    return (name in RUN_ENTRIES or (name.startswith("logs-") and name[5:].isdigit())
+    return (name in RUN_ENTRIES or name in config.run_files or name in config.run_inputs
+            or (name.startswith("logs-") and name[5:].isdigit())
             or (name.startswith(".") and name.endswith(".tmp")))
 
 
-def _check_not_foreign(run_dir: Path, resuming: bool) -> None:
+def _check_not_foreign(run_dir: Path, config: RunConfig, resuming: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run folder {run_dir} is a file: choose another --name")
     if resuming or not run_dir.is_dir():
         return
-    foreign = sorted(p.name for p in run_dir.iterdir() if not _is_run_entry(p.name))
+    foreign = sorted(p.name for p in run_dir.iterdir() if not _is_run_entry(p.name, config))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
                                           else "")
@@ -218,34 +221,36 @@ def _check_not_foreign(run_dir: Path, resuming: bool) -> None:
                           "--name or --out_dir")
 
 
-def check_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool,
-                  asked: dict[str, Any] | None = None, can_resume: bool = True) -> None:
-    """ConfigError when a run may not start in ``run_dir``: it is a file, it holds anything
-    that is not a run's (never emptied, whatever ``overwrite`` says), or it holds an earlier
-    run and the run neither resumes nor overwrites it. The message suggests ``--resume last``
-    only where it would work: the command has it (``can_resume``), there is a last
-    checkpoint, and its run had the settings ``asked`` (the run's config) where a resume
-    needs them. A folder in use by another run (:func:`claim_run_dir`) is refused as such."""
-    _check_not_foreign(run_dir, resuming)
+def check_run_dir(run_dir: Path, config: RunConfig, *, resuming: bool,
+                  can_resume: bool = True) -> None:
+    """ConfigError when the run ``config`` describes may not start in ``run_dir``: it is a
+    file, it holds anything that is not a run's (never emptied, whatever ``config.overwrite``
+    says), or it holds an earlier run and the run neither resumes nor overwrites it. The
+    message suggests ``--resume last`` only where it would work: the command has it
+    (``can_resume``), there is a last checkpoint, and its run had the settings of ``config``
+    where a resume needs them. A folder in use by another run (:func:`claim_run_dir`) is
+    refused as such."""
+    _check_not_foreign(run_dir, config, resuming)
     if _first_process() and (run_dir / LOCK_FILE).is_file():
         _lock(run_dir).close()
-    _check_no_earlier(run_dir, resuming, overwrite, asked, can_resume)
+    _check_no_earlier(run_dir, config, resuming, can_resume)
 
 
-def _check_no_earlier(run_dir: Path, resuming: bool, overwrite: bool,
-                      asked: dict[str, Any] | None, can_resume: bool) -> None:
+def _check_no_earlier(run_dir: Path, config: RunConfig, resuming: bool,
+                      can_resume: bool) -> None:
     if resuming or not run_dir.is_dir():
         return
-    earlier = any((run_dir / name).exists() for name in ("checkpoints", "logs", "detector.pt"))
-    if earlier and not overwrite:
+    earlier = any((run_dir / name).exists()
+                  for name in ("checkpoints", "logs", *sorted(config.run_files)))
+    if earlier and not config.overwrite:
         last = run_dir / "checkpoints" / "last.ckpt"
         hint = "pass --overwrite true to replace it, or another --name"
         if can_resume and last.is_file():
             from attnconv.weights import safe_load
 
             stored = (safe_load(last).get("attnconv") or {}).get("config")
-            other = _refused_text(_changes(stored, asked or {})) if isinstance(stored, dict) \
-                else ""
+            other = (_refused_text(_changes(stored, config.to_dict()), config.resumable())
+                     if isinstance(stored, dict) else "")
             hint = (f"it ran with other settings ({other}), so it cannot be resumed with these; "
                     f"{hint}" if other else "pass --resume last to continue it, --overwrite true "
                     "to replace it, or another --name")
@@ -294,21 +299,21 @@ def _remove_created(created: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def claim_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool,
-                  asked: dict[str, Any] | None = None) -> Iterator[Path]:
-    """Hold ``run_dir`` for one run: :func:`check_run_dir`, then (first process only) an
-    exclusive lock for the run's whole length and, with ``overwrite``, the earlier run's files
-    removed (generated ``data`` is the run's input and stays).
+def claim_run_dir(run_dir: Path, config: RunConfig, *, resuming: bool) -> Iterator[Path]:
+    """Hold ``run_dir`` for the run ``config`` describes: :func:`check_run_dir`, then (first
+    process only) an exclusive lock for the run's whole length and, with ``config.overwrite``,
+    the earlier run's files removed (what the task generates as the run's input,
+    ``config.run_inputs``, stays).
 
     A run that ends in an error before it wrote a checkpoint (a refusal while its data is
     read, a stop in its first epoch) leaves the folder as it found it: what it added is
     removed, so the corrected command starts again in the same folder.
     """
     if not _first_process():
-        check_run_dir(run_dir, resuming=resuming, overwrite=overwrite, asked=asked)
+        check_run_dir(run_dir, config, resuming=resuming)
         yield run_dir
         return
-    _check_not_foreign(run_dir, resuming)
+    _check_not_foreign(run_dir, config, resuming)
     # The folders this run creates (the run folder, and out_dir when it is new).
     created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -318,10 +323,10 @@ def claim_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool,
         _remove_created(created)
         raise
     try:
-        _check_no_earlier(run_dir, resuming, overwrite, asked, can_resume=True)
-        if overwrite and not resuming:
+        _check_no_earlier(run_dir, config, resuming, can_resume=True)
+        if config.overwrite and not resuming:
             for child in run_dir.iterdir():
-                if child.name not in ("data", LOCK_FILE):
+                if child.name not in config.run_inputs and child.name != LOCK_FILE:
                     _remove(child)
         before = {p.name for p in run_dir.iterdir()}
         start = time.time()
@@ -352,20 +357,11 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-#: Options a resume applies (they change how the rest of the run is run or shown, not what it
-#: computes); every other changed option is refused.
-RESUME_APPLIES = frozenset({
-    "resume", "overwrite", "out_dir", "name", "trainer.max_epochs", "trainer.max_steps",
-    "trainer.progress_bar", "trainer.log_every_n_steps", "trainer.check_val_every_n_epoch",
-    "trainer.limit_val_batches", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
-    "trainer.accelerator", "data.num_workers", "data.root", "data.download",
-})
-
-
 def check_resume(stored: dict[str, Any], asked: dict[str, Any],
-                 applies: frozenset[str] = RESUME_APPLIES) -> list[str]:
-    """The changed options a resume applies (as ``key: old -> new`` lines); ConfigError naming
-    every other option that differs from the checkpoint's run (a resumed run continues the
+                 applies: frozenset[str]) -> list[str]:
+    """The changed options a resume applies (those in ``applies``, as ``key: old -> new``
+    lines); ConfigError naming every other option that differs from the checkpoint's run (a
+    resumed run continues the
     stored optimizer, schedule and data order: changing them would record a run that never
     happened)."""
     changed = _changes(stored, asked)
@@ -382,26 +378,11 @@ def _changes(stored: dict[str, Any], asked: dict[str, Any]) -> dict[str, tuple[A
     return {k: (old[k], new[k]) for k in old.keys() & new.keys() if old[k] != new[k]}
 
 
-def _refused_text(changed: dict[str, tuple[Any, Any]],
-                  applies: frozenset[str] = RESUME_APPLIES) -> str:
+def _refused_text(changed: dict[str, tuple[Any, Any]], applies: frozenset[str]) -> str:
     """``key old -> new`` of the changes a resume cannot apply ('' when there are none)."""
     return ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}"
                      for k in sorted(changed) if k not in applies)
 
-
-def parse_devices(devices: str) -> int | str | list[int]:
-    """``'4'`` -> 4, ``'0,1'`` -> [0, 1], ``'auto'`` -> ``'auto'`` (Lightning's forms);
-    ConfigError for anything else (``-1``, Lightning's "all GPUs", included: say auto)."""
-    text = str(devices).strip()
-    if text.isdigit():
-        return int(text)
-    if text == "auto":
-        return text
-    parts = [d.strip() for d in text.split(",") if d.strip()]
-    if "," in text and parts and all(d.isdigit() for d in parts):
-        return [int(d) for d in parts]
-    raise ConfigError(f"trainer.devices must be a count >= 1, a list of device indices such "
-                      f"as '0,1', or auto, not {devices!r}")
 
 
 def resume_path(resume: str | None, run_dir: Path) -> Path | None:
@@ -436,7 +417,9 @@ def make_trainer(
     tensorboard: bool = True,
     resuming: bool = False,
 ) -> L.Trainer:
-    """A Trainer for ``t`` writing into ``run_dir``.
+    """A Trainer for ``t`` writing into ``run_dir`` (ConfigError for devices this machine
+    lacks, :func:`check_devices`, and for options Lightning refuses).
+
 
     With ``monitor``, checkpoints go to ``RUN/checkpoints``: ``best.ckpt`` (the best
     ``monitor``) and ``last.ckpt``, written atomically and read weights-only
@@ -466,13 +449,12 @@ def make_trainer(
         logger = [CSVLogger(run_dir, name="", version=_csv_version(run_dir, resuming))]
         if tensorboard:
             logger.append(TensorBoardLogger(run_dir, name="", version="tensorboard"))
+    # The section's fields are named as Lightning's arguments, but for the progress bar.
+    section = dataclasses.asdict(t)
+    section["enable_progress_bar"] = section.pop("progress_bar")
+    section["devices"] = check_devices(t)
     return _trainer(
-        default_root_dir=run_dir, max_epochs=t.max_epochs, max_steps=t.max_steps,
-        accelerator=t.accelerator, devices=parse_devices(t.devices), num_nodes=t.num_nodes,
-        strategy=t.strategy, precision=t.precision, deterministic=t.deterministic,
-        log_every_n_steps=t.log_every_n_steps, check_val_every_n_epoch=t.check_val_every_n_epoch,
-        limit_train_batches=t.limit_train_batches, limit_val_batches=t.limit_val_batches,
-        enable_progress_bar=t.progress_bar, enable_model_summary=False,
+        **section, default_root_dir=run_dir, enable_model_summary=False,
         # The sanity check would draw random numbers a resumed run must not draw.
         num_sanity_val_steps=0,
         enable_checkpointing=monitor is not None,

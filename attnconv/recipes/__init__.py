@@ -1,8 +1,9 @@
 """The recipes that ship with attnconv, as package data: ``attnconv train --config NAME``.
 
-A recipe is a YAML mapping over a task's config (:mod:`attnconv.training.config` for
-classification, :mod:`attnconv.detection.config` for detection) that states the whole model,
-so nothing of one recipe leaks into another. Its first comment lines say where it comes from.
+A recipe is a YAML mapping over a task's config (:mod:`attnconv.classification.config`,
+:mod:`attnconv.detection.config`, :mod:`attnconv.segmentation.config`) that names its task
+(``task: detection``) and states the whole model, so nothing of one recipe leaks into another.
+Its first comment lines say where it comes from.
 """
 
 from __future__ import annotations

@@ -11,12 +11,12 @@ import importlib
 from typing import Any
 
 _HOMES = {
-    "SegConfig": "config", "load_seg_recipe": "config",
+    "SegmentationConfig": "config",
     "IGNORE_INDEX": "data", "VOC_CLASSES": "data", "MaskFolder": "data",
     "build_segmentation_sets": "data", "shapes_segmentation": "data",
     "SegmentationMetrics": "metrics", "iou_table": "metrics",
     "Segmenter": "module",
-    "SegResult": "run", "eval_seg": "run", "load_segmenter": "run", "train_seg": "run",
+    "SegmentationResult": "run", "evaluate": "run", "load_segmenter": "run", "train": "run",
 }
 
 __all__ = sorted(_HOMES)

@@ -9,16 +9,9 @@ shapes. A recipe states ``model_args`` whole: none of the demo's settings leak i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from attnconv.engine.config import (
-    MAX_IMAGE_SIDE,
-    MAX_SEED,
-    TrainerConfig,
-    apply,
-    load_recipe,
-    opt,
-)
+from attnconv.engine.config import MAX_IMAGE_SIDE, ConfigError, RunConfig, TrainerConfig, opt
 
 #: The demo's model: narrow enough to train on 64 px shapes in minutes on 2 CPU cores.
 DEMO_MODEL_ARGS: dict[str, Any] = {
@@ -69,10 +62,15 @@ def _demo_trainer() -> TrainerConfig:
 
 
 @dataclass
-class SegConfig:
-    model: str = opt("resnet18", "backbone: any attnconv.create_model ResNet name")
-    head: str = opt("deeplabv3", "torchvision's head: deeplabv3 or fcn",
-                    choices=("deeplabv3", "fcn"))
+class SegmentationConfig(RunConfig):
+    """The run of ``attnconv train-seg``: ``head`` over the backbone ``model``."""
+
+    task: ClassVar[str] = "segmentation"
+    command: ClassVar[str] = "train-seg"
+    resume_applies: ClassVar[frozenset[str]] = frozenset({"data.num_workers", "data.root"})
+    run_files: ClassVar[frozenset[str]] = frozenset({"seg_metrics.json", "seg_metrics.md"})
+    run_inputs: ClassVar[frozenset[str]] = frozenset({"data"})
+
     model_args: dict = field(default_factory=lambda: dict(DEMO_MODEL_ARGS), metadata={
         "help": "keyword arguments of attnconv.models.segmentation.deeplabv3 / fcn (aux_loss, "
                 "replace_stride_with_dilation, dilated_convs, backbone_args); a recipe states "
@@ -80,25 +78,24 @@ class SegConfig:
     init: str | None = opt(None, "start the backbone from ImageNet weights: torchvision:NAME"
                                  "[.WEIGHTS], timm:NAME or a weights file (attention tensors "
                                  "keep their neutral start)")
-    seed: int = opt(0, "random seed", min=0, max=MAX_SEED)
-    out_dir: str = opt("runs", "folder that holds one sub-folder per run")
-    name: str | None = opt(None, "run sub-folder name (default: HEAD_MODEL-sSEED)")
-    resume: str | None = opt(None, "checkpoint to continue from, or 'last' for RUN/last.ckpt")
-    overwrite: bool = opt(False, "replace an earlier run in the run folder (without it, such a "
-                                 "folder is refused unless resuming)")
+    trainer: TrainerConfig = field(default_factory=_demo_trainer)
+    head: str = opt("deeplabv3", "torchvision's head: deeplabv3 or fcn",
+                    choices=("deeplabv3", "fcn"))
     data: SegDataConfig = field(default_factory=SegDataConfig)
     optim: SegOptimConfig = field(default_factory=SegOptimConfig)
-    trainer: TrainerConfig = field(default_factory=_demo_trainer)
 
     @property
     def run_name(self) -> str:
         return self.name or f"{self.head}_{self.model}-s{self.seed}"
 
+    def check(self) -> None:
+        """Also: a batch of one image for the deeplabv3 head."""
+        super().check()
+        if self.head == "deeplabv3" and self.data.batch_size < 2:
+            # ASPP's image-pooling branch has one value per channel and image for its BatchNorm.
+            raise ConfigError("data.batch_size must be >= 2 for head deeplabv3 (its "
+                              "image-pooling BatchNorm cannot train on one image per batch), "
+                              f"not {self.data.batch_size}; or use head fcn")
 
-def load_seg_recipe(name_or_path: str, config: SegConfig | None = None) -> SegConfig:
-    """A shipped segmentation recipe by name (``deeplabv3_voc_aug``) or a YAML file."""
-    return load_recipe(name_or_path, config or SegConfig())
 
-
-__all__ = ["DEMO_MODEL_ARGS", "SegConfig", "SegDataConfig", "SegOptimConfig", "apply",
-           "load_seg_recipe"]
+__all__ = ["DEMO_MODEL_ARGS", "SegDataConfig", "SegOptimConfig", "SegmentationConfig"]

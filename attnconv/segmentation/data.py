@@ -11,9 +11,10 @@
   with their class masks, 4 classes with background; made when missing, for tests and the CPU
   demo. Its numbers say nothing about real images.
 
-Bad data is a :class:`~attnconv.training.data.DataError` with one line: a missing root, an image
-without a mask, a mask holding a class id the dataset does not have, a mask of another aspect
-ratio than its image (one of the same aspect ratio is resized to the image, nearest neighbour).
+Bad data is a :class:`~attnconv.classification.data.DataError` with one line: a missing root,
+an image without a mask, a mask holding a class id the dataset does not have, a mask of another
+aspect ratio than its image (one of the same aspect ratio is resized to the image, nearest
+neighbour).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from attnconv.training.data import DataError, read_rgb
+from attnconv.classification.data import DataError, read_rgb
 
 #: Mask value of pixels that count for nothing (VOC's object borders), as in torchvision.
 IGNORE_INDEX = 255

@@ -1,5 +1,5 @@
-"""``train_seg`` and ``eval_seg``: the library functions behind ``attnconv train-seg`` and
-``attnconv eval-seg``."""
+"""``train`` and ``evaluate`` of segmentation: the library functions behind ``attnconv
+train-seg`` and ``attnconv eval-seg``."""
 
 from __future__ import annotations
 
@@ -11,29 +11,15 @@ from typing import Any
 
 import lightning as L
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
 from attnconv.analysis.profiling import count_params
-from attnconv.engine.config import ConfigError, apply, to_dict
-from attnconv.engine.trainer import (
-    NonFiniteLossError,
-    check_devices,
-    claim_run_dir,
-    evaluation_trainer,
-    make_trainer,
-    quiet_lightning,
-    result_note,
-    resume_notes,
-    resume_path,
-    run_dir_path,
-    saved_epochs,
-    stopped_note,
-)
-from attnconv.loading import CheckpointError
-from attnconv.models import check_model_name
+from attnconv.engine.config import apply
+from attnconv.engine.run import Fitted, Task, fit
+from attnconv.engine.trainer import evaluation_trainer, quiet_lightning, result_note
+from attnconv.errors import CheckpointError
 from attnconv.models.segmentation import create_segmentation_model
-from attnconv.segmentation.config import SegConfig
+from attnconv.segmentation.config import SegmentationConfig
 from attnconv.segmentation.data import SegmentationSets, build_segmentation_sets, pad_collate
 from attnconv.segmentation.metrics import iou_table
 from attnconv.segmentation.module import Segmenter
@@ -41,7 +27,7 @@ from attnconv.weights import safe_load
 
 
 @dataclass
-class SegResult:
+class SegmentationResult:
     """Validation metrics of a run or a checkpoint (fractions in [0, 1])."""
 
     model: str
@@ -66,7 +52,7 @@ class SegResult:
                 "pixel_acc": self.pixel_acc, "iou": self.iou, "params": self.params}
 
 
-def build_sets(cfg: SegConfig, run_dir: Path) -> SegmentationSets:
+def build_sets(cfg: SegmentationConfig, run_dir: Path) -> SegmentationSets:
     d = cfg.data
     root = d.root if d.root is not None or d.name != "shapes" else str(run_dir / "data")
     return build_segmentation_sets(
@@ -77,7 +63,8 @@ def build_sets(cfg: SegConfig, run_dir: Path) -> SegmentationSets:
                     seed=cfg.seed))
 
 
-def build_model(cfg: SegConfig, num_classes: int, load_init: bool = True) -> torch.nn.Module:
+def build_model(cfg: SegmentationConfig, num_classes: int, load_init: bool = True
+                ) -> torch.nn.Module:
     """The network ``cfg`` describes, its backbone started from ``cfg.init``; without
     ``load_init`` the same network without reading those weights, for a checkpoint to fill."""
     args = dict(cfg.model_args)
@@ -89,13 +76,8 @@ def build_model(cfg: SegConfig, num_classes: int, load_init: bool = True) -> tor
     return model
 
 
-def loaders(cfg: SegConfig, sets: SegmentationSets) -> tuple[DataLoader, DataLoader]:
+def loaders(cfg: SegmentationConfig, sets: SegmentationSets) -> tuple[DataLoader, DataLoader]:
     d = cfg.data
-    if cfg.head == "deeplabv3" and d.batch_size < 2:
-        # ASPP's image-pooling branch has one value per channel and image for its BatchNorm.
-        raise ConfigError("data.batch_size must be >= 2 for head deeplabv3 (its image-pooling "
-                          "BatchNorm cannot train on one image per batch), not "
-                          f"{d.batch_size}; or use head fcn")
     common = dict(num_workers=d.num_workers, collate_fn=pad_collate,
                   persistent_workers=d.num_workers > 0)
     return (DataLoader(sets.train, d.batch_size, shuffle=True, drop_last=len(sets.train) >
@@ -103,73 +85,68 @@ def loaders(cfg: SegConfig, sets: SegmentationSets) -> tuple[DataLoader, DataLoa
             DataLoader(sets.val, d.batch_size, shuffle=False, **common))
 
 
-def _plain(cfg: SegConfig) -> dict[str, Any]:
-    # Only builtins, so that eval-seg reads the checkpoint with torch.load(weights_only=True).
-    return yaml.safe_load(yaml.safe_dump(to_dict(cfg)))
+class Segmentation(Task[SegmentationConfig, SegmentationResult]):
+    """Segmentation's hooks of the run template. The generated shapes go into the run folder
+    unless ``data.root`` says where."""
+
+    monitor = "val_miou"
+    val_loss = "val_loss"
+    tensorboard = False
+
+    def data(self, run_dir: Path) -> SegmentationSets:
+        return build_sets(self.config, run_dir)
+
+    def module(self, sets: SegmentationSets, load_init: bool) -> tuple[Segmenter, str]:
+        cfg = self.config
+        model = build_model(cfg, sets.num_classes, load_init=load_init)
+        meta = {"config": cfg.to_dict(), "class_names": list(sets.class_names)}
+        return Segmenter(model, sets.num_classes, cfg.optim, meta=meta), ""
+
+    def loaders(self, sets: SegmentationSets) -> dict[str, Any]:
+        train, val = loaders(self.config, sets)
+        return {"train_dataloaders": train, "val_dataloaders": val}
+
+    def finish(self, fitted: Fitted) -> SegmentationResult:
+        cfg, trainer, sets = self.config, fitted.trainer, fitted.data
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback \
+            else ""
+        result = _result(cfg, fitted.module, trainer.callback_metrics, sets.class_names)
+        result.run_dir, result.best_checkpoint = fitted.run_dir, Path(best) if best else None
+        result.note = result_note(fitted.last, fitted.best, cfg.trainer.max_epochs,
+                                  "mean IoU (%)", scale=100)
+        if trainer.is_global_zero:
+            _write_report(result, fitted.run_dir)
+        return result
 
 
-def train_seg(cfg: SegConfig, callbacks: Sequence[L.Callback] = ()) -> SegResult:
+def train(cfg: SegmentationConfig, callbacks: Sequence[L.Callback] = ()) -> SegmentationResult:
     """Train ``cfg.head`` over ``cfg.model`` as ``cfg`` says; checkpoints
     (``RUN/checkpoints/{best,last}.ckpt``, best by val mean IoU), logs and the metrics
     (``seg_metrics.json``, ``seg_metrics.md``) go to the run folder.
 
     Bad input (data, model name, options of the model, resume path) raises before training.
     """
-    quiet_lightning()
-    check_model_name(cfg.model)
-    check_devices(cfg.trainer)
-    run_dir = run_dir_path(cfg.out_dir, cfg.run_name)
-    resume = resume_path(cfg.resume, run_dir)
-    for note in resume_notes(resume, _plain(cfg)):
-        print(f"resume: applying {note}")
-    with claim_run_dir(run_dir, resuming=resume is not None, overwrite=cfg.overwrite,
-                       asked=_plain(cfg)):
-        return _train_seg(cfg, run_dir, resume, callbacks)
+    return fit(Segmentation(cfg), callbacks)
 
 
-def _train_seg(cfg: SegConfig, run_dir: Path, resume: Path | None,
-               callbacks: Sequence[L.Callback]) -> SegResult:
-    sets = build_sets(cfg, run_dir)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = build_model(cfg, sets.num_classes, load_init=resume is None)
-    meta = {"config": _plain(cfg), "class_names": list(sets.class_names)}
-    module = Segmenter(model, sets.num_classes, cfg.optim, meta=meta)
-    trainer = make_trainer(cfg.trainer, run_dir, monitor="val_miou", mode="max",
-                           val_loss="val_loss", callbacks=callbacks, tensorboard=False,
-                           resuming=resume is not None)
-    train_loader, val_loader = loaders(cfg, sets)
-    try:
-        trainer.fit(module, train_loader, val_loader, ckpt_path=resume)
-    except NonFiniteLossError as err:
-        raise NonFiniteLossError(f"{err}; {stopped_note(run_dir)}") from None
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    result = _result(cfg, module, trainer.callback_metrics, sets.class_names)
-    result.run_dir, result.best_checkpoint = run_dir, Path(best) if best else None
-    last_saved, best_saved = saved_epochs(trainer, run_dir, "val_miou")
-    result.note = result_note(last_saved, best_saved, cfg.trainer.max_epochs, "mean IoU (%)",
-                              scale=100)
-    if trainer.is_global_zero:
-        _write_report(result, run_dir)
-    return result
-
-
-def _result(cfg: SegConfig, module: Segmenter, metrics: dict[str, Any],
-            class_names: tuple[str, ...] | list[str]) -> SegResult:
+def _result(cfg: SegmentationConfig, module: Segmenter, metrics: dict[str, Any],
+            class_names: tuple[str, ...] | list[str]) -> SegmentationResult:
     iou = module.last_iou if module.last_iou is not None else torch.full(
         (len(class_names),), float("nan"))
-    return SegResult(cfg.model, cfg.head, float(metrics.get("val_miou", float("nan"))),
+    return SegmentationResult(cfg.model, cfg.head, float(metrics.get("val_miou", float("nan"))),
                      float(metrics.get("val_pixel_acc", float("nan"))),
                      {name: float(v) for name, v in zip(class_names, iou, strict=True)},
                      count_params(module.model))
 
 
-def _write_report(result: SegResult, folder: Path) -> None:
+def _write_report(result: SegmentationResult, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "seg_metrics.json").write_text(json.dumps(result.to_dict(), indent=1))
     (folder / "seg_metrics.md").write_text(result.report() + "\n")
 
 
-def load_segmenter(checkpoint: str | Path) -> tuple[torch.nn.Module, SegConfig, dict[str, Any]]:
+def load_segmenter(checkpoint: str | Path
+                   ) -> tuple[torch.nn.Module, SegmentationConfig, dict[str, Any]]:
     """The network of an ``attnconv train-seg`` checkpoint (read weights-only), its config and
     its metadata (with ``epoch``: the epoch it ends, counting from 0)."""
     path = Path(checkpoint)
@@ -178,15 +155,15 @@ def load_segmenter(checkpoint: str | Path) -> tuple[torch.nn.Module, SegConfig, 
             and "class_names" in (state.get("attnconv") or {})):
         raise CheckpointError(f"{path} is not a checkpoint written by `attnconv train-seg`")
     meta = {**state["attnconv"], "epoch": state.get("epoch")}
-    cfg = apply(SegConfig(), meta["config"], where=str(path))
+    cfg = apply(SegmentationConfig(), meta["config"], where=str(path))
     model = build_model(cfg, len(meta["class_names"]), load_init=False)
     model.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()
                            if k.startswith("model.")})
     return model, cfg, meta
 
 
-def eval_seg(checkpoint: str | Path, data_overrides: dict[str, Any] | None = None,
-             accelerator: str = "auto") -> SegResult:
+def evaluate(checkpoint: str | Path, data_overrides: dict[str, Any] | None = None,
+             accelerator: str = "auto") -> SegmentationResult:
     """Mean IoU, pixel accuracy and per-class IoU of a ``train-seg`` checkpoint on its
     validation set; ``data_overrides`` (``{'root': ...}``) change the stored data section."""
     quiet_lightning()
@@ -208,4 +185,4 @@ def eval_seg(checkpoint: str | Path, data_overrides: dict[str, Any] | None = Non
     return result
 
 
-__all__ = ["SegResult", "eval_seg", "load_segmenter", "train_seg"]
+__all__ = ["SegmentationResult", "evaluate", "load_segmenter", "train"]

@@ -1,7 +1,7 @@
 """Networks back from files: :func:`load_model` for export, visualisation and evaluation.
 
-Next to :mod:`attnconv.weights` (which reads the files weights-only) and free of Lightning, so
-``attnconv export`` and ``attnconv viz`` do not import the training wing.
+The files are read weights-only by :mod:`attnconv.weights`. Free of Lightning, so ``attnconv
+export`` and ``attnconv viz`` stay quick.
 """
 
 from __future__ import annotations
@@ -12,20 +12,17 @@ from typing import Any
 
 import torch
 
+from attnconv.errors import CheckpointError
 from attnconv.weights import read_state_dict, safe_load
 
 __all__ = ["CheckpointError", "Trained", "is_trained_checkpoint", "load_model", "load_trained"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as asked (wrong kind, wrong model, refused)."""
 
 
 @dataclass
 class Trained:
     """A network restored from an ``attnconv train`` checkpoint, with its run's settings."""
     model: torch.nn.Module
-    config: Any  # attnconv.training.config.RunConfig
+    config: Any  # attnconv.classification.config.ClassificationConfig
     meta: dict[str, Any]
 
     @property
@@ -47,15 +44,16 @@ def _read(checkpoint: str | Path) -> Any:
 def load_trained(checkpoint: str | Path, state: dict[str, Any] | None = None) -> Trained:
     """Rebuild the network of an ``attnconv train`` checkpoint (read weights-only, unless its
     already loaded ``state`` is given)."""
-    from attnconv.training.config import RunConfig, apply
-    from attnconv.training.models import build_model
+    from attnconv.classification.config import ClassificationConfig
+    from attnconv.classification.models import build_model
+    from attnconv.engine.config import apply
 
     state = _read(checkpoint) if state is None else state
     if not is_trained_checkpoint(state):
         raise CheckpointError(f"{checkpoint} is not a checkpoint written by `attnconv train`")
     meta = state["attnconv"]
     _check_classifier_meta(meta, checkpoint)
-    cfg = apply(RunConfig(), meta["config"], where=str(checkpoint))
+    cfg = apply(ClassificationConfig(), meta["config"], where=str(checkpoint))
     model = build_model(cfg.model, meta["num_classes"], meta["in_chans"], **cfg.model_args)
     # Classifier keeps the network as `model`: its state-dict keys are `model.<name>`.
     _load_weights(model, {k.removeprefix("model."): v for k, v in state["state_dict"].items()
@@ -105,7 +103,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, **kwargs: Any
     rebuilt; ``name`` must match) or a plain state dict (``{'state_dict': ...}`` accepted),
     loaded strictly into ``create_model(name, **kwargs)``. Files are read weights-only.
     """
-    from attnconv.training.models import build_model
+    from attnconv.classification.models import build_model
 
     if checkpoint is None:
         return build_model(name, **kwargs), None

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from attnconv.classification.config import OptimConfig
 from attnconv.engine import schedule
-from attnconv.engine.trainer import NonFiniteLossError, stop_if_not_finite
-from attnconv.training.config import OptimConfig
+from attnconv.engine.trainer import stop_if_not_finite
 
-__all__ = ["Classifier", "NonFiniteLossError", "lr_factor"]
+__all__ = ["Classifier", "lr_factor"]
 
 
 def lr_factor(epoch: int, optim: OptimConfig, max_epochs: int) -> float:

@@ -12,25 +12,26 @@ import torch
 from torch import nn
 
 from attnconv.analysis.profiling import median_times
+from attnconv.classification.config import ClassificationConfig
+from attnconv.engine.config import apply, load_recipe
 from attnconv.engine.tables import markdown_table
-from attnconv.training.config import RunConfig, apply, load_recipe
 
 if TYPE_CHECKING:
-    from attnconv.training.data import Datasets
+    from attnconv.classification.data import Datasets
 
 #: The three variants of a narrow CIFAR-stem ResNet-18 the demo compares.
 DEMO_MODELS = ("resnet18", "resnet18_aw", "resnet18_rfa")
 
 
 def demo_config(out_dir: str = "runs/demo", progress_bar: bool = False,
-                max_epochs: int | None = None) -> RunConfig:
-    """The RunConfig of ``attnconv demo``: the shipped ``demo`` recipe, writing to
+                max_epochs: int | None = None) -> ClassificationConfig:
+    """The config of ``attnconv demo``: the shipped ``demo`` recipe, writing to
     ``OUT_DIR/compare`` (a demo run replaces the previous one)."""
     values: dict = {"out_dir": out_dir, "name": "compare", "overwrite": True,
                     "trainer": {"progress_bar": progress_bar}}
     if max_epochs is not None:
         values["trainer"]["max_epochs"] = max_epochs
-    return apply(load_recipe("demo"), values, where="demo options")
+    return apply(load_recipe("demo", ClassificationConfig), values, where="demo options")
 
 
 def _train_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor):
@@ -55,13 +56,13 @@ def train_throughput(models: dict[str, nn.Module], images: torch.Tensor,
     return {name: len(images) / seconds[name] for name in models}
 
 
-def throughput_report(names: Sequence[str], cfg: RunConfig, sets: Datasets,
+def throughput_report(names: Sequence[str], cfg: ClassificationConfig, sets: Datasets,
                       rounds: int = 5) -> str:
     """:func:`train_throughput` of the models ``names`` as ``cfg`` builds them for ``sets``, on
     one random batch of ``cfg``'s batch size and the data's image size, as a table with each
     model's ratio to the first, headed by the machine's load average (1 minute) before and
     after."""
-    from attnconv.training.models import build_model
+    from attnconv.classification.models import build_model
 
     torch.manual_seed(0)
     batch = cfg.data.batch_size

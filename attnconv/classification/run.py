@@ -15,41 +15,34 @@ import torch
 
 from attnconv.analysis import profiling
 from attnconv.analysis.profiling import count_macs, count_params
-from attnconv.engine.progress import JobProgress
-from attnconv.engine.tables import markdown_table
-from attnconv.engine.trainer import (
-    NonFiniteLossError,
-    SavedEpoch,
-    check_devices,
-    check_run_dir,
-    claim_run_dir,
-    evaluation_trainer,
-    make_trainer,
-    quiet_lightning,
-    result_note,
-    resume_notes,
-    resume_path,
-    run_dir_path,
-    saved_epochs,
-    stopped_note,
-)
-from attnconv.loading import Trained, is_trained_checkpoint, load_model, load_trained
-from attnconv.pretrained import init_from
-from attnconv.training.callbacks import Throughput
-from attnconv.training.config import ConfigError, RunConfig, apply, check_model_args
-from attnconv.training.data import ClassificationData, Datasets, build_datasets
-from attnconv.training.models import build_model, check_model_name
-from attnconv.training.module import Classifier
-from attnconv.training.report import (
+from attnconv.classification.config import ClassificationConfig
+from attnconv.classification.data import ClassificationData, Datasets, build_datasets
+from attnconv.classification.loading import load_trained
+from attnconv.classification.models import build_model
+from attnconv.classification.module import Classifier
+from attnconv.classification.report import (
     difference_text,
     mean_std_text,
     plot_comparison,
     plot_training_curves,
 )
+from attnconv.engine.callbacks import Throughput
+from attnconv.engine.config import ConfigError, apply
+from attnconv.engine.progress import JobProgress
+from attnconv.engine.run import Fitted, Task, fit
+from attnconv.engine.tables import markdown_table
+from attnconv.engine.trainer import (
+    SavedEpoch,
+    check_run_dir,
+    evaluation_trainer,
+    quiet_lightning,
+    result_note,
+    run_dir_path,
+)
+from attnconv.pretrained import init_from
 
-# Re-exported: they lived here before attnconv.loading.
-__all__ = ["Comparison", "RunResult", "Trained", "compare", "comparison_table", "evaluate",
-           "is_trained_checkpoint", "load_model", "load_trained", "summary_table", "train"]
+__all__ = ["Comparison", "RunResult", "compare", "comparison_table", "evaluate",
+           "summary_table", "train"]
 
 SUMMARY_HEADERS = ("model", "top-1 (%)", "top-5 (%)", "val loss", "params (M)", "MACs (M)",
                    "train img/s")
@@ -82,11 +75,6 @@ class RunResult:
                 self.macs / 1e6, self.img_per_s)
 
 
-def _meta(cfg: RunConfig, sets: Datasets) -> dict[str, Any]:
-    return {"config": cfg.to_dict(), "num_classes": sets.num_classes, "in_chans": sets.in_chans,
-            "image_size": sets.image_size}
-
-
 def _model_cost(model: torch.nn.Module, sets: Datasets) -> tuple[int, int]:
     x = torch.zeros(1, sets.in_chans, sets.image_size, sets.image_size)
     was_training = model.training
@@ -105,7 +93,57 @@ def model_summary(models: dict[str, torch.nn.Module], sets: Datasets) -> str:
         input_label=f"{size} image")
 
 
-def train(cfg: RunConfig, callbacks: Sequence[L.Callback] = (),
+class Classification(Task[ClassificationConfig, RunResult]):
+    """Image classification's hooks of the run template."""
+
+    monitor = "val_top1"
+    val_loss = "val_loss"
+
+    def __init__(self, config: ClassificationConfig, sets: Datasets | None = None) -> None:
+        super().__init__(config)
+        self.sets = sets
+        self.cost = (0, 0)
+
+    def callbacks(self) -> list[L.Callback]:
+        return [Throughput()]
+
+    def data(self, run_dir: Path) -> Datasets:
+        return self.sets or build_datasets(self.config.data)
+
+    def module(self, sets: Datasets, load_init: bool) -> tuple[Classifier, str]:
+        cfg = self.config
+        model = build_model(cfg.model, sets.num_classes, sets.in_chans, **cfg.model_args)
+        if cfg.init and load_init:
+            print(init_from(model, cfg.init))
+        self.cost = _model_cost(model, sets)
+        meta = {"config": cfg.to_dict(), "num_classes": sets.num_classes,
+                "in_chans": sets.in_chans, "image_size": sets.image_size}
+        module = Classifier(model, sets.num_classes, cfg.optim, cfg.trainer.max_epochs,
+                            channels_last=cfg.channels_last, compile=cfg.compile, meta=meta)
+        return module, model_summary({cfg.model: model}, sets)
+
+    def loaders(self, sets: Datasets) -> dict[str, Any]:
+        return {"datamodule": ClassificationData(self.config.data, sets)}
+
+    def finish(self, fitted: Fitted) -> RunResult:
+        cfg, trainer, run_dir = self.config, fitted.trainer, fitted.run_dir
+        plot = None
+        if trainer.is_global_zero:
+            csv_paths = sorted(run_dir.glob("logs*/metrics.csv"))
+            if csv_paths:
+                plot = plot_training_curves(csv_paths, run_dir / "curves.png", title=cfg.model)
+        m = trainer.callback_metrics
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback \
+            else ""
+        return RunResult(cfg.model, cfg.seed, 100 * float(m.get("val_top1", float("nan"))),
+                         100 * float(m.get("val_top5", float("nan"))),
+                         float(m.get("val_loss", float("nan"))), *self.cost,
+                         float(m.get("train_img_per_s", float("nan"))), run_dir,
+                         Path(best) if best else None, plot, fitted.last, fitted.best,
+                         cfg.trainer.max_epochs)
+
+
+def train(cfg: ClassificationConfig, callbacks: Sequence[L.Callback] = (),
           progress: JobProgress | None = None) -> RunResult:
     """Train ``cfg.model`` as ``cfg`` says; checkpoints, logs and plot go to the run folder.
 
@@ -114,61 +152,7 @@ def train(cfg: RunConfig, callbacks: Sequence[L.Callback] = (),
 
     Bad input (data, model name, resume path) raises before any training step.
     """
-    quiet_lightning()
-    check_devices(cfg.trainer)
-    check_model_name(cfg.model)
-    check_model_args(cfg.model_args)
-    sets = build_datasets(cfg.data)
-    run_dir = run_dir_path(cfg.out_dir, cfg.name or f"{cfg.model}-s{cfg.seed}")
-    resume = resume_path(cfg.resume, run_dir)
-    for note in resume_notes(resume, cfg.to_dict()):
-        print(f"resume: applying {note}")
-    check_run_dir(run_dir, resuming=resume is not None, overwrite=cfg.overwrite,
-                  asked=cfg.to_dict())
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    model = build_model(cfg.model, sets.num_classes, sets.in_chans, **cfg.model_args)
-    if cfg.init and resume is None:  # a resumed run's checkpoint holds the weights
-        print(init_from(model, cfg.init))
-    params, macs = _model_cost(model, sets)
-    job = progress or JobProgress(f"train {cfg.model}", detail=cfg.trainer.progress_bar)
-    if progress is None:
-        job.write(model_summary({cfg.model: model}, sets))
-    module = Classifier(model, sets.num_classes, cfg.optim, cfg.trainer.max_epochs,
-                        channels_last=cfg.trainer.channels_last, compile=cfg.trainer.compile,
-                        meta=_meta(cfg, sets))
-    try:
-        with claim_run_dir(run_dir, resuming=resume is not None, overwrite=cfg.overwrite,
-                           asked=cfg.to_dict()):
-            trainer = make_trainer(cfg.trainer, run_dir, monitor="val_top1", mode="max",
-                                   val_loss="val_loss",
-                                   callbacks=[Throughput(),
-                                              job.callback(f"{cfg.model} s{cfg.seed}"),
-                                              *callbacks],
-                                   resuming=resume is not None)
-            job.bar.refresh()  # the trainer is accepted: the bar shows from here
-            try:
-                trainer.fit(module, datamodule=ClassificationData(cfg.data, sets),
-                            ckpt_path=resume)
-            except NonFiniteLossError as err:
-                raise NonFiniteLossError(f"{err}; {stopped_note(run_dir)}") from None
-            plot = None
-            if trainer.is_global_zero:
-                csv_paths = sorted(run_dir.glob("logs*/metrics.csv"))
-                if csv_paths:
-                    plot = plot_training_curves(csv_paths, run_dir / "curves.png",
-                                                title=cfg.model)
-    finally:
-        if progress is None:
-            job.close()
-    m = trainer.callback_metrics
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    last_saved, best_saved = saved_epochs(trainer, run_dir, "val_top1")
-    return RunResult(cfg.model, cfg.seed, 100 * float(m.get("val_top1", float("nan"))),
-                     100 * float(m.get("val_top5", float("nan"))),
-                     float(m.get("val_loss", float("nan"))), params, macs,
-                     float(m.get("train_img_per_s", float("nan"))), run_dir,
-                     Path(best) if best else None, plot, last_saved, best_saved,
-                     cfg.trainer.max_epochs)
+    return fit(Classification(cfg), callbacks, progress)
 
 
 def evaluate(checkpoint: str | Path, data_overrides: dict[str, Any] | None = None,
@@ -205,7 +189,7 @@ COMPARE_HEADERS = ("model", "top-1 (%) mean ± std", "Δ top-1 vs first [95% CI]
                    "params (M)", "MACs (M)", "seeds")
 
 
-def compare(models: Sequence[str], seeds: int, cfg: RunConfig) -> Comparison:
+def compare(models: Sequence[str], seeds: int, cfg: ClassificationConfig) -> Comparison:
     """Train every model with seeds ``cfg.seed .. cfg.seed + seeds - 1`` under ``cfg``.
 
     The difference to the first model comes with a Welch t 95% interval over the seeds.
@@ -214,29 +198,29 @@ def compare(models: Sequence[str], seeds: int, cfg: RunConfig) -> Comparison:
         raise ConfigError(f"seeds must be >= 1, not {seeds}")
     if not models:
         raise ConfigError("compare needs at least one model name")
-    for name in models:  # every name is checked before the first model trains (or a bar shows)
-        check_model_name(name)
-    check_model_args(cfg.model_args)
-    sets = build_datasets(cfg.data)
     folder = run_dir_path(cfg.out_dir, cfg.name or "compare")
-    for name in models:  # every run folder is checked before the first model trains
-        for seed in range(cfg.seed, cfg.seed + seeds):
-            check_run_dir(folder / f"{name}-s{seed}", resuming=False, overwrite=cfg.overwrite,
-                          can_resume=False)
+    runs = {name: [dataclasses.replace(cfg, model=name, seed=seed, out_dir=str(folder),
+                                       name=f"{name}-s{seed}", resume=None)
+                   for seed in range(cfg.seed, cfg.seed + seeds)] for name in models}
+    for configs in runs.values():  # every run is checked before the first one trains
+        configs[0].check()
+        for run in configs:
+            check_run_dir(folder / run.run_name, run, resuming=False, can_resume=False)
+    sets = build_datasets(cfg.data)
     with JobProgress("compare", len(models) * seeds, detail=cfg.trainer.progress_bar) as job:
-        return _compare(models, seeds, cfg, job, sets, folder)
+        return _compare(runs, cfg, job, sets, folder)
 
 
-def _compare(models: Sequence[str], seeds: int, cfg: RunConfig, job: JobProgress,
-             sets: Datasets, folder: Path) -> Comparison:
+def _compare(runs: dict[str, list[ClassificationConfig]], cfg: ClassificationConfig,
+             job: JobProgress, sets: Datasets, folder: Path) -> Comparison:
     job.write(model_summary({name: build_model(name, sets.num_classes, sets.in_chans,
-                                               **cfg.model_args) for name in models}, sets))
+                                               **cfg.model_args) for name in runs}, sets))
     results: dict[str, list[RunResult]] = {}
-    for name in models:
-        for seed in range(cfg.seed, cfg.seed + seeds):
-            run = dataclasses.replace(cfg, model=name, seed=seed, out_dir=str(folder),
-                                      name=f"{name}-s{seed}", resume=None)
-            results.setdefault(name, []).append(train(run, progress=job))
+    for name, configs in runs.items():
+        for run in configs:
+            results.setdefault(name, []).append(fit(Classification(run, sets), progress=job,
+                                                      checked=True))
+    seeds = len(next(iter(runs.values())))
     table = comparison_table(results)
     plot = plot_comparison({n: [r.top1 for r in rs] for n, rs in results.items()},
                            folder / "compare.png",
