@@ -37,7 +37,7 @@ def assert_matches_official(ref: nn.Module, layer: nn.Module, x: torch.Tensor, *
     torch.testing.assert_close(out, out_ref, **tol)
     torch.testing.assert_close(grad, grad_ref, **tol)
     ref_params, ref_state = dict(ref.named_parameters()), ref.state_dict()
-    for key, (tensor, _) in layer._official_keys().items():
+    for key, (tensor, _) in layer.official_keys().items():
         torch.testing.assert_close(tensor.reshape(ref_state[key].shape), ref_state[key],
                                    msg=key, **tol)
         if key in ref_params:

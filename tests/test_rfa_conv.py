@@ -45,7 +45,7 @@ def run(module: nn.Module, x: torch.Tensor):
 
 def assert_same_parameter_grads(ref: nn.Module, layer) -> None:
     ref_params = dict(ref.named_parameters())
-    for key, (tensor, _) in layer._official_keys().items():
+    for key, (tensor, _) in layer.official_keys().items():
         if key in ref_params:
             torch.testing.assert_close(tensor.grad.reshape(ref_params[key].shape),
                                        ref_params[key].grad, msg=key)
@@ -69,7 +69,7 @@ def test_matches_official_module(cls, stride, train, shape):
     torch.testing.assert_close(grad, grad_ref)
     assert_same_parameter_grads(ref, layer)
     ref_state = ref.state_dict()
-    for key, (tensor, _) in layer._official_keys().items():  # running statistics included
+    for key, (tensor, _) in layer.official_keys().items():  # running statistics included
         torch.testing.assert_close(tensor.reshape(ref_state[key].shape), ref_state[key], msg=key)
 
 

@@ -136,7 +136,7 @@ def test_layer_double_backward_equals_official(train):
         (gx,) = torch.autograd.grad(module(xi).square().sum(), xi, create_graph=True)
         gx.square().sum().backward()
     ref_params = dict(ref.named_parameters())
-    for key, (tensor, _) in layer._official_keys().items():
+    for key, (tensor, _) in layer.official_keys().items():
         if key in ref_params:
             torch.testing.assert_close(tensor.grad.reshape(ref_params[key].shape),
                                        ref_params[key].grad, msg=key)

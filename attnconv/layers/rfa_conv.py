@@ -275,8 +275,9 @@ class _ReceptiveFieldConv2d(AttentionConv2d):
 
     # -- importing the official modules' parameters --
 
-    def _official_keys(self) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
-        """official key -> (this layer's tensor, the official shape)."""
+    def official_keys(self) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
+        """official key -> (this layer's tensor, the official shape): what
+        :meth:`load_official_state_dict` fills from an official module's state dict."""
         c, k2, k = self.in_channels, self.taps, self.kernel_size[0]
         p = self._official_feature_prefix
         keys = {
@@ -301,7 +302,7 @@ class _ReceptiveFieldConv2d(AttentionConv2d):
         the official module's output. Missing, mis-shaped or unknown keys raise a ValueError
         naming them.
         """
-        keys = self._official_keys()
+        keys = self.official_keys()
         bn_prefix = f"{self._official_feature_prefix}.1."
         trailing = {k: v for k, v in state_dict.items() if k.startswith("conv.1.")}
         optional = {f"{bn_prefix}num_batches_tracked"}
@@ -409,8 +410,8 @@ class RFAConv2d(_ReceptiveFieldConv2d):
                                  self._logit_scale(), self._pointwise_weight(x.dtype),
                                  cast(self.bias, x.dtype))
 
-    def _official_keys(self):
-        keys = super()._official_keys()
+    def official_keys(self):
+        keys = super().official_keys()
         keys["get_weight.1.weight"] = (self.attn_logit_scale,
                                        (self.in_channels * self.taps, 1, 1, 1))
         return keys
@@ -553,8 +554,8 @@ class RFCBAMConv2d(_TileAttentionConv2d):
         spatial = spatial.view(n, h, k, w, k).permute(0, 1, 3, 2, 4).reshape(n, h, w, k2)
         return channel.to(x.dtype), spatial.to(x.dtype)
 
-    def _official_keys(self):
-        keys = super()._official_keys()
+    def official_keys(self):
+        keys = super().official_keys()
         c, r = self.in_channels, self.hidden_channels
         keys["se.fc.0.weight"] = (self.channel_fc1.weight, (r, c))
         keys["se.fc.2.weight"] = (self.channel_fc2.weight, (c, r))
@@ -643,8 +644,8 @@ class RFCAConv2d(_TileAttentionConv2d):
         a_w = torch.sigmoid(self.coord_conv_w(y_w)).view(n, c, w, k).permute(0, 2, 3, 1)
         return a_h.to(x.dtype), a_w.to(x.dtype)
 
-    def _official_keys(self):
-        keys = super()._official_keys()
+    def official_keys(self):
+        keys = super().official_keys()
         c, mip = self.in_channels, self.coord_conv.out_channels
         keys.update({
             "conv1.weight": (self.coord_conv.weight, (mip, c, 1, 1)),
