@@ -641,9 +641,14 @@ class RFCAConv2d(_TileAttentionConv2d):
     def attention(self, x: torch.Tensor, g: torch.Tensor, update_stats: bool = True
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         n, c, k, _, h, w = g.shape
+        if is_exporting():
+            # onnxruntime reduces one axis at a time ~3x faster than two axes apart
+            row_means, col_means = g.mean(5).mean(3), g.mean(4).mean(2)
+        else:
+            row_means, col_means = g.mean(dim=(3, 5)), g.mean(dim=(2, 4))
         # rows of the rearranged map are h' * k + i, columns w' * k + j
-        rows = g.mean(dim=(3, 5)).transpose(2, 3).reshape(n, c, h * k, 1)
-        cols = g.mean(dim=(2, 4)).transpose(2, 3).reshape(n, c, w * k, 1)
+        rows = row_means.transpose(2, 3).reshape(n, c, h * k, 1)
+        cols = col_means.transpose(2, 3).reshape(n, c, w * k, 1)
         y = self.coord_conv(torch.cat([rows, cols], dim=2))
         bn = self.coord_bn
         if update_stats or not bn.training:
