@@ -106,6 +106,48 @@ def test_rfa_layers_export_with_the_batchnorm_folded(name):
     assert norm_widths == ([layer.coord_bn.num_features] if name == "rfca" else [])
 
 
+@pytest.mark.parametrize("name", ["rfa", "rfcbam", "rfca"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_rfa_layers_exported_formulation_equals_eager_in_float64(name, stride, monkeypatch):
+    layer = trained_like(create_conv(name, 4, 6, 3, stride, impl="eager")).double()
+    with torch.no_grad():  # logits large enough that an unshifted exp would overflow
+        if name == "rfa":
+            layer.attn_logit_scale.mul_(5000.0)
+    x = torch.randn(3, 4, 11, 11, dtype=torch.float64)
+    with torch.no_grad():
+        eager = layer(x)
+        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+        exported = layer(x)
+    assert torch.isfinite(exported).all()
+    torch.testing.assert_close(exported, eager, rtol=1e-12, atol=1e-12)
+
+
+def onnx_nodes(layer: nn.Module, path) -> tuple[list[onnx.NodeProto], dict[str, int]]:
+    """The nodes of ``layer``'s ONNX export and the rank of every value they make."""
+    export_onnx(layer, path, input_size=(4, 16, 16))
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in model.graph.value_info}
+    return list(model.graph.node), ranks
+
+
+def test_rfaconv_exports_without_softmax_or_5d_tensors(tmp_path):
+    # onnxruntime's Softmax over a middle axis transposes the k2-sized tensor there and back
+    nodes, ranks = onnx_nodes(trained_like(create_conv("rfa", 4, 6, 3, 1)), tmp_path / "a.onnx")
+    assert "Softmax" not in {node.op_type for node in nodes}
+    assert max(ranks.values()) == 4
+
+
+@pytest.mark.parametrize("name", ["rfa", "rfcbam", "rfca"])
+def test_rfa_layers_export_the_relu_right_after_the_depthwise_conv(name, tmp_path):
+    # what onnxruntime fuses into one conv
+    nodes, _ = onnx_nodes(trained_like(create_conv(name, 4, 6, 3, 1)), tmp_path / "a.onnx")
+    depthwise = [node for node in nodes if node.op_type == "Conv"
+                 and any(a.name == "group" and a.i == 4 for a in node.attribute)]
+    assert len(depthwise) == 1
+    consumers = [node.op_type for node in nodes if depthwise[0].output[0] in node.input]
+    assert consumers == ["Relu"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,onnx_too", ZOO.items())
 def test_zoo_models_export(name, onnx_too, tmp_path):

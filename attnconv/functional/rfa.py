@@ -285,6 +285,30 @@ def rfa_attended_conv(z: torch.Tensor, gamma: torch.Tensor | None, beta: torch.T
     return F.conv2d(attended.flatten(1, 2), weight, bias)
 
 
+def rfa_attended_conv_folded(g: torch.Tensor, pooled: torch.Tensor, logit_scale: torch.Tensor,
+                             weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """RFAConv after its depthwise conv in eval mode, on 4-d tensors: conv_1x1(g *
+    softmax_t(pooled * a)) for g = ReLU(z) (N, C * k2, H, W) with the BN folded into z,
+    pooled (N, C, H, W) and the logit scales a (C, k2).
+
+    The form onnxruntime runs fastest (the layers take it under export): its Softmax over a
+    middle axis transposes the k2-sized tensor there and back, so the softmax is exp / sum
+    over the taps of logits shifted by their exact maximum, m * max_t(a) or m * min_t(a), found
+    on C-sized tensors; no tensor has more than 4 dims, so nothing stands between the
+    depthwise conv and its ReLU.
+    """
+    n, _, h, w = g.shape
+    c, k2 = logit_scale.shape
+    acc = accumulate_dtype(g.dtype)
+    m = cast(pooled, acc).reshape(n, c, 1, h * w)
+    a = cast(logit_scale, acc).view(1, c, k2, 1)
+    shift = torch.maximum(m * a.amax(2, keepdim=True), m * a.amin(2, keepdim=True))
+    e = torch.exp(m * a - shift)
+    attention = cast(e / e.sum(2, keepdim=True), g.dtype)
+    attended = (g.view(n, c, k2, h * w) * attention).view(n, c * k2, h, w)
+    return F.conv2d(attended, weight, bias)
+
+
 def bn_relu(z: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None,
             stats: Stats, eps: float) -> torch.Tensor:
     """ReLU(BN(z)) (or ReLU(z) when ``stats`` is None), keeping only z for backward.

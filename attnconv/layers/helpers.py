@@ -96,6 +96,11 @@ def check_conv_input(layer: nn.Module, x: torch.Tensor, in_channels: int) -> Non
                         f"float64, bfloat16 or float16), got {x.dtype}")
 
 
+def is_exporting() -> bool:
+    """Whether the call is being traced by ``torch.export`` or the ONNX exporter."""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
 def layer_name(layer: nn.Module) -> str:
     """``ClassName(extra_repr)``, the way the layer prints, for error messages."""
     return f"{type(layer).__name__}({layer.extra_repr()})"
