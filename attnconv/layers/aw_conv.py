@@ -47,7 +47,7 @@ from attnconv.functional.aw import (
     aw_kernels,
 )
 from attnconv.layers.base import AttentionConv2d
-from attnconv.layers.helpers import check_conv_args, check_positive
+from attnconv.layers.helpers import check_conv_args, check_positive, is_exporting
 
 Impl = Literal["auto", "chunked", "grouped", "unfold"]
 IMPLS: tuple[str, ...] = ("auto", "chunked", "grouped", "unfold")
@@ -55,10 +55,6 @@ IMPLS: tuple[str, ...] = ("auto", "chunked", "grouped", "unfold")
 #: Pointconv1's width R. Pointconv2 costs (R + 1) * C_out * C_in/g parameters, so R = 4 keeps a
 #: ResNet-50 with AW in every bottleneck 3x3 conv at +24.7% parameters (spec: at most ~25%).
 DEFAULT_ATTN_CHANNELS = 4
-
-
-def _exporting() -> bool:
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 class AWConv2d(AttentionConv2d):
@@ -168,7 +164,7 @@ class AWConv2d(AttentionConv2d):
 
     def resolved_impl(self, x: torch.Tensor) -> str:
         """The path :meth:`forward` takes for ``x``: ``impl``, with 'auto' and export resolved."""
-        if _exporting():
+        if is_exporting():
             return "unfold"
         if self.impl != "auto":
             return self.impl
