@@ -527,9 +527,6 @@ class RFCBAMConv2d(_TileAttentionConv2d):
     """
 
     _tile_kind = 0
-    # in eval its eager formulation (two small reductions over channels) measured faster than
-    # the fused kernels; in training the fused kernels did
-    _auto_fused = (False, True)
 
     def __init__(
         self,
