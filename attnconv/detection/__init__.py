@@ -7,8 +7,7 @@ Names are imported on first use, so that ``attnconv --help`` does not load Light
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from attnconv._lazy import lazy_getattr
 
 _HOMES = {
     "COCO_METRICS": "coco_eval", "coco_box_metrics": "coco_eval", "metrics_table": "coco_eval",
@@ -21,8 +20,4 @@ _HOMES = {
 
 __all__ = sorted(_HOMES)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'attnconv.detection' has no attribute '{name}'")
-    return getattr(importlib.import_module(f"attnconv.detection.{_HOMES[name]}"), name)
+__getattr__ = lazy_getattr(__name__, _HOMES)
