@@ -7,7 +7,9 @@ interleaved rounds: conv + BN + ReLU (the baseline); the tile GEMM's floor (one 
 (positions, k2 * C) features by the final conv, the multiply-adds of the 3x3 conv it replaces);
 the features pass (``rfa_feature_stats``: every position's depthwise features, summed); and each
 operator of the three layers: RFAConv's forward and backward, RFCBAM/RFCA's reduction and
-product passes and their backward passes. What a forward costs beyond features + GEMM is its
+product passes and their backward passes as a training step runs them (the product backward
+hands its share of dL/du to the reduction backward, which runs the BN + depthwise backward and
+the dx gather once for both). What a forward costs beyond features + GEMM is its
 attention and product; what a backward costs beyond two features passes and two GEMMs is its
 BN, depthwise and input-gradient passes.
 """
@@ -37,40 +39,45 @@ def phases(batch: int, channels: int, size: int, stride: int) -> dict[str, objec
     cbr = torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 3, stride, 1),
                               torch.nn.BatchNorm2d(channels), torch.nn.ReLU()).eval()
     rfa = RFAConv2d(channels, channels, 3, stride, impl="fused").eval()
-    with torch.no_grad():
-        t = rfa._operands(x)
+    bn = rfa.feature_bn
+    # the operators take the layer's tensors as it holds them
+    common = (x, rfa.feature_conv.weight.detach(), bn.weight.detach(), bn.bias.detach(),
+              bn.running_mean, bn.running_var)
+    a, weight, bias = (rfa.attn_logit_scale.detach(), rfa.weight.detach(), rfa.bias.detach())
     out_size = (size - 1) // stride + 1
-    positions, features = batch * out_size * out_size, t["wt"].shape[1]
+    positions, features = batch * out_size * out_size, channels * 9
     attended = torch.randn(positions, features)
+    wt = weight.reshape(channels, features)
     grad = torch.randn(batch, channels, out_size, out_size).contiguous(
         memory_format=torch.channels_last)
-    a = rfa.attn_logit_scale.detach().t().contiguous()
-    common = tuple(t[k].detach() for k in ("x", "wdt", "gamma", "beta", "mean", "inv_std"))
-    k, s = t["kernel_size"], t["stride"]
-    wt, bias = t["wt"].detach(), t["bias"].detach()
+    s = stride
     calls = {
         "conv + BN + ReLU": lambda: cbr(x),
         "GEMM floor (torch.mm)": lambda: attended @ wt.t(),
-        "features pass (rfa_feature_stats)": lambda: rfa_feature_stats(common[0], common[1], k,
-                                                                      s),
-        "rfa: forward": lambda: rfa_fused(*common, a, wt, bias, k, s, False, 1e-5),
-        "rfa: backward": lambda: rfa_fused_backward(grad, *common, a, wt, True, k, s, True),
+        "features pass (rfa_feature_stats)": lambda: rfa_feature_stats(x, common[1], s),
+        "rfa: forward": lambda: rfa_fused(*common, a, weight, bias, s, False, 1e-5),
+        "rfa: backward": lambda: rfa_fused_backward(grad, *common, a, weight, True, s, True,
+                                                    1e-5),
     }
     for name, cls, kind in (("rfcbam", RFCBAMConv2d, 0), ("rfca", RFCAConv2d, 1)):
         layer = cls(channels, channels, 3, stride, impl="fused").eval()
         with torch.no_grad():
-            r1, r2 = rfa_tile_reduce(*common, k, s, kind, False, 1e-5)
-            f1, f2 = layer._fused_factors(common[0], r1, r2)
+            r1, r2, _ = rfa_tile_reduce(*common, s, kind, False, 1e-5)
+            f1, f2 = layer._factors(x, r1, r2)
+            # the attend op's share of dL/du, as its backward hands it on in training
+            du = rfa_tile_attend_backward(grad, *common, f1, f2, weight, True, s, kind, True,
+                                          True, 1e-5)[-1]
         calls.update({
-            f"{name}: reduction pass": lambda kind=kind: rfa_tile_reduce(*common, k, s, kind,
-                                                                         False, 1e-5),
+            f"{name}: reduction pass": lambda kind=kind: rfa_tile_reduce(*common, s, kind, False,
+                                                                         1e-5),
             f"{name}: product + GEMM pass": lambda kind=kind, f1=f1, f2=f2: rfa_tile_attend(
-                *common, f1, f2, wt, bias, k, s, kind, False, 1e-5),
-            f"{name}: reduction backward": lambda kind=kind, r1=r1, r2=r2: (
-                rfa_tile_reduce_backward(torch.ones_like(r1), torch.ones_like(r2), *common, k,
-                                         s, kind, True)),
-            f"{name}: product backward": lambda kind=kind, f1=f1, f2=f2: (
-                rfa_tile_attend_backward(grad, *common, f1, f2, wt, True, k, s, kind, True)),
+                *common, f1, f2, weight, bias, None, s, kind, False, 1e-5),
+            f"{name}: product backward (tail handed on)": lambda kind=kind, f1=f1, f2=f2: (
+                rfa_tile_attend_backward(grad, *common, f1, f2, weight, True, s, kind, True,
+                                         True, 1e-5)),
+            f"{name}: reduction backward + the tail": lambda kind=kind, r1=r1, r2=r2, du=du: (
+                rfa_tile_reduce_backward(torch.ones_like(r1), torch.ones_like(r2), du, *common,
+                                         s, kind, True, 1e-5)),
         })
     return calls
 

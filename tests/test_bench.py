@@ -175,7 +175,7 @@ def test_bench_rfa_phases_times_every_phase_at_tiny_shapes(bench, monkeypatch, c
     out = capsys.readouterr().out
     assert out.count("### phases at (2, 8, 8, 8)") == 2  # stride 1 and 2
     for phase in ("GEMM floor (torch.mm)", "features pass (rfa_feature_stats)", "rfa: backward",
-                  "rfcbam: product backward", "rfca: reduction pass"):
+                  "rfcbam: product backward (tail handed on)", "rfca: reduction pass"):
         assert out.count(f"| {phase} |") == 2
 
 

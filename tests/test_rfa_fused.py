@@ -10,9 +10,8 @@ import pytest
 import torch
 from helpers import assert_matches_official, randomise, run
 
-from attnconv import AWConv2d, RFAConv2d, set_impl, use_impl
+from attnconv import AWConv2d, RFAConv2d, ops, set_impl, use_impl
 from attnconv.analysis.profiling import saved_tensor_bytes
-from attnconv.layers import rfa_conv
 from attnconv.ops import _build, rfa
 from attnconv.testing.reference_rfa import OfficialRFAConv
 
@@ -93,34 +92,34 @@ def op_inputs(n=2, c=3, h=5, w=6, o=4, k=3, seed=0):
     def rand(*size, scale=1.0):
         return (torch.randn(*size, generator=gen) * scale).requires_grad_(True)
 
-    return (rand(n, c, h, w), rand(k2, k2, c, scale=0.5), rand(k2, c), rand(k2, c), rand(k2, c),
-            rand(o, k2 * c, scale=0.3), rand(o))
+    # the layer's tensors as it holds them: x, weight_dw, gamma, beta, logit_scale, weight, bias
+    return (rand(n, c, h, w), rand(c * k2, 1, k, k, scale=0.5), rand(c * k2), rand(c * k2),
+            rand(c, k2), rand(o, c, k, k, scale=0.3), rand(o))
 
 
 @pytest.mark.parametrize("batch_stats", [True, False])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_op_gradcheck(batch_stats, stride):
-    x, wdt, gamma, beta, a, wt, bias = op_inputs()
-    running = torch.randn(9, 3), torch.rand(9, 3) + 0.5
+    x, wdw, gamma, beta, a, weight, bias = op_inputs()
+    running = torch.randn(27), torch.rand(27) + 0.5
 
-    def op(x, wdt, gamma, beta, a, wt, bias):
+    def op(x, wdw, gamma, beta, a, weight, bias):
         if batch_stats:  # the statistics of this very input, as the layer passes them
-            mean, var = rfa.rfa_feature_stats(x.detach(), wdt.detach(), 3, stride)
+            mean, var = rfa.rfa_feature_stats(x.detach(), wdw.detach(), stride)
         else:
             mean, var = running
-        return rfa.rfa_fused(x, wdt, gamma, beta, mean, torch.rsqrt(var + 1e-5), a, wt, bias,
-                             3, stride, batch_stats, 1e-5)
+        return rfa.rfa_fused(x, wdw, gamma, beta, mean, var, a, weight, bias, stride,
+                             batch_stats, 1e-5)
 
-    assert torch.autograd.gradcheck(op, (x, wdt, gamma, beta, a, wt, bias))
+    assert torch.autograd.gradcheck(op, (x, wdw, gamma, beta, a, weight, bias))
 
 
 def test_second_derivative_goes_through_the_eager_formulation():
-    x, wdt, gamma, beta, a, wt, bias = op_inputs(n=1, c=2, h=3, w=4, o=2)
-    running = torch.randn(9, 2), torch.rand(9, 2) + 0.5
+    x, wdw, gamma, beta, a, weight, bias = op_inputs(n=1, c=2, h=3, w=4, o=2)
+    running = torch.randn(18), torch.rand(18) + 0.5
 
     def op(x, a):
-        return rfa.rfa_fused(x, wdt, gamma, beta, running[0], torch.rsqrt(running[1] + 1e-5),
-                             a, wt, bias, 3, 1, False, 1e-5)
+        return rfa.rfa_fused(x, wdw, gamma, beta, *running, a, weight, bias, 1, False, 1e-5)
 
     assert torch.autograd.gradgradcheck(op, (x, a))
 
@@ -212,7 +211,7 @@ def test_impl_reaches_the_dispatch(monkeypatch):
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(rfa_conv, "rfa_fused", counting)
+    monkeypatch.setattr(ops, "rfa_fused", counting)
     x = torch.randn(2, 6, 7, 7)
     assert RFAConv2d(6, 5, impl="eager").impl == "eager"
     RFAConv2d(6, 5, impl="eager")(x)

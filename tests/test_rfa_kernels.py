@@ -34,11 +34,13 @@ def _operands(n=2, c=5, o=4, h=7, w=6, k=3, dtype=torch.float64, grad=True, seed
         return t.requires_grad_(grad)
 
     x = rand(n, c, h, w)
+    # the layer's tensors as it holds them
     return {
-        "x": x, "wdt": rand(k2, k2, c, scale=0.4), "gamma": rand(k2, c, scale=0.3, shift=1.0),
-        "beta": rand(k2, c, scale=0.3), "mean": torch.randn(k2, c, generator=gen, dtype=dtype),
-        "inv_std": torch.rand(k2, c, generator=gen, dtype=dtype) + 0.5, "a": rand(k2, c),
-        "wt": rand(o, k2 * c, scale=0.3), "bias": rand(o, scale=0.1),
+        "x": x, "weight_dw": rand(c * k2, 1, k, k, scale=0.4),
+        "gamma": rand(c * k2, scale=0.3, shift=1.0), "beta": rand(c * k2, scale=0.3),
+        "mean": torch.randn(c * k2, generator=gen, dtype=dtype),
+        "var": torch.rand(c * k2, generator=gen, dtype=dtype) + 0.5, "a": rand(c, k2),
+        "weight": rand(o, c, k, k, scale=0.3), "bias": rand(o, scale=0.1),
     }
 
 
@@ -57,18 +59,19 @@ def _factors(kind, n, c, ho, wo, k, dtype=torch.float64):
 @pytest.mark.parametrize("batch_stats", [True, False])
 def test_opcheck_rfa_fused(stride, batch_stats):
     t = _operands()
-    args = (t["x"], t["wdt"], t["gamma"], t["beta"], t["mean"], t["inv_std"], t["a"], t["wt"],
-            t["bias"], 3, stride, batch_stats, 1e-5)
+    args = (t["x"], t["weight_dw"], t["gamma"], t["beta"], t["mean"], t["var"], t["a"],
+            t["weight"], t["bias"], stride, batch_stats, 1e-5)
     torch.library.opcheck(torch.ops.attnconv.rfa_fused.default, args)
     out = torch.ops.attnconv.rfa_fused(*args)
     grad = torch.randn_like(out)
     torch.library.opcheck(torch.ops.attnconv.rfa_fused_backward.default, (
-        grad, *(v.detach() for v in args[:8]), True, 3, stride, batch_stats))
+        grad, *(v.detach() for v in args[:8]), True, stride, batch_stats, 1e-5))
 
 
 def test_opcheck_rfa_feature_stats():
     t = _operands(grad=False)
-    torch.library.opcheck(torch.ops.attnconv.rfa_feature_stats.default, (t["x"], t["wdt"], 3, 2))
+    torch.library.opcheck(torch.ops.attnconv.rfa_feature_stats.default,
+                          (t["x"], t["weight_dw"], 2))
 
 
 @pytest.mark.parametrize("kind", [0, 1])
@@ -78,20 +81,28 @@ def test_opcheck_tile_ops(kind, stride):
     n, c, h, w = t["x"].shape
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
     f1, f2 = _factors(kind, n, c, ho, wo, 3)
-    common = (t["x"], t["wdt"], t["gamma"], t["beta"], t["mean"], t["inv_std"])
+    common = (t["x"], t["weight_dw"], t["gamma"], t["beta"], t["mean"], t["var"])
     torch.library.opcheck(torch.ops.attnconv.rfa_tile_reduce.default,
-                          (*common, 3, stride, kind, True, 1e-5))
-    attend = (*common, f1, f2, t["wt"], t["bias"], 3, stride, kind, True, 1e-5)
-    torch.library.opcheck(torch.ops.attnconv.rfa_tile_attend.default, attend)
+                          (*common, stride, kind, True, 1e-5))
     detached = tuple(v.detach() for v in common)
-    r1, r2 = torch.ops.attnconv.rfa_tile_reduce(*detached, 3, stride, kind, True, 1e-5)
-    torch.library.opcheck(torch.ops.attnconv.rfa_tile_reduce_backward.default, (
-        torch.randn_like(r1), torch.randn_like(r2), *detached, 3, stride, kind, True))
-    out = torch.ops.attnconv.rfa_tile_attend(*detached, f1.detach(), f2.detach(),
-                                             t["wt"].detach(), None, 3, stride, kind, True, 1e-5)
-    torch.library.opcheck(torch.ops.attnconv.rfa_tile_attend_backward.default, (
-        torch.randn_like(out), *detached, f1.detach(), f2.detach(), t["wt"].detach(), False, 3,
-        stride, kind, True))
+    _, _, handle = torch.ops.attnconv.rfa_tile_reduce(*detached, stride, kind, True, 1e-5)
+    for h in (None, handle.detach().requires_grad_()):
+        attend = (*common, f1, f2, t["weight"], t["bias"], h, stride, kind, True, 1e-5)
+        torch.library.opcheck(torch.ops.attnconv.rfa_tile_attend.default, attend)
+    r1, r2, _ = torch.ops.attnconv.rfa_tile_reduce(*detached, stride, kind, True, 1e-5)
+    weight = t["weight"].detach()
+    out = torch.ops.attnconv.rfa_tile_attend(*detached, f1.detach(), f2.detach(), weight, None,
+                                             None, stride, kind, True, 1e-5)
+    for defer in (False, True):
+        grads = torch.ops.attnconv.rfa_tile_attend_backward(
+            torch.randn_like(out), *detached, f1.detach(), f2.detach(), weight, False, stride,
+            kind, True, defer, 1e-5)
+        torch.library.opcheck(torch.ops.attnconv.rfa_tile_attend_backward.default, (
+            torch.randn_like(out), *detached, f1.detach(), f2.detach(), weight, False, stride,
+            kind, True, defer, 1e-5))
+        du = grads[-1] if defer else None
+        torch.library.opcheck(torch.ops.attnconv.rfa_tile_reduce_backward.default, (
+            torch.randn_like(r1), torch.randn_like(r2), du, *detached, stride, kind, True, 1e-5))
 
 
 # --- 1 and 2 threads ------------------------------------------------------------------------

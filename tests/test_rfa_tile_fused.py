@@ -11,9 +11,8 @@ import pytest
 import torch
 from helpers import assert_matches_official, randomise, run
 
-from attnconv import RFCAConv2d, RFCBAMConv2d, use_impl
+from attnconv import RFCAConv2d, RFCBAMConv2d, ops, use_impl
 from attnconv.analysis.profiling import saved_tensor_bytes
-from attnconv.layers import rfa_conv
 from attnconv.ops import _build, rfa, rfa_tile
 from attnconv.testing.reference_rfa import OfficialRFCAConv, OfficialRFCBAMConv
 
@@ -102,49 +101,61 @@ def op_inputs(kind, n=2, c=3, h=5, w=6, o=4, k=3, stride=1, seed=0):
 
     f1, f2 = ((rand(n, c), rand(n, ho, wo, k2)) if kind == 0
               else (rand(n, ho, k, c), rand(n, wo, k, c)))
-    return (rand(n, c, h, w), rand(k2, k2, c, scale=0.5), rand(k2, c), rand(k2, c), f1, f2,
-            rand(o, k2 * c, scale=0.3), rand(o))
+    # the layer's tensors as it holds them: x, weight_dw, gamma, beta, f1, f2, weight, bias
+    return (rand(n, c, h, w), rand(c * k2, 1, k, k, scale=0.5), rand(c * k2), rand(c * k2), f1,
+            f2, rand(o, c, k, k, scale=0.3), rand(o))
 
 
-def stats(x, wdt, stride, batch_stats):
+def stats(x, wdw, stride, batch_stats):
     if batch_stats:  # the statistics of this very input, as the layer passes them
-        mean, var = rfa.rfa_feature_stats(x.detach(), wdt.detach(), 3, stride)
-    else:
-        gen = torch.Generator().manual_seed(1)
-        mean = torch.randn(9, x.shape[1], generator=gen)
-        var = torch.rand(9, x.shape[1], generator=gen) + 0.5
-    return mean, torch.rsqrt(var + 1e-5)
+        return rfa.rfa_feature_stats(x.detach(), wdw.detach(), stride)
+    gen = torch.Generator().manual_seed(1)
+    return (torch.randn(9 * x.shape[1], generator=gen),
+            torch.rand(9 * x.shape[1], generator=gen) + 0.5)
 
 
 @pytest.mark.parametrize("kind", [0, 1])
 @pytest.mark.parametrize("batch_stats", [True, False])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_ops_gradcheck(kind, batch_stats, stride):
-    x, wdt, gamma, beta, f1, f2, wt, bias = op_inputs(kind, stride=stride)
+    x, wdw, gamma, beta, f1, f2, weight, bias = op_inputs(kind, stride=stride)
 
-    def reduce(x, wdt, gamma, beta):
-        return rfa_tile.rfa_tile_reduce(x, wdt, gamma, beta, *stats(x, wdt, stride, batch_stats),
-                                        3, stride, kind, batch_stats, 1e-5)
+    def reduce(x, wdw, gamma, beta):
+        return rfa_tile.rfa_tile_reduce(x, wdw, gamma, beta, *stats(x, wdw, stride, batch_stats),
+                                        stride, kind, batch_stats, 1e-5)[:2]
 
-    def attend(x, wdt, gamma, beta, f1, f2, wt, bias):
-        return rfa_tile.rfa_tile_attend(x, wdt, gamma, beta, *stats(x, wdt, stride, batch_stats),
-                                        f1, f2, wt, bias, 3, stride, kind, batch_stats, 1e-5)
+    def attend(x, wdw, gamma, beta, f1, f2, weight, bias):
+        return rfa_tile.rfa_tile_attend(x, wdw, gamma, beta, *stats(x, wdw, stride, batch_stats),
+                                        f1, f2, weight, bias, None, stride, kind, batch_stats,
+                                        1e-5)
 
-    assert torch.autograd.gradcheck(reduce, (x, wdt, gamma, beta))
-    assert torch.autograd.gradcheck(attend, (x, wdt, gamma, beta, f1, f2, wt, bias))
+    def both(x, wdw, gamma, beta, f1, f2, weight, bias):
+        """The pair as the layers run it: the attend op's share of the BN and depthwise
+        backward handed to the reduce op's through the handle."""
+        common = (x, wdw, gamma, beta, *stats(x, wdw, stride, batch_stats))
+        r1, r2, handle = rfa_tile.rfa_tile_reduce(*common, stride, kind, batch_stats, 1e-5)
+        # factors that depend on the reductions, as the layers' do
+        f1 = f1 * (1 + r1.mean()) if kind == 0 else f1 * (1 + r1)
+        out = rfa_tile.rfa_tile_attend(*common, f1, f2, weight, bias, handle, stride, kind,
+                                       batch_stats, 1e-5)
+        return out, r2
+
+    assert torch.autograd.gradcheck(reduce, (x, wdw, gamma, beta))
+    assert torch.autograd.gradcheck(attend, (x, wdw, gamma, beta, f1, f2, weight, bias))
+    assert torch.autograd.gradcheck(both, (x, wdw, gamma, beta, f1, f2, weight, bias))
 
 
 @pytest.mark.slow  # 15-25 s on 2 shared cores: numerical second derivatives of two ops
 @pytest.mark.parametrize("kind", [0, 1])
 def test_second_derivative_goes_through_the_eager_formulation(kind):
-    x, wdt, gamma, beta, f1, f2, wt, bias = op_inputs(kind, n=1, c=2, h=3, w=4, o=2)
-    mean, inv_std = stats(x, wdt, 1, False)
+    x, wdw, gamma, beta, f1, f2, weight, bias = op_inputs(kind, n=1, c=2, h=3, w=4, o=2)
+    mean, var = stats(x, wdw, 1, False)
 
     def ops(x, f1, f2):
-        r1, r2 = rfa_tile.rfa_tile_reduce(x, wdt, gamma, beta, mean, inv_std, 3, 1, kind,
-                                          False, 1e-5)
-        out = rfa_tile.rfa_tile_attend(x, wdt, gamma, beta, mean, inv_std, f1, f2, wt, bias, 3,
-                                       1, kind, False, 1e-5)
+        r1, r2, handle = rfa_tile.rfa_tile_reduce(x, wdw, gamma, beta, mean, var, 1, kind, False,
+                                                  1e-5)
+        out = rfa_tile.rfa_tile_attend(x, wdw, gamma, beta, mean, var, f1, f2, weight, bias,
+                                       handle, 1, kind, False, 1e-5)
         return out, r1, r2
 
     assert torch.autograd.gradgradcheck(ops, (x, f1, f2))
@@ -229,14 +240,41 @@ def test_export_uses_the_decomposed_formulation(name):
 
 @pytest.mark.parametrize("name", LAYERS)
 def test_fused_keeps_no_k2_sized_tensor_for_backward(name):
-    """x, the small factors' graph (RFCBAM's pooled maps are 2 k2 / C of x) and tap-major
-    copies of the weights; eager keeps several k2-sized tensors."""
+    """x, the small factors' graph (RFCBAM's pooled maps are 2 k2 / C of x), the parameters
+    and statistics; eager keeps several k2-sized tensors."""
     x = torch.randn(2, 32, 32, 32, dtype=torch.float32)
     cls = LAYERS[name][1]
     fused = cls(32, 32, impl="fused", dtype=torch.float32)
     eager = cls(32, 32, impl="eager", dtype=torch.float32)
     assert saved_tensor_bytes(fused, x) <= 2.5 * x.numel() * x.element_size()
     assert saved_tensor_bytes(eager, x) > 8 * x.numel() * x.element_size()
+
+
+@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("train", [True, False])
+def test_training_runs_one_bn_and_depthwise_backward_for_both_ops(name, train, monkeypatch):
+    """The attend op hands its share of dL/du to the reduce op's backward (through the
+    handle), which runs the BN + depthwise backward once for both; the gradients stay those
+    of the official module (the float64 tests above)."""
+    seen = {"defer": [], "du": []}
+    attend_backward, reduce_backward = (rfa_tile.rfa_tile_attend_backward,
+                                        rfa_tile.rfa_tile_reduce_backward)
+
+    def attend(*args):
+        seen["defer"].append(args[14])
+        return attend_backward(*args)
+
+    def reduce(*args):
+        seen["du"].append(None if args[2] is None else tuple(args[2].shape))
+        return reduce_backward(*args)
+
+    monkeypatch.setattr(rfa_tile, "rfa_tile_attend_backward", attend)
+    monkeypatch.setattr(rfa_tile, "rfa_tile_reduce_backward", reduce)
+    layer = LAYERS[name][1](6, 5, impl="fused").train(train)
+    x = torch.randn(2, 6, 7, 7, requires_grad=True)
+    layer(x).sum().backward()
+    assert seen == {"defer": [True], "du": [(2, 7, 7, 54)]}
+    assert x.grad is not None and layer.feature_conv.weight.grad is not None
 
 
 @pytest.mark.parametrize("name", LAYERS)
@@ -248,7 +286,7 @@ def test_impl_reaches_the_dispatch(name, monkeypatch):
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(rfa_conv, "rfa_tile_attend", counting)
+    monkeypatch.setattr(ops, "rfa_tile_attend", counting)
     cls = LAYERS[name][1]
     x = torch.randn(2, 6, 7, 7)
     assert cls(6, 5, impl="eager").impl == "eager"

@@ -997,7 +997,10 @@ std::vector<at::Tensor> tile_reduce_impl(const at::Tensor& x, const at::Tensor& 
 }
 
 // Gradients of tile_reduce from dr1, dr2: dx, dwdt, dgamma, dbeta (BN as in rfa_backward).
+// du_attend, when defined, is tile_attend's share of dL/du (P x K, from its deferred
+// backward): added to this op's own share, so one BN + depthwise backward serves both ops.
 std::vector<at::Tensor> tile_reduce_backward_impl(const at::Tensor& dr1, const at::Tensor& dr2,
+                                             const at::Tensor& du_attend,
                                              const at::Tensor& x, const at::Tensor& wdt,
                                              const at::Tensor& gamma, const at::Tensor& beta,
                                              const at::Tensor& mean, const at::Tensor& inv_std,
@@ -1011,6 +1014,7 @@ std::vector<at::Tensor> tile_reduce_backward_impl(const at::Tensor& dr1, const a
   const auto scale = (gamma * inv_std).contiguous();
   const auto shift = (beta - mean * scale).contiguous();
   const auto d1 = dr1.contiguous(), d2 = dr2.contiguous();
+  const auto du_other = du_attend.defined() ? du_attend.contiguous() : at::Tensor();
   auto sums = at::zeros({threads, 2, K}, x.options());  // sum du, sum du * z
   auto dz = scratch({P, K}, x.options());
   auto zall = batch_stats ? scratch({P, K}, x.options()) : at::Tensor();
@@ -1024,6 +1028,7 @@ std::vector<at::Tensor> tile_reduce_backward_impl(const at::Tensor& dr1, const a
     const scalar_t* g1 = d1.data_ptr<scalar_t>();
     const scalar_t* g2 = d2.data_ptr<scalar_t>();
     scalar_t* dzp = dz.data_ptr<scalar_t>();
+    const scalar_t* other = du_other.defined() ? du_other.data_ptr<scalar_t>() : nullptr;
     const scalar_t row_w = scalar_t(1) / scalar_t(g.Wo * k), col_w = scalar_t(1) / scalar_t(g.Ho * k);
     parallel_for_tls(0, tiles_of(P, tile), 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> zs(tile * K);
@@ -1066,6 +1071,10 @@ std::vector<at::Tensor> tile_reduce_backward_impl(const at::Tensor& dr1, const a
                 d[o + c] = u > scalar_t(0) ? dr[c] * row_w + dc[c] * col_w : scalar_t(0);
               }
             }
+        }
+        if (other) {
+          const scalar_t* o = other + p * K;
+          for (int64_t f = 0; f < K; ++f) d[f] += o[f];
         }
         for (int64_t f = 0; f < K; ++f) {
           sdu[f] += d[f];
@@ -1131,14 +1140,17 @@ at::Tensor tile_attend_impl(const at::Tensor& x, const at::Tensor& wdt, const at
 }
 
 // Gradients of tile_attend: dx, dwdt, dgamma, dbeta, df1, df2, dwt, dbias (undefined without
-// bias). Pass 1 per tile: recompute g * A, dwt += go^T (g A), dA = go wt, then the factors'
+// bias), du. Pass 1 per tile: recompute g * A, dwt += go^T (g A), dA = go wt, then the factors'
 // gradients (sums of dA * g times the other factor) and du = dA * A where u > 0; the rest is
-// bn_dwconv_backward.
+// bn_dwconv_backward. With defer_tail that rest is left to tile_reduce's backward (it is linear
+// in du, and that op runs the same passes for its own share): dx .. dbeta are undefined and du
+// (N, Ho, Wo, K) is returned instead.
 std::vector<at::Tensor> tile_attend_backward_impl(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& wdt,
     const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
     const at::Tensor& inv_std, const at::Tensor& f1, const at::Tensor& f2, const at::Tensor& wt,
-    bool has_bias, int64_t k, int64_t s, int64_t kind, bool batch_stats, int64_t tile) {
+    bool has_bias, int64_t k, int64_t s, int64_t kind, bool batch_stats, bool defer_tail,
+    int64_t tile) {
   const Geometry g = geometry(x, k, s);
   check_inputs(x, wdt, g);
   check_kind(kind);
@@ -1155,8 +1167,8 @@ std::vector<at::Tensor> tile_attend_backward_impl(
   auto df1_acc = at::zeros({threads, a1.numel()}, x.options());
   auto df2_acc = at::zeros({kind == 0 ? 1 : threads, a2.numel()}, x.options());
   auto dz = scratch({P, K}, x.options());
-  auto zall = batch_stats ? scratch({P, K}, x.options()) : at::Tensor();
-  std::vector<at::Tensor> rest;
+  auto zall = batch_stats && !defer_tail ? scratch({P, K}, x.options()) : at::Tensor();
+  std::vector<at::Tensor> rest(4);
   const at::Tensor xpad = padded(x, g);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tile_attend_backward", [&] {
     const scalar_t* xp = xpad.data_ptr<scalar_t>();
@@ -1234,6 +1246,7 @@ std::vector<at::Tensor> tile_attend_backward_impl(
         }
       }
     });
+    if (defer_tail) return;
     auto total = sums.sum(0);
     rest = bn_dwconv_backward<scalar_t>(
         g, x, xpad, wdt, scale, mean, inv_std, total[0], total[1], dz,
@@ -1245,16 +1258,20 @@ std::vector<at::Tensor> tile_attend_backward_impl(
   rest.push_back((kind == 0 ? df2_acc[0] : df2_acc.sum(0)).view(a2.sizes()));
   rest.push_back(dwt_acc.sum(0));
   rest.push_back(has_bias ? go.sum(0) : at::Tensor());
+  rest.push_back(defer_tail ? dz.view({g.N, g.Ho, g.Wo, K}) : at::Tensor());
   return rest;
 }
 
 // --- the operators: schemas in TORCH_LIBRARY, CPU kernels in TORCH_LIBRARY_IMPL -------------
 //
-// Every operator takes tensors (tap-major: per-feature tensors are (k2, C), the depthwise
-// weight (k2 conv taps, k2 features, C), the final conv (O, k2 * C)) and the geometry; the
-// BatchNorm comes as its affine (gamma, beta) and statistics (mean, inv_std), the batch's when
-// batch_stats (their derivative is then part of the backward). Fake (meta) kernels and the
-// autograd formulas are registered from Python (attnconv/ops).
+// Every operator takes the layer's tensors as the modules hold them: the depthwise conv's
+// weight (C * k2, 1, k, k), the BatchNorm's affine (gamma, beta) and statistics (mean, var),
+// (C * k2) each in the conv's channel order c * k2 + t, RFAConv's logit scales (C, k2), the
+// final conv's weight (O, C, k, k); the statistics are the batch's when batch_stats (their
+// derivative is then part of the backward). Gradients come back in the same shapes. Only here
+// are the small tensors turned into the kernels' tap-major order (a few KB; the k2-sized
+// features never exist outside a tile). Fake (meta) kernels and the autograd formulas are
+// registered from Python (attnconv/ops).
 
 namespace {
 
@@ -1262,10 +1279,58 @@ at::Tensor channels_last(const at::Tensor& x) {
   return x.contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-std::pair<at::Tensor, at::Tensor> scale_shift(const at::Tensor& gamma, const at::Tensor& beta,
-                                              const at::Tensor& mean, const at::Tensor& inv_std) {
-  auto scale = (gamma * inv_std).contiguous();
-  return {scale, (beta - mean * scale).contiguous()};
+// The small operands in the kernels' order, from the layer's.
+struct Operands {
+  int64_t C, k, k2;
+  at::Tensor wdt;  // (k2 conv taps, k2 features, C)
+  at::Tensor gamma, beta, mean, inv_std;  // (k2, C)
+
+  Operands(const at::Tensor& x, const at::Tensor& weight_dw, const at::Tensor& gamma_,
+           const at::Tensor& beta_, const at::Tensor& mean_, const at::Tensor& var, double eps)
+      : C(x.size(1)), k(weight_dw.size(-1)), k2(k * k) {
+    TORCH_CHECK(weight_dw.dim() == 4 && weight_dw.size(0) == C * k2 && weight_dw.size(1) == 1 &&
+                    weight_dw.size(2) == k && k % 2 == 1,
+                "attnconv: expected the depthwise weight (C * k2, 1, k, k) with odd k for C = ",
+                C, ", got ", weight_dw.sizes());
+    wdt = weight_dw.reshape({C, k2, k2}).permute({2, 1, 0}).contiguous();
+    if (gamma_.defined()) {
+      gamma = tap_major(gamma_);
+      beta = tap_major(beta_);
+      mean = tap_major(mean_);
+      inv_std = tap_major(at::rsqrt(var + eps));
+    }
+  }
+
+  at::Tensor tap_major(const at::Tensor& t) const {
+    TORCH_CHECK(t.numel() == C * k2, "attnconv: expected a per-feature tensor of C * k2 = ",
+                C * k2, " values, got ", t.sizes());
+    return t.reshape({C, k2}).t().contiguous();
+  }
+  // (k2, C) -> (C * k2)
+  // (results contiguous whatever reshape makes of them: the fake kernels promise so)
+  at::Tensor channel_major(const at::Tensor& t) const {
+    return t.t().reshape({C * k2}).contiguous();
+  }
+  at::Tensor weight_dw(const at::Tensor& dwdt) const {
+    return dwdt.permute({2, 1, 0}).reshape({C * k2, 1, k, k}).contiguous();
+  }
+  // the final conv (O, C, k, k) -> (O, k2 * C) and back
+  at::Tensor pointwise(const at::Tensor& weight) const {
+    TORCH_CHECK(weight.dim() == 4 && weight.size(1) == C && weight.size(2) == k &&
+                    weight.size(3) == k,
+                "attnconv: expected the conv weight (O, ", C, ", ", k, ", ", k, "), got ",
+                weight.sizes());
+    return weight.reshape({weight.size(0), C, k2}).transpose(1, 2).reshape({-1, k2 * C});
+  }
+  at::Tensor conv_weight(const at::Tensor& wt) const {
+    return wt.view({wt.size(0), k2, C}).transpose(1, 2).reshape({wt.size(0), C, k, k})
+        .contiguous();
+  }
+};
+
+std::pair<at::Tensor, at::Tensor> scale_shift(const Operands& t) {
+  auto scale = (t.gamma * t.inv_std).contiguous();
+  return {scale, (t.beta - t.mean * scale).contiguous()};
 }
 
 int64_t positions_of(const at::Tensor& x, int64_t k, int64_t s) {
@@ -1278,127 +1343,149 @@ at::Tensor or_empty(const at::Tensor& t, const at::Tensor& like) {
   return t.defined() ? t : at::empty({0}, like.options());
 }
 
-std::tuple<at::Tensor, at::Tensor> rfa_feature_stats(const at::Tensor& x, const at::Tensor& wdt,
-                                                     int64_t kernel_size, int64_t stride) {
+std::tuple<at::Tensor, at::Tensor> rfa_feature_stats(const at::Tensor& x,
+                                                     const at::Tensor& weight_dw,
+                                                     int64_t stride) {
+  const Operands t(x, weight_dw, {}, {}, {}, {}, 0.0);
   const at::Tensor xc = channels_last(x);
-  const int64_t K = wdt.size(1) * wdt.size(2);
-  const int64_t tile = tile_positions(K, x.element_size(), std::max<int64_t>(
+  const int64_t tile = tile_positions(t.k2 * t.C, x.element_size(), std::max<int64_t>(
       1, x.numel() / std::max<int64_t>(1, x.size(1))), 1);
-  auto stats = rfa_stats_impl(xc, wdt.contiguous(), kernel_size, stride, tile);
-  return {stats[0], stats[1]};
+  auto stats = rfa_stats_impl(xc, t.wdt, t.k, stride, tile);
+  return {t.channel_major(stats[0]), t.channel_major(stats[1])};
 }
 
-at::Tensor rfa_fused(const at::Tensor& x, const at::Tensor& wdt, const at::Tensor& gamma,
-                     const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& inv_std,
-                     const at::Tensor& a, const at::Tensor& wt,
-                     const std::optional<at::Tensor>& bias, int64_t kernel_size, int64_t stride,
-                     bool batch_stats, double eps) {
-  auto [scale, shift] = scale_shift(gamma, beta, mean, inv_std);
+at::Tensor rfa_fused(const at::Tensor& x, const at::Tensor& weight_dw, const at::Tensor& gamma,
+                     const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var,
+                     const at::Tensor& logit_scale, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias, int64_t stride, bool batch_stats,
+                     double eps) {
+  const Operands t(x, weight_dw, gamma, beta, mean, var, eps);
+  auto [scale, shift] = scale_shift(t);
+  const at::Tensor wt = t.pointwise(weight);
   const int64_t tile = tile_positions(wt.size(1), x.element_size(),
-                                      positions_of(x, kernel_size, stride), 1);
-  return rfa_forward_impl(channels_last(x), wdt.contiguous(), scale, shift, a.contiguous(),
-                          wt.contiguous(), bias, kernel_size, stride, tile);
+                                      positions_of(x, t.k, stride), 1);
+  return rfa_forward_impl(channels_last(x), t.wdt, scale, shift, t.tap_major(logit_scale), wt,
+                          bias, t.k, stride, tile);
 }
 
 std::vector<at::Tensor> rfa_fused_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                                           const at::Tensor& wdt, const at::Tensor& gamma,
+                                           const at::Tensor& weight_dw, const at::Tensor& gamma,
                                            const at::Tensor& beta, const at::Tensor& mean,
-                                           const at::Tensor& inv_std, const at::Tensor& a,
-                                           const at::Tensor& wt, bool has_bias,
-                                           int64_t kernel_size, int64_t stride,
-                                           bool batch_stats) {
+                                           const at::Tensor& var, const at::Tensor& logit_scale,
+                                           const at::Tensor& weight, bool has_bias,
+                                           int64_t stride, bool batch_stats, double eps) {
+  const Operands t(x, weight_dw, gamma, beta, mean, var, eps);
+  const at::Tensor wt = t.pointwise(weight);
   const int64_t tile = backward_tile(
       wt.size(1), x.element_size(), grad_out.size(0) * grad_out.size(2) * grad_out.size(3));
-  auto grads = rfa_backward_impl(grad_out, channels_last(x), wdt.contiguous(),
-                                 gamma.contiguous(), beta.contiguous(), mean.contiguous(),
-                                 inv_std.contiguous(), a.contiguous(), wt.contiguous(), has_bias,
-                                 kernel_size, stride, batch_stats, tile);
-  grads.back() = or_empty(grads.back(), x);
-  return grads;
+  auto g = rfa_backward_impl(grad_out, channels_last(x), t.wdt, t.gamma, t.beta, t.mean,
+                             t.inv_std, t.tap_major(logit_scale), wt, has_bias, t.k, stride,
+                             batch_stats, tile);
+  // dx, dwdt, dgamma, dbeta, da, dwt, dbias
+  return {g[0], t.weight_dw(g[1]), t.channel_major(g[2]), t.channel_major(g[3]),
+          g[4].t().contiguous(), t.conv_weight(g[5]), or_empty(g[6], x)};
 }
 
-std::tuple<at::Tensor, at::Tensor> rfa_tile_reduce(const at::Tensor& x, const at::Tensor& wdt,
-                                                   const at::Tensor& gamma,
-                                                   const at::Tensor& beta, const at::Tensor& mean,
-                                                   const at::Tensor& inv_std,
-                                                   int64_t kernel_size, int64_t stride,
-                                                   int64_t kind, bool batch_stats, double eps) {
-  auto [scale, shift] = scale_shift(gamma, beta, mean, inv_std);
+// The reductions, and a handle: a zero-size-in-memory (N, Ho, Wo, K) tensor that
+// rfa_tile_attend takes so that autograd hands its deferred share of dL/du (the handle's
+// gradient) to this op's backward, which runs the BN + depthwise backward once for both.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rfa_tile_reduce(
+    const at::Tensor& x, const at::Tensor& weight_dw, const at::Tensor& gamma,
+    const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var, int64_t stride,
+    int64_t kind, bool batch_stats, double eps) {
+  const Operands t(x, weight_dw, gamma, beta, mean, var, eps);
+  auto [scale, shift] = scale_shift(t);
   const at::Tensor xc = channels_last(x);
-  const Geometry g = geometry(xc, kernel_size, stride);
-  const int64_t tile = tile_positions(wdt.size(1) * wdt.size(2), x.element_size(),
-                                      g.positions(), 1);
-  auto r = tile_reduce_impl(xc, wdt.contiguous(), scale, shift, kernel_size, stride, kind, tile);
+  const Geometry g = geometry(xc, t.k, stride);
+  const int64_t tile = tile_positions(t.k2 * t.C, x.element_size(), g.positions(), 1);
+  auto r = tile_reduce_impl(xc, t.wdt, scale, shift, t.k, stride, kind, tile);
+  auto handle = at::zeros({1, 1, 1, 1}, x.options()).expand({g.N, g.Ho, g.Wo, g.K});
   if (kind == 0)
-    return {r[0].view({g.N, g.Ho, g.Wo, g.k2}), r[1].view({g.N, g.Ho, g.Wo, g.k2})};
-  return {r[0], r[1]};
+    return {r[0].view({g.N, g.Ho, g.Wo, g.k2}), r[1].view({g.N, g.Ho, g.Wo, g.k2}), handle};
+  return {r[0], r[1], handle};
 }
 
 std::vector<at::Tensor> rfa_tile_reduce_backward(
-    const at::Tensor& dr1, const at::Tensor& dr2, const at::Tensor& x, const at::Tensor& wdt,
-    const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
-    const at::Tensor& inv_std, int64_t kernel_size, int64_t stride, int64_t kind,
-    bool batch_stats) {
-  const int64_t tile = tile_positions(wdt.size(1) * wdt.size(2), x.element_size(),
-                                      positions_of(x, kernel_size, stride), 2);
-  return tile_reduce_backward_impl(dr1.contiguous(), dr2.contiguous(), channels_last(x),
-                                   wdt.contiguous(), gamma.contiguous(), beta.contiguous(),
-                                   mean.contiguous(), inv_std.contiguous(), kernel_size, stride,
-                                   kind, batch_stats, tile);
+    const at::Tensor& dr1, const at::Tensor& dr2, const std::optional<at::Tensor>& du_attend,
+    const at::Tensor& x, const at::Tensor& weight_dw, const at::Tensor& gamma,
+    const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var, int64_t stride,
+    int64_t kind, bool batch_stats, double eps) {
+  const Operands t(x, weight_dw, gamma, beta, mean, var, eps);
+  const int64_t tile = tile_positions(t.k2 * t.C, x.element_size(),
+                                      positions_of(x, t.k, stride), 2);
+  const at::Tensor du = du_attend.has_value() ? *du_attend : at::Tensor();
+  TORCH_CHECK(!du.defined() || du.numel() == positions_of(x, t.k, stride) * t.k2 * t.C,
+              "attnconv: expected tile_attend's dL/du of (N, Ho, Wo, C * k2) values, got ",
+              du.sizes());
+  auto g = tile_reduce_backward_impl(dr1.contiguous(), dr2.contiguous(), du, channels_last(x),
+                                     t.wdt, t.gamma, t.beta, t.mean, t.inv_std, t.k, stride,
+                                     kind, batch_stats, tile);
+  // dx, dwdt, dgamma, dbeta
+  return {g[0], t.weight_dw(g[1]), t.channel_major(g[2]), t.channel_major(g[3])};
 }
 
-at::Tensor rfa_tile_attend(const at::Tensor& x, const at::Tensor& wdt, const at::Tensor& gamma,
-                           const at::Tensor& beta, const at::Tensor& mean,
-                           const at::Tensor& inv_std, const at::Tensor& f1, const at::Tensor& f2,
-                           const at::Tensor& wt, const std::optional<at::Tensor>& bias,
-                           int64_t kernel_size, int64_t stride, int64_t kind, bool batch_stats,
-                           double eps) {
-  auto [scale, shift] = scale_shift(gamma, beta, mean, inv_std);
+// handle: rfa_tile_reduce's third output (or None); it does not enter the result, only
+// routes this op's share of dL/du to that op's backward.
+at::Tensor rfa_tile_attend(const at::Tensor& x, const at::Tensor& weight_dw,
+                           const at::Tensor& gamma, const at::Tensor& beta,
+                           const at::Tensor& mean, const at::Tensor& var, const at::Tensor& f1,
+                           const at::Tensor& f2, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& handle, int64_t stride, int64_t kind,
+                           bool batch_stats, double eps) {
+  const Operands t(x, weight_dw, gamma, beta, mean, var, eps);
+  auto [scale, shift] = scale_shift(t);
+  const at::Tensor wt = t.pointwise(weight);
   const int64_t tile = tile_positions(wt.size(1), x.element_size(),
-                                      positions_of(x, kernel_size, stride), 1);
-  return tile_attend_impl(channels_last(x), wdt.contiguous(), scale, shift, f1.contiguous(),
-                          f2.contiguous(), wt.contiguous(), bias, kernel_size, stride, kind,
-                          tile);
+                                      positions_of(x, t.k, stride), 1);
+  return tile_attend_impl(channels_last(x), t.wdt, scale, shift, f1.contiguous(),
+                          f2.contiguous(), wt, bias, t.k, stride, kind, tile);
 }
 
 std::vector<at::Tensor> rfa_tile_attend_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& wdt,
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight_dw,
     const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
-    const at::Tensor& inv_std, const at::Tensor& f1, const at::Tensor& f2, const at::Tensor& wt,
-    bool has_bias, int64_t kernel_size, int64_t stride, int64_t kind, bool batch_stats) {
+    const at::Tensor& var, const at::Tensor& f1, const at::Tensor& f2, const at::Tensor& weight,
+    bool has_bias, int64_t stride, int64_t kind, bool batch_stats, bool defer_tail,
+    double eps) {
+  const Operands t(x, weight_dw, gamma, beta, mean, var, eps);
+  const at::Tensor wt = t.pointwise(weight);
   const int64_t tile = backward_tile(
       wt.size(1), x.element_size(), grad_out.size(0) * grad_out.size(2) * grad_out.size(3));
-  auto grads = tile_attend_backward_impl(
-      grad_out, channels_last(x), wdt.contiguous(), gamma.contiguous(), beta.contiguous(),
-      mean.contiguous(), inv_std.contiguous(), f1.contiguous(), f2.contiguous(),
-      wt.contiguous(), has_bias, kernel_size, stride, kind, batch_stats, tile);
-  grads.back() = or_empty(grads.back(), x);
-  return grads;
+  auto g = tile_attend_backward_impl(
+      grad_out, channels_last(x), t.wdt, t.gamma, t.beta, t.mean, t.inv_std, f1.contiguous(),
+      f2.contiguous(), wt, has_bias, t.k, stride, kind, batch_stats, defer_tail, tile);
+  // dx, dwdt, dgamma, dbeta (empty when deferred), df1, df2, dwt, dbias, du (empty unless)
+  if (defer_tail)
+    return {or_empty({}, x), or_empty({}, x), or_empty({}, x), or_empty({}, x), g[4], g[5],
+            t.conv_weight(g[6]), or_empty(g[7], x), g[8]};
+  return {g[0], t.weight_dw(g[1]), t.channel_major(g[2]), t.channel_major(g[3]), g[4], g[5],
+          t.conv_weight(g[6]), or_empty(g[7], x), or_empty({}, x)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(attnconv, m) {
-  m.def("rfa_feature_stats(Tensor x, Tensor wdt, int kernel_size, int stride) -> "
-        "(Tensor, Tensor)");
-  m.def("rfa_fused(Tensor x, Tensor wdt, Tensor gamma, Tensor beta, Tensor mean, "
-        "Tensor inv_std, Tensor a, Tensor wt, Tensor? bias, int kernel_size, int stride, "
+  m.def("rfa_feature_stats(Tensor x, Tensor weight_dw, int stride) -> (Tensor, Tensor)");
+  m.def("rfa_fused(Tensor x, Tensor weight_dw, Tensor gamma, Tensor beta, Tensor mean, "
+        "Tensor var, Tensor logit_scale, Tensor weight, Tensor? bias, int stride, "
         "bool batch_stats, float eps) -> Tensor");
-  m.def("rfa_fused_backward(Tensor grad_out, Tensor x, Tensor wdt, Tensor gamma, Tensor beta, "
-        "Tensor mean, Tensor inv_std, Tensor a, Tensor wt, bool has_bias, int kernel_size, "
-        "int stride, bool batch_stats) -> Tensor[]");
-  m.def("rfa_tile_reduce(Tensor x, Tensor wdt, Tensor gamma, Tensor beta, Tensor mean, "
-        "Tensor inv_std, int kernel_size, int stride, int kind, bool batch_stats, float eps) "
-        "-> (Tensor, Tensor)");
-  m.def("rfa_tile_reduce_backward(Tensor dr1, Tensor dr2, Tensor x, Tensor wdt, Tensor gamma, "
-        "Tensor beta, Tensor mean, Tensor inv_std, int kernel_size, int stride, int kind, "
-        "bool batch_stats) -> Tensor[]");
-  m.def("rfa_tile_attend(Tensor x, Tensor wdt, Tensor gamma, Tensor beta, Tensor mean, "
-        "Tensor inv_std, Tensor f1, Tensor f2, Tensor wt, Tensor? bias, int kernel_size, "
+  m.def("rfa_fused_backward(Tensor grad_out, Tensor x, Tensor weight_dw, Tensor gamma, "
+        "Tensor beta, Tensor mean, Tensor var, Tensor logit_scale, Tensor weight, "
+        "bool has_bias, int stride, bool batch_stats, float eps) -> Tensor[]");
+  m.def("rfa_tile_reduce(Tensor x, Tensor weight_dw, Tensor gamma, Tensor beta, Tensor mean, "
+        "Tensor var, int stride, int kind, bool batch_stats, float eps) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("rfa_tile_reduce_backward(Tensor dr1, Tensor dr2, Tensor? du_attend, Tensor x, "
+        "Tensor weight_dw, Tensor gamma, Tensor beta, Tensor mean, Tensor var, int stride, "
+        "int kind, bool batch_stats, float eps) -> Tensor[]");
+  m.def("rfa_tile_attend(Tensor x, Tensor weight_dw, Tensor gamma, Tensor beta, Tensor mean, "
+        "Tensor var, Tensor f1, Tensor f2, Tensor weight, Tensor? bias, Tensor? handle, "
         "int stride, int kind, bool batch_stats, float eps) -> Tensor");
-  m.def("rfa_tile_attend_backward(Tensor grad_out, Tensor x, Tensor wdt, Tensor gamma, "
-        "Tensor beta, Tensor mean, Tensor inv_std, Tensor f1, Tensor f2, Tensor wt, "
-        "bool has_bias, int kernel_size, int stride, int kind, bool batch_stats) -> Tensor[]");
+  m.def("rfa_tile_attend_backward(Tensor grad_out, Tensor x, Tensor weight_dw, Tensor gamma, "
+        "Tensor beta, Tensor mean, Tensor var, Tensor f1, Tensor f2, Tensor weight, "
+        "bool has_bias, int stride, int kind, bool batch_stats, bool defer_tail, float eps) "
+        "-> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(attnconv, CPU, m) {

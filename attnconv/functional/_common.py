@@ -29,6 +29,11 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
+def is_exporting() -> bool:
+    """Whether the call is being traced by ``torch.export`` or the ONNX exporter."""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
 def recompute_backward(needs: Sequence[bool], plain: Callable[..., torch.Tensor],
                        inputs: Sequence[torch.Tensor | None], grad_out: torch.Tensor,
                        wrt: Sequence[torch.Tensor | None] | None = None

@@ -1,32 +1,47 @@
-"""The math of the receptive-field attention convs (RFAConv, RFCBAMConv, RFCAConv) as
-functions: the tile layout, plain reference formulations and memory-lean autograd Functions.
+"""The receptive-field attention convs (RFAConv, RFCBAMConv, RFCAConv) as functions of their
+tensors, as ``torch.nn.functional`` is to ``torch.nn``.
 
 Zhang et al., "RFAConv: Innovating Spatial Attention and Standard Convolutional Operation",
-2023, arXiv:2304.03198. With z = depthwise_k(x) viewed (N, C, k2, H', W') and BN over batch
-statistics (or folded into z in eval mode):
+2023, arXiv:2304.03198. With z = depthwise_k,s(x) viewed (N, C, k2, H', W') (the conv's channel
+order c * k2 + t, which every tensor here keeps) and BN over batch statistics (or folded into
+z with running ones):
 
     g = ReLU(BN(z))
     RFAConv:          out = conv_1x1(g * softmax_t(m * a), W.reshape(O, C * k2)) + b
     RFCBAM / RFCA:    out = conv_1x1(g * f1 * f2, W.reshape(O, C * k2)) + b
 
-The ``*_reference`` functions are the plain formulations, written with autograd ops only. The
-Functions keep only z (k2 / s^2 times the input) for backward and recompute BN, ReLU, the
-attention product and the softmax there, instead of autograd's four or five k2-sized tensors.
-When autograd records a backward (``create_graph=True``, for a second derivative), the
-Functions differentiate the reference formulation instead, so second-order gradients are
+:func:`rfa_conv2d` and :func:`rfa_tile_conv2d` are the entry points: the layers call them with
+their parameters, and so do the fused operators' second derivatives. Each runs either the C++
+operators (``fused=True``, :mod:`attnconv.ops`, which take the same tensors) or the eager
+formulation below, whose autograd Functions keep only z (k2 / s^2 times the input) for
+backward and recompute BN, ReLU, the attention product and the softmax there. When autograd
+records a backward (``create_graph=True``, for a second derivative), the Functions
+differentiate the plain ``*_reference`` formulations instead, so second-order gradients are
 exact.
 
-Mixed precision: z, g, the attention product and the final conv run in z's dtype (the
-autocast dtype, cast by the layers); BN statistics (``stats``), the softmax logits and the
-parameter-gradient sums over the batch run in float32 for fp16/bf16.
+Mixed precision: z, g, the attention product and the final conv run in the autocast dtype;
+BN statistics, the softmax logits and the parameter-gradient sums over the batch run in float32
+for fp16/bf16; the fused operators compute in float32.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from attnconv.functional._common import accumulate_dtype, cast, recompute_backward
+from attnconv import ops
+from attnconv.functional._common import (
+    LOW_PRECISION,
+    accumulate_dtype,
+    cast,
+    compute_dtype,
+    is_exporting,
+    recompute_backward,
+)
 
 Stats = tuple[torch.Tensor, torch.Tensor] | None
 
@@ -268,7 +283,11 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-# --- the entry points the layers call -------------------------------------------------------
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# --- the eager pieces ------------------------------------------------------------------------
 
 def rfa_attended_conv(z: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None,
                       stats: Stats, eps: float, pooled: torch.Tensor, logit_scale: torch.Tensor,
@@ -329,3 +348,398 @@ def attended_pointwise_conv(g: torch.Tensor, z: torch.Tensor, gamma: torch.Tenso
         return _AttendedPointwiseFunction.apply(g, z, gamma, beta, stats, eps, f1, f2, weight,
                                                 bias)
     return F.conv2d(g.mul_(f1).mul_(f2).flatten(1, -3), weight, bias)
+
+
+# --- the entry points the layers call -------------------------------------------------------
+
+def rfa_conv2d(x: Tensor, weight_dw: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
+               running_mean: Tensor | None, running_var: Tensor | None, logit_scale: Tensor,
+               weight: Tensor, bias: Tensor | None = None, stride: int = 1,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+               fused: bool = False) -> Tensor:
+    """RFAConv (Zhang et al. 2023, the grouped RFAConv) as a function of its tensors, as
+    ``F.batch_norm`` is of BatchNorm's:
+
+        out = conv_1x1(ReLU(BN(dwconv(x)))[c, t] * softmax_t(a[c, t] * avgpool(x)[c]),
+                       weight.reshape(O, C * k2)) + bias
+
+    ``weight_dw`` (C * k2, 1, k, k) the depthwise conv; ``bn_weight``, ``bn_bias``,
+    ``running_mean``, ``running_var`` (C * k2) its BatchNorm, with ``training``, ``momentum``
+    and ``eps`` as in ``F.batch_norm`` (batch statistics when training, the running ones
+    updated in place when given); ``logit_scale`` (C, k2); ``weight`` (O, C, k, k) and ``bias``
+    the final conv. ``fused``: the C++ operator (CPU) instead of the eager formulation.
+    Answers in x's memory format and compute dtype (autocast's when on).
+    """
+    if x.shape[0] == 0:
+        return _empty_batch(x, weight, bias, stride)
+    if fused:
+        def run(x, t):
+            return ops.rfa_fused(
+                x, t["weight_dw"], t["gamma"], t["beta"], t["mean"], t["var"],
+                logit_scale.to(x.dtype), t["weight"], t["bias"], stride, training, eps)
+        return _fused(x, weight_dw, bn_weight, bn_bias, running_mean, running_var, weight, bias,
+                      stride, training, momentum, eps, run)
+    x_in, x = x, _compute_input(x)
+    dtype = x.dtype
+    k = weight_dw.shape[-1]
+    pooled = F.avg_pool2d(x, k, stride, k // 2, count_include_pad=True)
+    pointwise = cast(weight, dtype).reshape(weight.shape[0], -1, 1, 1)
+    z, gamma, beta, stats = _features(x, weight_dw, bn_weight, bn_bias, running_mean,
+                                      running_var, stride, training, momentum, eps)
+    if stats is None and is_exporting():  # the formulation onnxruntime runs fastest
+        out = rfa_attended_conv_folded(F.relu(z), pooled, logit_scale, pointwise,
+                                       cast(bias, dtype))
+    else:
+        out = rfa_attended_conv(z.unflatten(1, logit_scale.shape), gamma, beta, stats, eps,
+                                pooled.unsqueeze(2),
+                                logit_scale.view(1, *logit_scale.shape, 1, 1), pointwise,
+                                cast(bias, dtype))
+    return _keep_memory_format(x_in, out)
+
+
+Factors = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def rfa_tile_conv2d(x: Tensor, weight_dw: Tensor, bn_weight: Tensor | None,
+                    bn_bias: Tensor | None, running_mean: Tensor | None,
+                    running_var: Tensor | None, factors: Factors, weight: Tensor,
+                    bias: Tensor | None = None, stride: int = 1, kind: int = 0,
+                    training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                    fused: bool = False) -> Tensor:
+    """RFCBAMConv (``kind`` 0) or RFCAConv (1), Zhang et al. 2023:
+    ``conv_1x1(g * f1 * f2, weight.reshape(O, C * k2)) + bias`` with g = ReLU(BN(dwconv(x)))
+    and the attention's two factors ``factors(x, r1, r2)`` computed from small reductions of g
+    (:func:`tile_reductions`; the factors' shapes are in :func:`tile_factors`). The other
+    arguments as in :func:`rfa_conv2d`.
+    """
+    if x.shape[0] == 0:
+        return _empty_batch(x, weight, bias, stride)
+    if fused:
+        def run(x, t):
+            common = (x, t["weight_dw"], t["gamma"], t["beta"], t["mean"], t["var"])
+            r1, r2, handle = ops.rfa_tile_reduce(*common, stride, kind, training, eps)
+            f1, f2 = factors(x, r1, r2)
+            return ops.rfa_tile_attend(
+                *common, f1.to(x.dtype), f2.to(x.dtype), t["weight"], t["bias"], handle, stride,
+                kind, training, eps)
+        return _fused(x, weight_dw, bn_weight, bn_bias, running_mean, running_var, weight, bias,
+                      stride, training, momentum, eps, run)
+    x_in, x = x, _compute_input(x)
+    z, gamma, beta, stats = _features(x, weight_dw, bn_weight, bn_bias, running_mean,
+                                      running_var, stride, training, momentum, eps)
+    exporting = stats is None and is_exporting()
+    if exporting:  # the ReLU right on the depthwise conv's output, where onnxruntime fuses it
+        g = _tile_view(weight_dw.shape[-1], F.relu(z), None, None, None)[0]
+    else:
+        z, gamma, beta, stats = _tile_view(weight_dw.shape[-1], z, gamma, beta, stats)
+        g = bn_relu(z, gamma, beta, stats, eps)
+    f1, f2 = tile_factors(*factors(x, *tile_reductions(g, kind)), kind)
+    f1, f2 = cast(f1, x.dtype), cast(f2, x.dtype)
+    pointwise = cast(weight, x.dtype).reshape(weight.shape[0], -1, 1, 1)
+    if exporting:
+        out = attended_pointwise_reference(g, f1, f2, pointwise, cast(bias, x.dtype))
+    else:
+        out = attended_pointwise_conv(g, z, gamma, beta, stats, eps, f1, f2, pointwise,
+                                      cast(bias, x.dtype))
+    return _keep_memory_format(x_in, out)
+
+
+def rfa_tile_attention(x: Tensor, weight_dw: Tensor, bn_weight: Tensor | None,
+                       bn_bias: Tensor | None, running_mean: Tensor | None,
+                       running_var: Tensor | None, factors: Factors, stride: int = 1,
+                       kind: int = 0, training: bool = False, eps: float = 1e-5) -> Tensor:
+    """The attention :func:`rfa_tile_conv2d` multiplies onto g, (N, C, k2, H', W') (for
+    inspection and figures); running statistics are read, never updated."""
+    x = cast(x, compute_dtype(x))
+    with torch.no_grad():
+        g = tile_features(x, weight_dw, bn_weight, bn_bias, running_mean, running_var, stride,
+                          training, eps)
+    f1, f2 = tile_factors(*factors(x, *tile_reductions(g, kind)), kind)
+    n, c, k, _, h, w = g.shape
+    return (f1 * f2).expand(g.shape).reshape(n, c, k * k, h, w)
+
+
+def tile_features(x: Tensor, weight_dw: Tensor, bn_weight: Tensor | None,
+                  bn_bias: Tensor | None, running_mean: Tensor | None,
+                  running_var: Tensor | None, stride: int = 1, training: bool = False,
+                  eps: float = 1e-5) -> Tensor:
+    """g = ReLU(BN(dwconv(x))) in the tile view (N, C, k, k, H', W'); batch statistics when
+    ``training`` (running ones never updated)."""
+    z, gamma, beta, stats = _tile_view(weight_dw.shape[-1], *_features(
+        x, weight_dw, bn_weight, bn_bias, None if training else running_mean,
+        None if training else running_var, stride, training, 0.0, eps))
+    return bn_relu(z, gamma, beta, stats, eps)
+
+
+def tile_reductions(g: Tensor, kind: int) -> tuple[Tensor, Tensor]:
+    """The reductions of g (N, C, k, k, H', W') the tile attentions start from:
+    RFCBAM (kind 0) the max and mean over channels, (N, H', W', k2) each; RFCA (1) the means
+    over (j, w') and over (i, h'), (N, H', k, C) and (N, W', k, C)."""
+    n, _, k, _, h, w = g.shape
+    if kind == 0:  # max(dim) keeps indices for backward, amax would keep g itself
+        return (g.max(dim=1)[0].permute(0, 3, 4, 1, 2).reshape(n, h, w, k * k),
+                g.mean(dim=1).permute(0, 3, 4, 1, 2).reshape(n, h, w, k * k))
+    if is_exporting():  # onnxruntime reduces one axis at a time ~3x faster than two axes apart
+        rows, cols = g.mean(5).mean(3), g.mean(4).mean(2)
+    else:
+        rows, cols = g.mean(dim=(3, 5)), g.mean(dim=(2, 4))
+    return rows.permute(0, 3, 2, 1), cols.permute(0, 3, 2, 1)
+
+
+def tile_factors(f1: Tensor, f2: Tensor, kind: int) -> tuple[Tensor, Tensor]:
+    """The attention's factors as views that broadcast against g (N, C, k, k, H', W'):
+    RFCBAM's channel gate (N, C) and spatial gate (N, H', W', k2); RFCA's a_h (N, H', k, C) and
+    a_w (N, W', k, C)."""
+    if kind == 0:
+        n, h, w, k2 = f2.shape
+        k = math.isqrt(k2)
+        return (f1.view(*f1.shape, 1, 1, 1, 1),
+                f2.view(n, h, w, k, k).permute(0, 3, 4, 1, 2).unsqueeze(1))
+    return (f1.permute(0, 3, 2, 1)[:, :, :, None, :, None],
+            f2.permute(0, 3, 2, 1)[:, :, None, :, None, :])
+
+
+# --- shared by the entry points ----------------------------------------------------------------
+
+def _empty_batch(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int) -> Tensor:
+    """An empty batch in, an empty batch out (as nn.BatchNorm2d), of the right shape."""
+    dtype = compute_dtype(x)
+    k = weight.shape[-1]
+    return F.conv2d(cast(x, dtype), cast(weight, dtype), cast(bias, dtype), stride, k // 2)
+
+
+def _compute_input(x: Tensor) -> Tensor:
+    """x in the compute dtype (autocast's when on: everything k2-sized runs in it; statistics
+    and running buffers stay float32) and channels-last (oneDNN's depthwise and 1x1 convs over
+    C * k2 channels measured 1.5x to 2.7x faster so, and their backward ~2x)."""
+    return cast(x, compute_dtype(x)).contiguous(memory_format=torch.channels_last)
+
+
+def _keep_memory_format(x: Tensor, out: Tensor) -> Tensor:
+    """``out`` in x's memory format."""
+    if x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous()
+    return out
+
+
+def _features(x: Tensor, weight_dw: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
+              running_mean: Tensor | None, running_var: Tensor | None, stride: int,
+              training: bool, momentum: float, eps: float):
+    """The depthwise conv's output z (N, C * k2, H', W') in x's dtype and its BN as (gamma,
+    beta, (mean, inv_std)) shaped (1, C, k2, 1, 1) (statistics float32 for fp16/bf16, the
+    running ones updated when given); with running statistics (not training) the BN is folded
+    into the conv and those three are None."""
+    c = x.shape[1]
+    k = weight_dw.shape[-1]
+    k2 = k * k
+    dtype = x.dtype
+    if not training:
+        inv_std = torch.rsqrt(running_var + eps)
+        scale = inv_std if bn_weight is None else bn_weight * inv_std
+        shift = -running_mean * scale if bn_bias is None else bn_bias - running_mean * scale
+        z = F.conv2d(x, cast(weight_dw * scale.view(-1, 1, 1, 1), dtype), cast(shift, dtype),
+                     stride, k // 2, groups=c)
+        return z, None, None, None
+    z = F.conv2d(x, cast(weight_dw, dtype), None, stride, k // 2, groups=c)
+    with torch.no_grad():  # their gradient is part of the BN backward of the Functions
+        if running_mean is None:
+            acc = accumulate_dtype(dtype)
+            running_mean, running_var = z.new_zeros(z.shape[1], dtype=acc), z.new_ones(
+                z.shape[1], dtype=acc)
+            momentum = 0.0
+        # BatchNorm's own statistics kernel: 10x faster than var_mean on this channels-last
+        # k2-wide tensor (0.35 vs 3.6 ms at (64, 72, 16, 16) on 2 CPU threads)
+        mean, var = torch.batch_norm_update_stats(z, running_mean, running_var, momentum)
+    shape = (1, c, k2, 1, 1)
+    gamma, beta = _affine(bn_weight, bn_bias, z.shape[1], mean)
+    return (z, gamma.view(shape), beta.view(shape),
+            (mean.view(shape), torch.rsqrt(var + eps).view(shape)))
+
+
+def _affine(bn_weight: Tensor | None, bn_bias: Tensor | None, size: int, like: Tensor
+            ) -> tuple[Tensor, Tensor]:
+    """The BN's affine, ones and zeros for a BatchNorm without one."""
+    return (like.new_ones(size) if bn_weight is None else bn_weight,
+            like.new_zeros(size) if bn_bias is None else bn_bias)
+
+
+def _tile_view(k: int, z: Tensor, gamma: Tensor | None, beta: Tensor | None, stats: Stats):
+    """z (N, C * k2, H', W') and its BN (1, C, k2, 1, 1) in the tile view (N, C, k, k, H', W'),
+    where both attentions are written."""
+    n, c = z.shape[0], z.shape[1] // (k * k)
+    z = z.view(n, c, k, k, *z.shape[2:])
+    if stats is None:
+        return z, None, None, None
+    return (z, *(t.view(1, c, k, k, 1, 1) for t in (gamma, beta)),
+            tuple(t.view(1, c, k, k, 1, 1) for t in stats))
+
+
+def _fused(x: Tensor, weight_dw: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None,
+           running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor,
+           bias: Tensor | None, stride: int, training: bool, momentum: float, eps: float,
+           run: Callable[[Tensor, dict], Tensor]) -> Tensor:
+    """``run(x, operands)`` through the fused operators: the operands in the ops' dtype, the
+    BN statistics (the batch's from ``attnconv::rfa_feature_stats``, the running ones updated
+    as nn.BatchNorm2d does). bf16/fp16 (and autocast) compute in float32 (statistics and
+    softmax need it; the GEMM is a small part of the cost) and answer in the autocast dtype,
+    like the convolutions they replace."""
+    # under torch.compile the operators are there or the caller did not ask for them
+    reason = None if torch.compiler.is_compiling() else ops.ensure_loaded()
+    if reason is not None:
+        raise RuntimeError(f"the fused RFA operators are not available: {reason}")
+    out_dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        out_dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    if dtype in LOW_PRECISION:
+        dtype = torch.float32
+    with torch.autocast(x.device.type, enabled=False):
+        xc = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        weight_dw = weight_dw.to(dtype)
+        size = weight_dw.shape[0]
+        gamma, beta = _affine(bn_weight, bn_bias, size, weight_dw)
+        if training:
+            with torch.no_grad():
+                mean, var = ops.rfa_feature_stats(xc.detach(), weight_dw.detach(), stride)
+            if running_mean is not None:
+                _update_running_stats(running_mean, running_var, mean, var, momentum,
+                                      _count(xc, weight_dw.shape[-1], stride))
+        else:
+            mean, var = running_mean.to(dtype), running_var.to(dtype)
+        operands = {"weight_dw": weight_dw, "gamma": gamma.to(dtype), "beta": beta.to(dtype),
+                    "mean": mean, "var": var, "weight": weight.to(dtype),
+                    "bias": None if bias is None else bias.to(dtype)}
+        out = run(xc, operands)
+    out = out if out.dtype == out_dtype else out.to(out_dtype)
+    return _keep_memory_format(x, out)
+
+
+def _count(x: Tensor, k: int, s: int) -> int:
+    """The values per feature channel the batch statistics are taken over."""
+    n, _, h, w = x.shape
+    return n * ((h + 2 * (k // 2) - k) // s + 1) * ((w + 2 * (k // 2) - k) // s + 1)
+
+
+@torch.no_grad()
+def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor,
+                          var: Tensor, momentum: float, count: int) -> None:
+    """nn.BatchNorm2d's running-statistics update (unbiased variance), in the buffers' dtype."""
+    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    running_var.lerp_((var * (count / max(count - 1, 1))).to(running_var.dtype), momentum)
+
+
+# --- the fused operators' autograd formulas ----------------------------------------------------
+#
+# Registered here, beside the eager formulation they fall back on: the C++ backward passes are
+# not themselves differentiable, so a backward that autograd records (create_graph=True, for a
+# second derivative) differentiates the eager formulation on the operators' own operands.
+
+def _rfa_setup(ctx, inputs, output):
+    (x, weight_dw, gamma, beta, mean, var, logit_scale, weight, bias, stride, batch_stats,
+     eps) = inputs
+    ctx.save_for_backward(x, weight_dw, gamma, beta, mean, var, logit_scale, weight, bias)
+    ctx.args = (stride, batch_stats, eps)
+
+
+def _rfa_backward(ctx, grad_out):
+    x, weight_dw, gamma, beta, mean, var, logit_scale, weight, bias = ctx.saved_tensors
+    stride, batch_stats, eps = ctx.args
+    needs = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # a second derivative is wanted: through the eager path
+        def plain(x, weight_dw, gamma, beta, logit_scale, weight, bias):
+            return rfa_conv2d(x, weight_dw, gamma, beta, None if batch_stats else mean,
+                              None if batch_stats else var, logit_scale, weight, bias, stride,
+                              training=batch_stats, momentum=0.0, eps=eps)
+
+        grads = recompute_backward(
+            (*needs[:4], needs[6], needs[7], needs[8] and bias is not None), plain,
+            (x, weight_dw, gamma, beta, logit_scale, weight, bias), grad_out)
+    else:
+        grads = ops.rfa.rfa_fused_backward(grad_out, x, weight_dw, gamma, beta, mean, var,
+                                              logit_scale, weight, bias is not None, stride,
+                                              batch_stats, eps)
+    dx, dweight_dw, dgamma, dbeta, dlogit, dweight, dbias = grads
+    return (dx, dweight_dw, dgamma, dbeta, None, None, dlogit, dweight,
+            dbias if bias is not None else None, None, None, None)
+
+
+def _reduce_setup(ctx, inputs, output):
+    x, weight_dw, gamma, beta, mean, var, stride, kind, batch_stats, eps = inputs
+    ctx.save_for_backward(x, weight_dw, gamma, beta, mean, var)
+    ctx.args = (stride, kind, batch_stats, eps)
+
+
+def _op_features(x, weight_dw, gamma, beta, mean, var, stride, batch_stats, eps):
+    """g of the eager formulation, from the operators' operands."""
+    return tile_features(x, weight_dw, gamma, beta, None if batch_stats else mean,
+                         None if batch_stats else var, stride, batch_stats, eps)
+
+
+def _reduce_backward(ctx, dr1, dr2, du_attend):
+    x, weight_dw, gamma, beta, mean, var = ctx.saved_tensors
+    stride, kind, batch_stats, eps = ctx.args
+    s1, s2 = ops.rfa_tile._reduce_shapes(x, weight_dw.shape[-1], stride, kind)
+    dr1 = x.new_zeros(s1) if dr1 is None else dr1
+    dr2 = x.new_zeros(s2) if dr2 is None else dr2
+    if torch.is_grad_enabled():  # a second derivative is wanted: through the eager path
+        def plain(*t):
+            g = _op_features(*t[:4], mean, var, stride, batch_stats, eps)
+            return tile_reductions(g, kind), t
+
+        grads = recompute_backward(ctx.needs_input_grad[:4], plain,
+                                   (x, weight_dw, gamma, beta), (dr1, dr2))
+    else:
+        # (under create_graph the attend op took its whole gradient itself: du_attend None)
+        grads = ops.rfa_tile.rfa_tile_reduce_backward(
+            dr1, dr2, du_attend, x, weight_dw, gamma, beta, mean, var, stride, kind,
+            batch_stats, eps)
+    return (*grads, None, None, None, None, None, None)
+
+
+def _attend_setup(ctx, inputs, output):
+    (x, weight_dw, gamma, beta, mean, var, f1, f2, weight, bias, _handle, stride, kind,
+     batch_stats, eps) = inputs
+    ctx.save_for_backward(x, weight_dw, gamma, beta, mean, var, f1, f2, weight, bias)
+    ctx.args = (stride, kind, batch_stats, eps)
+
+
+def _attend_backward(ctx, grad_out):
+    x, weight_dw, gamma, beta, mean, var, f1, f2, weight, bias = ctx.saved_tensors
+    stride, kind, batch_stats, eps = ctx.args
+    needs = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # a second derivative is wanted: through the eager path
+        def plain(x, weight_dw, gamma, beta, f1, f2, weight, bias):
+            g = _op_features(x, weight_dw, gamma, beta, mean, var, stride, batch_stats, eps)
+            return attended_pointwise_reference(
+                g, *tile_factors(f1, f2, kind), weight.reshape(weight.shape[0], -1, 1, 1), bias)
+
+        grads = recompute_backward(
+            (*needs[:4], *needs[6:9], needs[9] and bias is not None), plain,
+            (x, weight_dw, gamma, beta, f1, f2, weight, bias), grad_out)
+        du = None
+    else:
+        # with a handle from rfa_tile_reduce in the graph, that op's backward runs the BN +
+        # depthwise backward for both (it is linear in dL/du): hand it this op's dL/du
+        defer = needs[10]
+        *grads, du = ops.rfa_tile.rfa_tile_attend_backward(
+            grad_out, x, weight_dw, gamma, beta, mean, var, f1, f2, weight, bias is not None,
+            stride, kind, batch_stats, defer, eps)
+        if defer:
+            grads[:4] = [None] * 4
+        else:
+            du = None
+    dx, dweight_dw, dgamma, dbeta, df1, df2, dweight, dbias = grads
+    return (dx, dweight_dw, dgamma, dbeta, None, None, df1, df2, dweight,
+            dbias if bias is not None else None, du, None, None, None, None)
+
+
+def _register_autograd() -> None:
+    torch.library.register_autograd("attnconv::rfa_fused", _rfa_backward,
+                                    setup_context=_rfa_setup)
+    torch.library.register_autograd("attnconv::rfa_tile_reduce", _reduce_backward,
+                                    setup_context=_reduce_setup)
+    torch.library.register_autograd("attnconv::rfa_tile_attend", _attend_backward,
+                                    setup_context=_attend_setup)
+
+
+ops.rfa.on_load(_register_autograd)

@@ -12,6 +12,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from attnconv.functional._common import is_exporting as is_exporting  # the layers' question
+
 PADDING_STRINGS = ("same", "valid")
 
 T = TypeVar("T")
@@ -94,11 +96,6 @@ def check_conv_input(layer: nn.Module, x: torch.Tensor, in_channels: int) -> Non
     if not x.is_floating_point():
         raise TypeError(f"{layer_name(layer)}: expected a floating-point input (float32, "
                         f"float64, bfloat16 or float16), got {x.dtype}")
-
-
-def is_exporting() -> bool:
-    """Whether the call is being traced by ``torch.export`` or the ONNX exporter."""
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 def layer_name(layer: nn.Module) -> str:

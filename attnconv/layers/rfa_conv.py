@@ -16,17 +16,14 @@ these layers never build the rearranged map. RFCBAM's 3x3 spatial conv and RFCA'
 depend on the tile layout; they run on rearranged *pooled* maps (2 or C channels of one row or
 column), never on a rearranged copy of g.
 
-Two paths compute the same function (measured in benchmarks/RESULTS.md):
-
-* On CPU the fused C++ operators of :mod:`attnconv.ops` (tap-major, every core): the layer
-  builds their operands from its parameters (``_operands``, ``_fused_factors``); training keeps
-  about the input for backward.
-* The eager formulation below (any device, export, second derivatives): eval mode folds the
-  BatchNorm into the depthwise conv; in training custom autograd Functions keep only the
-  depthwise conv's output z (k2 / s^2 times the input) and recompute BN, ReLU, the attention
-  product and the softmax in backward.
-
-``impl="auto"`` takes, per layer and mode, the one measured faster on CPU (``_auto_fused``).
+The module owns its parameters and hands them, as they are, to the functions of
+:mod:`attnconv.functional.rfa` (``rfa_conv2d``, ``rfa_tile_conv2d``), which run either the fused
+C++ operators of :mod:`attnconv.ops` (CPU, every core; training keeps about the input for
+backward) or the eager formulation (any device, export, second derivatives; eval folds the
+BatchNorm into the depthwise conv, training keeps only the depthwise conv's output). RFCBAM
+and RFCA compute their attention in one place, :meth:`_factors`, from small reductions of the
+features, on both paths. ``impl="auto"`` takes, per layer and mode, the path measured faster
+on CPU (``_auto_fused``; benchmarks/RESULTS.md).
 
 Deviations from the official code, all deliberate:
 
@@ -48,40 +45,17 @@ from torch import nn
 from torch.nn.common_types import _size_2_t
 from torch.nn.modules.utils import _pair
 
-from attnconv.functional._common import accumulate_dtype, cast, compute_dtype
 from attnconv.functional.rfa import (
-    attended_pointwise_conv,
-    attended_pointwise_reference,
-    bn_relu,
-    from_tiles,
-    rfa_attended_conv,
-    rfa_attended_conv_folded,
+    rfa_conv2d,
+    rfa_tile_attention,
+    rfa_tile_conv2d,
     to_tiles,
 )
 from attnconv.layers.base import AttentionConv2d
-from attnconv.layers.helpers import (
-    check_conv_args,
-    check_positive,
-    is_exporting,
-    layer_name,
-)
-from attnconv.ops.rfa import RFA_IMPLS, _out_size, rfa_feature_stats, rfa_fused, use_fused
-from attnconv.ops.rfa_tile import rfa_tile_attend, rfa_tile_reduce
+from attnconv.layers.helpers import check_conv_args, check_positive, layer_name
+from attnconv.ops.rfa import RFA_IMPLS, _out_size, use_fused
 
 __all__ = ["RFAConv2d", "RFCAConv2d", "RFCBAMConv2d"]
-
-
-def _keep_memory_format(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The layers compute in channels-last (oneDNN's depthwise and 1x1 convs over C * k2
-    channels measured 1.5x to 2.7x faster so, and backward ~2x) and answer in x's format."""
-    if x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
-        return out.contiguous()
-    return out
-
-
-def _tap_major(t: torch.Tensor, c: int, k2: int) -> torch.Tensor:
-    """A per-feature tensor in the layer's order c * k2 + t -> (k2, C), the ops' order."""
-    return t.reshape(c, k2).t()
 
 
 # --- the layers ------------------------------------------------------------------------------
@@ -141,152 +115,46 @@ class _ReceptiveFieldConv2d(AttentionConv2d):
                                       groups=in_channels, bias=False, **factory)
         self.feature_bn = nn.BatchNorm2d(in_channels * self.taps, **factory)
 
-    # -- the shared computation --
+    # -- what the functions of attnconv.functional.rfa take --
 
-    def _features(self, x: torch.Tensor, update_stats: bool = True):
-        """Depthwise conv output z (N, C, k2, H', W') in x's dtype and the BN as (gamma, beta,
-        (mean, inv_std)) shaped (1, C, k2, 1, 1), statistics in float32 for fp16/bf16, or
-        (None, None, None) when the BN is folded into z (eval mode, running statistics).
-        ``update_stats=False`` leaves the running statistics alone."""
+    def _bn_args(self, update_stats: bool = True) -> dict:
+        """The BatchNorm's tensors and mode as nn.BatchNorm2d hands them to F.batch_norm
+        (counting the batch when it updates the running statistics; ``update_stats=False``,
+        as for an empty batch, leaves them alone)."""
         bn = self.feature_bn
-        n, c = x.shape[:2]
-        dtype = x.dtype
-        if not self._uses_batch_stats():
-            z = self._folded_features(x)
-            return z.view(n, c, self.taps, *z.shape[2:]), None, None, None
-        z = F.conv2d(x, cast(self.feature_conv.weight, dtype), None, self.stride, self.padding,
-                     groups=c)
-        count = z.numel() // z.shape[1]
-        if count < 2 and self.training:
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        update = update_stats and self.training and bn.track_running_stats
+        if update and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        training = self.training or bn.running_mean is None
+        running = not training or update
+        return {"bn_weight": bn.weight, "bn_bias": bn.bias,
+                "running_mean": bn.running_mean if running else None,
+                "running_var": bn.running_var if running else None,
+                "training": training, "momentum": momentum, "eps": bn.eps}
+
+    def _check_batch(self, x: torch.Tensor) -> None:
+        """BatchNorm's refusal of a single value per channel in training, in one line."""
+        k, s = self.kernel_size[0], self.stride[0]
+        count = x.shape[0] * _out_size(x.shape[2], k, s) * _out_size(x.shape[3], k, s)
+        if self.training and 0 < count < 2:
             raise ValueError(f"{layer_name(self)}: expected more than 1 value per channel when "
                              f"training (BatchNorm), got input {tuple(x.shape)}")
-        with torch.no_grad():  # their gradient is part of the BN backward of the Functions
-            mean, var = self._batch_stats(z, update_stats)
-        shape = (1, c, self.taps, 1, 1)
-        stats = (mean.view(shape), torch.rsqrt(var + bn.eps).view(shape))
-        return (z.view(n, c, self.taps, *z.shape[2:]), bn.weight.view(shape), bn.bias.view(shape),
-                stats)
 
-    def _folded_features(self, x: torch.Tensor) -> torch.Tensor:
-        """BN(depthwise conv(x)) over the running statistics, as one conv (N, C * k2, H', W')
-        in x's dtype (eval mode)."""
-        bn = self.feature_bn
-        inv_std = torch.rsqrt(bn.running_var + bn.eps)
-        scale = bn.weight * inv_std
-        shift = bn.bias - bn.running_mean * scale
-        return F.conv2d(x, cast(self.feature_conv.weight * scale.view(-1, 1, 1, 1), x.dtype),
-                        cast(shift, x.dtype), self.stride, self.padding, groups=x.shape[1])
+    def _runs_fused(self, x: torch.Tensor) -> bool:
+        # An empty batch takes the eager path, which answers an empty batch as BatchNorm does.
+        return x.shape[0] > 0 and use_fused(type(self).__name__, self.impl, x,
+                                            self._auto_fused[self.training])
 
-    def _exports_folded(self) -> bool:
-        """Whether this call is an export of the eval-mode layer, which takes the 4-d
-        formulation onnxruntime runs fastest (the ReLU right on the depthwise conv's output,
-        where onnxruntime fuses it into the conv)."""
-        return is_exporting() and not self._uses_batch_stats()
-
-    def _batch_stats(self, z: torch.Tensor, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch mean and biased variance of z's channels, updating the running statistics as
-        nn.BatchNorm2d does in training (when ``update``).
-
-        BatchNorm's own statistics kernel: 10x faster than var_mean on this channels-last
-        k2-wide tensor (0.35 vs 3.6 ms at (64, 72, 16, 16) on 2 CPU threads). Given float32
-        running buffers it accumulates and answers in float32 for fp16/bf16 z too.
-        """
-        bn = self.feature_bn
-        if update and self.training and bn.track_running_stats:
-            bn.num_batches_tracked.add_(1)
-            momentum = (1.0 / float(bn.num_batches_tracked) if bn.momentum is None
-                        else bn.momentum)
-            running_mean, running_var = bn.running_mean, bn.running_var
-        else:
-            momentum = 0.0
-            acc = accumulate_dtype(z.dtype)
-            running_mean = z.new_zeros(z.shape[1], dtype=acc)
-            running_var = z.new_ones(z.shape[1], dtype=acc)
-        return torch.batch_norm_update_stats(z, running_mean, running_var, momentum)
+    def _check_input(self, x: torch.Tensor) -> None:
+        self.check_input(x)
+        self._check_batch(x)
 
     def _uses_batch_stats(self) -> bool:
         bn = self.feature_bn
         return self.training or bn.running_mean is None
-
-    def _pointwise_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        # channel order c * k2 + i * k + j, the order of the official rearrange
-        return cast(self.weight, dtype).reshape(self.out_channels, -1, 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        # Under autocast (any device type) everything k2-sized runs in the autocast dtype,
-        # cast here once; statistics and running buffers stay float32.
-        dtype = compute_dtype(x)
-        if x.shape[0] == 0:  # as nn.BatchNorm2d: an empty batch in, an empty batch out
-            return self._conv_forward(cast(x, dtype), cast(self.weight, dtype),
-                                      cast(self.bias, dtype))
-        x_cl = cast(x, dtype).contiguous(memory_format=torch.channels_last)
-        return _keep_memory_format(x, self._forward(x_cl))
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        self.check_input(x)
-
-    # -- the fused ops' operands --
-
-    def _fused(self, x: torch.Tensor, forward) -> torch.Tensor:
-        """``forward(x)`` through the fused ops, in x's memory format. Under autocast, and for
-        bf16/fp16 tensors, the ops compute in float32 (statistics and softmax need it; the
-        GEMM is a small part of the cost) and answer in the autocast dtype, like the
-        convolutions they replace."""
-        self._check_input(x)
-        out_dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            out_dtype = torch.get_autocast_dtype(x.device.type)
-        with torch.autocast(x.device.type, enabled=False):
-            out = forward(x)
-        out = out if out.dtype == out_dtype else out.to(out_dtype)
-        return _keep_memory_format(x, out)
-
-    def _operands(self, x: torch.Tensor) -> dict:
-        """The tensors the fused ops take, from this layer's parameters (differentiable, in
-        the ops' tap-major order) and its input: x in the compute dtype (float32 for
-        bf16/fp16), the depthwise weight, the BN affine and statistics, the final conv. Takes
-        the BN batch statistics with :func:`rfa_feature_stats` and updates the running ones
-        as nn.BatchNorm2d does."""
-        bn = self.feature_bn
-        c, k2, k, s = self.in_channels, self.taps, self.kernel_size[0], self.stride[0]
-        dtype = torch.promote_types(x.dtype, self.weight.dtype)
-        if dtype in (torch.bfloat16, torch.float16):
-            dtype = torch.float32
-        x = x.to(dtype).contiguous(memory_format=torch.channels_last)
-        wdt = self.feature_conv.weight.to(dtype).view(c, k2, k2).permute(2, 1, 0)
-        gamma = _tap_major(bn.weight.to(dtype), c, k2) if bn.affine else x.new_ones(k2, c)
-        beta = _tap_major(bn.bias.to(dtype), c, k2) if bn.affine else x.new_zeros(k2, c)
-        wt = self.weight.to(dtype).view(self.out_channels, c, k2).transpose(1, 2).reshape(
-            self.out_channels, k2 * c)
-        batch_stats = self._uses_batch_stats()
-        if batch_stats:
-            count = x.shape[0] * _out_size(x.shape[2], k, s) * _out_size(x.shape[3], k, s)
-            if count < 2 and self.training:
-                raise ValueError(f"{layer_name(self)}: expected more than 1 value per channel "
-                                 f"when training (BatchNorm), got input {tuple(x.shape)}")
-            with torch.no_grad():
-                mean, var = rfa_feature_stats(x.detach(), wdt.detach().contiguous(), k, s)
-            self._update_running_stats(mean.t().reshape(-1), var.t().reshape(-1), count)
-        else:
-            mean = _tap_major(bn.running_mean.to(dtype), c, k2)
-            var = _tap_major(bn.running_var.to(dtype), c, k2)
-        return {"x": x, "wdt": wdt, "gamma": gamma, "beta": beta, "mean": mean,
-                "inv_std": torch.rsqrt(var + bn.eps), "wt": wt,
-                "bias": None if self.bias is None else self.bias.to(dtype), "kernel_size": k,
-                "stride": s, "batch_stats": batch_stats, "eps": bn.eps, "dtype": dtype}
-
-    @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-        """nn.BatchNorm2d's running-statistics update (unbiased variance), in the buffers'
-        dtype."""
-        bn = self.feature_bn
-        if not (self.training and bn.track_running_stats):
-            return
-        bn.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
-        bn.running_var.lerp_((var * (count / (count - 1))).to(bn.running_var.dtype), momentum)
 
     # -- importing the official modules' parameters --
 
@@ -355,10 +223,11 @@ class RFAConv2d(_ReceptiveFieldConv2d):
     holds the official ``get_weight.1.weight``.
 
     ``impl``: "fused" runs the fused C++ kernels (:mod:`attnconv.ops`, built by ``make`` or
-    on first use) on CPU, "eager" the formulation below, "auto" (the default) on CPU the path
-    measured faster for the layer and mode (``_auto_fused``), on other devices eager (see also
-    :func:`attnconv.layers.set_impl`). Where "fused" cannot run (CUDA, no compiler)
-    the layer runs eager and warns once with the reason.
+    on first use) on CPU, "eager" the eager formulation (:mod:`attnconv.functional.rfa`),
+    "auto" (the default) on CPU the path measured faster for the layer and mode
+    (``_auto_fused``), on other devices eager (see also :func:`attnconv.layers.set_impl`).
+    Where "fused" cannot run (CUDA, no compiler) the layer runs eager and warns once with the
+    reason.
     """
 
     _official_feature_prefix = "generate_feature"
@@ -387,11 +256,10 @@ class RFAConv2d(_ReceptiveFieldConv2d):
         nn.init.uniform_(self.attn_logit_scale, -1.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # An empty batch takes the eager path, which returns an empty batch as nn.BatchNorm2d does.
-        if x.shape[0] > 0 and use_fused(type(self).__name__, self.impl, x,
-                                        self._auto_fused[self.training]):
-            return self._fused(x, self._fused_forward)
-        return super().forward(x)
+        self._check_input(x)
+        return rfa_conv2d(x, self.feature_conv.weight, **self._bn_args(x.shape[0] > 0),
+                          logit_scale=self.attn_logit_scale, weight=self.weight, bias=self.bias,
+                          stride=self.stride[0], fused=self._runs_fused(x))
 
     def reset_attention(self) -> None:
         """The official RFA ResNets' start: ``attn_logit_scale`` (there the grouped 1x1 conv
@@ -399,36 +267,13 @@ class RFAConv2d(_ReceptiveFieldConv2d):
         on its own keeps the official module's default U(-1, 1) instead."""
         nn.init.normal_(self.attn_logit_scale, std=math.sqrt(2.0 / self.attn_logit_scale.numel()))
 
-    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self._operands(x)
-        a = self.attn_logit_scale.to(t["dtype"]).t()
-        return rfa_fused(t["x"], t["wdt"], t["gamma"], t["beta"], t["mean"], t["inv_std"], a,
-                         t["wt"], t["bias"], t["kernel_size"], t["stride"], t["batch_stats"],
-                         t["eps"])
-
     def receptive_field_attention(self, x: torch.Tensor) -> torch.Tensor:
         """softmax_t(a[c, t] * avgpool(x)[c]): the weights of the k2 receptive-field members of
         every output position, (N, C, k2, H', W') (for inspection and figures)."""
-        self._check_input(x)
-        return torch.softmax(self._pooled(x).unsqueeze(2) * self._logit_scale(), dim=2)
-
-    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding,
-                            count_include_pad=True)
-
-    def _logit_scale(self) -> torch.Tensor:
-        return self.attn_logit_scale.view(1, self.in_channels, self.taps, 1, 1)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._exports_folded():
-            return rfa_attended_conv_folded(F.relu(self._folded_features(x)), self._pooled(x),
-                                            self.attn_logit_scale,
-                                            self._pointwise_weight(x.dtype),
-                                            cast(self.bias, x.dtype))
-        z, gamma, beta, stats = self._features(x)
-        return rfa_attended_conv(z, gamma, beta, stats, self.feature_bn.eps,
-                                 self._pooled(x).unsqueeze(2), self._logit_scale(),
-                                 self._pointwise_weight(x.dtype), cast(self.bias, x.dtype))
+        self.check_input(x)
+        pooled = F.avg_pool2d(x, self.kernel_size, self.stride, self.padding,
+                              count_include_pad=True)
+        return torch.softmax(pooled.unsqueeze(2) * self.attn_logit_scale[..., None, None], dim=2)
 
     def official_keys(self):
         keys = super().official_keys()
@@ -438,8 +283,8 @@ class RFAConv2d(_ReceptiveFieldConv2d):
 
 
 class _TileAttentionConv2d(_ReceptiveFieldConv2d):
-    """RFCBAM/RFCA: g = ReLU(BN(dwconv(x))), an attention (f1, f2) computed from g (and x),
-    then conv_1x1(g * f1 * f2). Subclasses define :meth:`attention` on g in tap layout.
+    """RFCBAM/RFCA: g = ReLU(BN(dwconv(x))), an attention (f1, f2) computed from small
+    reductions of g (and x), then conv_1x1(g * f1 * f2). Subclasses define :meth:`_factors`.
 
     ``impl`` as in :class:`RFAConv2d`; the fused path is :mod:`attnconv.ops.rfa_tile`.
     """
@@ -448,69 +293,29 @@ class _TileAttentionConv2d(_ReceptiveFieldConv2d):
     _tile_kind: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > 0 and use_fused(type(self).__name__, self.impl, x,
-                                        self._auto_fused[self.training]):
-            return self._fused(x, self._fused_forward)
-        return super().forward(x)
+        self._check_input(x)
+        return rfa_tile_conv2d(x, self.feature_conv.weight, **self._bn_args(x.shape[0] > 0),
+                               factors=self._factors, weight=self.weight, bias=self.bias,
+                               stride=self.stride[0], kind=self._tile_kind,
+                               fused=self._runs_fused(x))
 
-    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self._operands(x)
-        common = (t["x"], t["wdt"], t["gamma"], t["beta"], t["mean"], t["inv_std"])
-        k, s, batch_stats, eps = t["kernel_size"], t["stride"], t["batch_stats"], t["eps"]
-        r1, r2 = rfa_tile_reduce(*common, k, s, self._tile_kind, batch_stats, eps)
-        f1, f2 = self._fused_factors(t["x"], r1, r2)
-        return rfa_tile_attend(*common, f1, f2, t["wt"], t["bias"], k, s, self._tile_kind,
-                               batch_stats, eps)
-
-    def _fused_factors(self, x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attention's two factors in the tile ops' layout, from the reductions of g that
-        :func:`rfa_tile_reduce` takes."""
+    def _factors(self, x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor,
+                 update_stats: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention's two factors from the reductions of the features
+        (:func:`attnconv.functional.rfa.tile_reductions`): the one place the layer's attention
+        is computed, on the fused and the eager path alike."""
         raise NotImplementedError
-
-    def attention(self, x: torch.Tensor, g: torch.Tensor, update_stats: bool = True
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def _tap_view(self, z: torch.Tensor) -> torch.Tensor:
-        return z
 
     def receptive_field_attention(self, x: torch.Tensor) -> torch.Tensor:
         """The attention multiplied onto the receptive-field features g (channel x spatial for
         RFCBAM, a_h x a_w for RFCA), (N, C, k2, H', W') (for inspection and figures). The
         running statistics are left as they are, in training mode too."""
-        self._check_input(x)
-        x = cast(x, compute_dtype(x))
-        with torch.no_grad():
-            z, gamma, beta, stats = self._tap_features(x, update_stats=False)
-            g = bn_relu(z, gamma, beta, stats, self.feature_bn.eps)
-        f1, f2 = self.attention(x, g, update_stats=False)
-        return (f1 * f2).expand_as(g).reshape(x.shape[0], self.in_channels, self.taps,
-                                              *z.shape[-2:])
-
-    def _tap_features(self, x: torch.Tensor, update_stats: bool = True):
-        """:meth:`_features` in the layer's tap view."""
-        z, gamma, beta, stats = self._features(x, update_stats)
-        z = self._tap_view(z)
-        if stats is not None:
-            gamma, beta = self._tap_view(gamma), self._tap_view(beta)
-            stats = tuple(self._tap_view(t) for t in stats)
-        return z, gamma, beta, stats
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._exports_folded():
-            z = F.relu(self._folded_features(x))
-            g = self._tap_view(z.view(x.shape[0], self.in_channels, self.taps, *z.shape[2:]))
-            f1, f2 = self.attention(x, g)
-            return attended_pointwise_reference(g, cast(f1, x.dtype), cast(f2, x.dtype),
-                                                self._pointwise_weight(x.dtype),
-                                                cast(self.bias, x.dtype))
-        z, gamma, beta, stats = self._tap_features(x)
-        g = bn_relu(z, gamma, beta, stats, self.feature_bn.eps)
-        f1, f2 = self.attention(x, g)
-        return attended_pointwise_conv(g, z, gamma, beta, stats, self.feature_bn.eps,
-                                       cast(f1, x.dtype), cast(f2, x.dtype),
-                                       self._pointwise_weight(x.dtype), cast(self.bias, x.dtype))
+        self.check_input(x)
+        bn = self._bn_args(update_stats=False)
+        return rfa_tile_attention(
+            x, self.feature_conv.weight, bn["bn_weight"], bn["bn_bias"], bn["running_mean"],
+            bn["running_var"], lambda x, r1, r2: self._factors(x, r1, r2, update_stats=False),
+            self.stride[0], self._tile_kind, bn["training"], bn["eps"])
 
 
 class RFCBAMConv2d(_TileAttentionConv2d):
@@ -554,17 +359,7 @@ class RFCBAMConv2d(_TileAttentionConv2d):
         self.channel_fc2 = nn.Linear(hidden_channels, in_channels, bias=False, **factory)
         self.spatial_conv = nn.Conv2d(2, 1, 3, padding=1, bias=False, **factory)
 
-    def attention(self, x: torch.Tensor, g: torch.Tensor, update_stats: bool = True
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        n, c = x.shape[:2]
-        channel = torch.sigmoid(self.channel_fc2(F.relu(self.channel_fc1(x.mean((2, 3))))))
-        # max(dim) keeps indices for backward, amax would keep g itself
-        pooled = torch.cat([g.max(dim=1, keepdim=True)[0], g.mean(dim=1, keepdim=True)], dim=1)
-        k = self.kernel_size[0]
-        spatial = from_tiles(torch.sigmoid(self.spatial_conv(to_tiles(pooled, k))), k)
-        return channel.view(n, c, 1, 1, 1), spatial
-
-    def _fused_factors(self, x, r1, r2):
+    def _factors(self, x, r1, r2, update_stats=True):
         """The channel gate (N, C) and the spatial gate (N, H', W', k2) from the max and mean
         over channels (N, H', W', k2)."""
         n, h, w, k2 = r1.shape
@@ -573,10 +368,11 @@ class RFCBAMConv2d(_TileAttentionConv2d):
         channel = torch.sigmoid(self.channel_fc2(F.relu(self.channel_fc1(
             x.mean((2, 3)).to(pdtype)))))
         pooled = torch.stack([r1, r2], dim=1).permute(0, 1, 4, 2, 3)  # (N, 2, k2, H', W')
+        # the 3x3 conv crosses tile borders as in the official code: on the rearranged map
         spatial = torch.sigmoid(self.spatial_conv(to_tiles(pooled.to(pdtype), k)))
         # (N, 1, H'k, W'k) -> (N, H', W', k2)
         spatial = spatial.view(n, h, k, w, k).permute(0, 1, 3, 2, 4).reshape(n, h, w, k2)
-        return channel.to(x.dtype), spatial.to(x.dtype)
+        return channel, spatial
 
     def official_keys(self):
         keys = super().official_keys()
@@ -632,46 +428,24 @@ class RFCAConv2d(_TileAttentionConv2d):
         self.coord_conv_h = nn.Conv2d(mip, in_channels, 1, **factory)
         self.coord_conv_w = nn.Conv2d(mip, in_channels, 1, **factory)
 
-    def _tap_view(self, z: torch.Tensor) -> torch.Tensor:
-        k = self.kernel_size[0]
-        return z.view(*z.shape[:2], k, k, *z.shape[3:])  # (N, C, i, j, H', W')
-
-    def attention(self, x: torch.Tensor, g: torch.Tensor, update_stats: bool = True
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        n, c, k, _, h, w = g.shape
-        if is_exporting():
-            # onnxruntime reduces one axis at a time ~3x faster than two axes apart
-            row_means, col_means = g.mean(5).mean(3), g.mean(4).mean(2)
-        else:
-            row_means, col_means = g.mean(dim=(3, 5)), g.mean(dim=(2, 4))
-        # rows of the rearranged map are h' * k + i, columns w' * k + j
-        rows = row_means.transpose(2, 3).reshape(n, c, h * k, 1)
-        cols = col_means.transpose(2, 3).reshape(n, c, w * k, 1)
-        y = self.coord_conv(torch.cat([rows, cols], dim=2))
-        bn = self.coord_bn
-        if update_stats or not bn.training:
-            y = bn(y)
-        else:  # batch statistics, as bn(y) in training, without touching the running ones
-            y = F.batch_norm(y, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
-        y = F.hardswish(y)
-        y_h, y_w = torch.split(y, [h * k, w * k], dim=2)
-        a_h = torch.sigmoid(self.coord_conv_h(y_h)).view(n, c, h, k).transpose(2, 3)
-        a_w = torch.sigmoid(self.coord_conv_w(y_w)).view(n, c, w, k).transpose(2, 3)
-        return a_h.reshape(n, c, k, 1, h, 1), a_w.reshape(n, c, 1, k, 1, w)
-
-    def _fused_factors(self, x, r1, r2):
-        """a_h (N, H', k, C) and a_w (N, W', k, C) from the row and column means."""
+    def _factors(self, x, r1, r2, update_stats=True):
+        """a_h (N, H', k, C) and a_w (N, W', k, C) from the row and column means of g; rows of
+        the rearranged map are h' * k + i, columns w' * k + j."""
         n, h, k, c = r1.shape
         w = r2.shape[1]
         pdtype = self.coord_conv.weight.dtype
         rows = r1.permute(0, 3, 1, 2).reshape(n, c, h * k, 1)
         cols = r2.permute(0, 3, 1, 2).reshape(n, c, w * k, 1)
-        y = F.hardswish(self.coord_bn(self.coord_conv(
-            torch.cat([rows, cols], dim=2).to(pdtype))))
-        y_h, y_w = torch.split(y, [h * k, w * k], dim=2)
+        y = self.coord_conv(torch.cat([rows, cols], dim=2).to(pdtype))
+        bn = self.coord_bn
+        if update_stats or not bn.training:
+            y = bn(y)
+        else:  # batch statistics, as bn(y) in training, without touching the running ones
+            y = F.batch_norm(y, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+        y_h, y_w = torch.split(F.hardswish(y), [h * k, w * k], dim=2)
         a_h = torch.sigmoid(self.coord_conv_h(y_h)).view(n, c, h, k).permute(0, 2, 3, 1)
         a_w = torch.sigmoid(self.coord_conv_w(y_w)).view(n, c, w, k).permute(0, 2, 3, 1)
-        return a_h.to(x.dtype), a_w.to(x.dtype)
+        return a_h, a_w
 
     def official_keys(self):
         keys = super().official_keys()
