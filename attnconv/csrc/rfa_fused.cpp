@@ -920,6 +920,194 @@ inline void factors_at(const Geometry& g, int64_t kind, const T* f1, const T* f2
   }
 }
 
+// The attend backward's per-position elementwise part: dL/dA = d * relu(u) into gd and
+// du = d * A where u > 0 in place in d, then (when sdu is given) the BN sums. The pointers are
+// restrict so that gcc vectorises it (written inline, possible aliasing kept it scalar).
+template <typename T>
+inline void attend_du(int64_t K, const T* __restrict z, const T* __restrict sc,
+                      const T* __restrict sh, const T* __restrict A, T* __restrict d,
+                      T* __restrict gd, T* __restrict sdu, T* __restrict sduz) {
+  for (int64_t f = 0; f < K; ++f) {
+    const T u = z[f] * sc[f] + sh[f];
+    const T dv = d[f];
+    gd[f] = dv * std::max(u, T(0));
+    d[f] = u > T(0) ? dv * A[f] : T(0);
+  }
+  if (sdu)
+    for (int64_t f = 0; f < K; ++f) {
+      sdu[f] += d[f];
+      sduz[f] += d[f] * z[f];
+    }
+}
+
+// RFCBAM's factor gradients at one position from dL/dA (gd, k2 x C): dsa[t] = sum_c gd ca,
+// dca[c] += sum_t gd sa[t]. The sum over c in vector lanes (a float reduction gcc leaves
+// scalar without -ffast-math).
+template <typename T>
+inline void cbam_factor_grads(int64_t k2, int64_t C, const T* __restrict gd,
+                              const T* __restrict ca, const T* __restrict sa,
+                              T* __restrict dca, T* __restrict dsa) {
+  using Vec = vec_t<T>;
+  constexpr int64_t V = lanes<T>;
+  for (int64_t t = 0; t < k2; ++t) {
+    const T* __restrict gt = gd + t * C;
+    const T s = sa[t];
+    Vec acc = {};
+    int64_t c = 0;
+    for (; c + V <= C; c += V) {
+      const Vec gv = vload(gt + c);
+      acc += gv * vload(ca + c);
+      vstore(dca + c, vload(dca + c) + gv * s);
+    }
+    T sum = 0;
+    for (int64_t l = 0; l < V; ++l) sum += acc[l];
+    for (; c < C; ++c) {
+      sum += gt[c] * ca[c];
+      dca[c] += gt[c] * s;
+    }
+    dsa[t] = sum;
+  }
+}
+
+// RFCA's factor gradients of one tap row: dah += gt aw, daw += gt ah (restrict: vectorised).
+template <typename T>
+inline void ca_factor_grads(int64_t C, const T* __restrict gt, const T* __restrict ah,
+                            const T* __restrict aw, T* __restrict dah, T* __restrict daw) {
+  for (int64_t c = 0; c < C; ++c) {
+    dah[c] += gt[c] * aw[c];
+    daw[c] += gt[c] * ah[c];
+  }
+}
+
+// g = relu(z * scale + shift) in place (restrict: vectorised).
+template <typename T>
+inline void bn_relu_inplace(int64_t K, T* __restrict z, const T* __restrict sc,
+                            const T* __restrict sh) {
+  for (int64_t f = 0; f < K; ++f) z[f] = std::max(z[f] * sc[f] + sh[f], T(0));
+}
+
+// out = relu(z * scale + shift) * A (out may be z itself: no restrict between those two).
+template <typename T>
+inline void attended_row(int64_t K, const T* z, const T* __restrict sc, const T* __restrict sh,
+                         const T* __restrict A, T* out) {
+  if (out == z) {
+    T* __restrict io = out;
+    for (int64_t f = 0; f < K; ++f) io[f] = std::max(io[f] * sc[f] + sh[f], T(0)) * A[f];
+    return;
+  }
+  const T* __restrict in = z;
+  T* __restrict o = out;
+  for (int64_t f = 0; f < K; ++f) o[f] = std::max(in[f] * sc[f] + sh[f], T(0)) * A[f];
+}
+
+// RFCBAM's reductions at one position: the max and mean over channels of g (k2 x C), in
+// vector lanes (float max and sum reductions stay scalar in gcc without -ffast-math).
+template <typename T>
+inline void cbam_reduce(int64_t k2, int64_t C, const T* __restrict g, T* __restrict mx,
+                        T* __restrict mean) {
+  using Vec = vec_t<T>;
+  constexpr int64_t V = lanes<T>;
+  for (int64_t t = 0; t < k2; ++t) {
+    const T* __restrict gt = g + t * C;
+    T best = gt[0], sum = 0;
+    int64_t c = 0;
+    if (C >= V) {
+      Vec bv = vload(gt), sv = {};
+      for (; c + V <= C; c += V) {
+        const Vec v = vload(gt + c);
+        bv = v > bv ? v : bv;
+        sv += v;
+      }
+      for (int64_t l = 0; l < V; ++l) {
+        best = std::max(best, bv[l]);
+        sum += sv[l];
+      }
+    }
+    for (; c < C; ++c) {
+      best = std::max(best, gt[c]);
+      sum += gt[c];
+    }
+    mx[t] = best;
+    mean[t] = sum / T(C);
+  }
+}
+
+// RFCBAM's reduce backward at one position: du of the channel mean (dmean[t] / C where u > 0)
+// and of the channel max (dmax[t] to the first maximal channel, as torch.max's indices; where
+// the maximum is 0 every g is 0 and ReLU passes nothing, whichever channel it is). The max and
+// its first channel are tracked per vector lane, then across lanes.
+template <typename T>
+inline void cbam_reduce_du(int64_t k2, int64_t C, const T* __restrict z, const T* __restrict sc,
+                           const T* __restrict sh, const T* __restrict dmax,
+                           const T* __restrict dmean, T* __restrict d) {
+  using Vec = vec_t<T>;
+  using Index = decltype(Vec{} > Vec{});
+  constexpr int64_t V = lanes<T>;
+  const Vec zero = {};
+  Index first, step;
+  for (int64_t l = 0; l < V; ++l) {
+    first[l] = l;
+    step[l] = V;
+  }
+  for (int64_t t = 0; t < k2; ++t) {
+    const int64_t o = t * C;
+    const T dm = dmean[t] / T(C);
+    const Vec dmv = zero + dm;
+    Vec best = zero - std::numeric_limits<T>::infinity();
+    Index at = {}, lane = first;
+    int64_t c = 0;
+    for (; c + V <= C; c += V, lane += step) {
+      const Vec u = vload(z + o + c) * vload(sc + o + c) + vload(sh + o + c);
+      const Index positive = u > zero;
+      vstore(d + o + c, positive ? dmv : zero);
+      const Vec gv = positive ? u : zero;
+      const Index better = gv > best;
+      best = better ? gv : best;
+      at = better ? lane : at;
+    }
+    T top = -std::numeric_limits<T>::infinity();
+    int64_t arg = 0;
+    for (int64_t l = 0; l < V && c >= V; ++l)
+      if (best[l] > top || (best[l] == top && at[l] < arg)) {
+        top = best[l];
+        arg = at[l];
+      }
+    for (; c < C; ++c) {  // the channels after the last whole vector
+      const T u = z[o + c] * sc[o + c] + sh[o + c];
+      d[o + c] = u > T(0) ? dm : T(0);
+      const T gv = std::max(u, T(0));
+      if (gv > top) {
+        top = gv;
+        arg = c;
+      }
+    }
+    if (z[o + arg] * sc[o + arg] + sh[o + arg] > T(0)) d[o + arg] += dmax[t];
+  }
+}
+
+// RFCA's reduce backward for one tap row: du = dr / (W'k) + dc / (H'k) where u > 0.
+template <typename T>
+inline void ca_reduce_du(int64_t C, const T* __restrict z, const T* __restrict sc,
+                         const T* __restrict sh, const T* __restrict dr, const T* __restrict dc,
+                         T row_w, T col_w, T* __restrict d) {
+  for (int64_t c = 0; c < C; ++c) {
+    const T u = z[c] * sc[c] + sh[c];
+    d[c] = u > T(0) ? dr[c] * row_w + dc[c] * col_w : T(0);
+  }
+}
+
+// du += other (the attend op's share, when given), then the BN sums (sum du, sum du z).
+template <typename T>
+inline void add_and_sum(int64_t K, const T* __restrict other, const T* __restrict z,
+                        T* __restrict d, T* __restrict sdu, T* __restrict sduz) {
+  if (other)
+    for (int64_t f = 0; f < K; ++f) d[f] += other[f];
+  for (int64_t f = 0; f < K; ++f) {
+    sdu[f] += d[f];
+    sduz[f] += d[f] * z[f];
+  }
+}
+
 void check_kind(int64_t kind) {
   TORCH_CHECK(kind == 0 || kind == 1, "rfa tile attention: expected kind 0 (RFCBAM) or 1 "
               "(RFCA), got ", kind);
@@ -960,19 +1148,10 @@ std::vector<at::Tensor> tile_reduce_impl(const at::Tensor& x, const at::Tensor& 
           features_tile(g, xp, wp, p, std::min(P, p + tile) - p, zs.data(),
                         static_cast<scalar_t*>(nullptr));
         scalar_t* z = zs.data() + (p % tile) * K;
-        for (int64_t f = 0; f < K; ++f) z[f] = std::max(z[f] * sc[f] + sh[f], scalar_t(0));
+        bn_relu_inplace(K, z, sc, sh);
         if (kind == 0) {
-          scalar_t* mx = r1.data_ptr<scalar_t>() + p * g.k2;
-          scalar_t* mean = r2.data_ptr<scalar_t>() + p * g.k2;
-          for (int64_t t = 0; t < g.k2; ++t) {
-            scalar_t best = z[t * C], sum = 0;
-            for (int64_t c = 0; c < C; ++c) {
-              best = std::max(best, z[t * C + c]);
-              sum += z[t * C + c];
-            }
-            mx[t] = best;
-            mean[t] = sum / scalar_t(C);
-          }
+          cbam_reduce(g.k2, C, z, r1.data_ptr<scalar_t>() + p * g.k2,
+                      r2.data_ptr<scalar_t>() + p * g.k2);
           continue;
         }
         const int64_t n = p / (g.Ho * g.Wo), r = p % (g.Ho * g.Wo), ho = r / g.Wo, wo = r % g.Wo;
@@ -1043,43 +1222,17 @@ std::vector<at::Tensor> tile_reduce_backward_impl(const at::Tensor& dr1, const a
         scalar_t* zp = ztile + (p % tile) * K;
         scalar_t* d = dzp + p * K;
         if (kind == 0) {
-          // max: the gradient reaches the first maximal channel (as torch.max's indices); where
-          // the maximum is 0 every g is 0 and ReLU passes nothing, whichever channel it is
-          for (int64_t t = 0; t < g.k2; ++t) {
-            const scalar_t dmean = g2[p * g.k2 + t] / scalar_t(C);
-            int64_t arg = 0;
-            scalar_t best = -std::numeric_limits<scalar_t>::infinity();
-            for (int64_t c = 0; c < C; ++c) {
-              const int64_t f = t * C + c;
-              const scalar_t u = zp[f] * sc[f] + sh[f];
-              const scalar_t gv = std::max(u, scalar_t(0));
-              if (gv > best) { best = gv; arg = c; }
-              d[f] = u > scalar_t(0) ? dmean : scalar_t(0);
-            }
-            const int64_t f = t * C + arg;
-            if (zp[f] * sc[f] + sh[f] > scalar_t(0)) d[f] += g1[p * g.k2 + t];
-          }
+          cbam_reduce_du(g.k2, C, zp, sc, sh, g1 + p * g.k2, g2 + p * g.k2, d);
         } else {
           const int64_t n = p / (g.Ho * g.Wo), r = p % (g.Ho * g.Wo), ho = r / g.Wo, wo = r % g.Wo;
           for (int64_t i = 0; i < k; ++i)
             for (int64_t j = 0; j < k; ++j) {
-              const scalar_t* __restrict dr = g1 + ((n * g.Ho + ho) * k + i) * C;
-              const scalar_t* __restrict dc = g2 + ((n * g.Wo + wo) * k + j) * C;
               const int64_t o = (i * k + j) * C;
-              for (int64_t c = 0; c < C; ++c) {
-                const scalar_t u = zp[o + c] * sc[o + c] + sh[o + c];
-                d[o + c] = u > scalar_t(0) ? dr[c] * row_w + dc[c] * col_w : scalar_t(0);
-              }
+              ca_reduce_du(C, zp + o, sc + o, sh + o, g1 + ((n * g.Ho + ho) * k + i) * C,
+                           g2 + ((n * g.Wo + wo) * k + j) * C, row_w, col_w, d + o);
             }
         }
-        if (other) {
-          const scalar_t* o = other + p * K;
-          for (int64_t f = 0; f < K; ++f) d[f] += o[f];
-        }
-        for (int64_t f = 0; f < K; ++f) {
-          sdu[f] += d[f];
-          sduz[f] += d[f] * zp[f];
-        }
+        add_and_sum(K, other ? other + p * K : nullptr, zp, d, sdu, sduz);
       }
     });
     auto total = sums.sum(0);
@@ -1124,8 +1277,7 @@ at::Tensor tile_attend_impl(const at::Tensor& x, const at::Tensor& wdt, const at
         for (int64_t q = 0; q < len; ++q) {
           scalar_t* z = fp + q * K;
           factors_at(g, kind, p1, p2, p0 + q, A.data());
-          for (int64_t f = 0; f < K; ++f)
-            z[f] = std::max(z[f] * sc[f] + sh[f], scalar_t(0)) * A[f];
+          attended_row(K, z, sc, sh, A.data(), z);
         }
         auto out_tile = out.view({P, O}).narrow(0, p0, len);
         auto f_tile = feats.narrow(0, 0, len);
@@ -1198,8 +1350,7 @@ std::vector<at::Tensor> tile_attend_backward_impl(
         for (int64_t q = 0; q < len; ++q) {
           scalar_t* z = fz + q * K;
           factors_at(g, kind, p1, p2, p0 + q, A.data());
-          for (int64_t f = 0; f < K; ++f)
-            fa[q * K + f] = std::max(z[f] * sc[f] + sh[f], scalar_t(0)) * A[f];
+          attended_row(K, z, sc, sh, A.data(), fa + q * K);
         }
         auto go_tile = go.narrow(0, p0, len);
         dwt_t.addmm_(go_tile.t(), attended.narrow(0, 0, len));
@@ -1210,37 +1361,21 @@ std::vector<at::Tensor> tile_attend_backward_impl(
           const scalar_t* z = fz + q * K;
           scalar_t* d = dzp + p * K;
           factors_at(g, kind, p1, p2, p, A.data());
-          for (int64_t f = 0; f < K; ++f) {
-            const scalar_t u = z[f] * sc[f] + sh[f];
-            gd[f] = d[f] * std::max(u, scalar_t(0));  // dL/dA
-            d[f] = u > scalar_t(0) ? d[f] * A[f] : scalar_t(0);
-            sdu[f] += d[f];
-            sduz[f] += d[f] * z[f];
-          }
+          // (deferred, the BN sums are the reduce backward's, over the summed du)
+          attend_du(K, z, sc, sh, A.data(), d, gd.data(), defer_tail ? nullptr : sdu,
+                    defer_tail ? nullptr : sduz);
           const int64_t n = p / (g.Ho * g.Wo), r = p % (g.Ho * g.Wo);
           const int64_t ho = r / g.Wo, wo = r % g.Wo;
           if (kind == 0) {
-            const scalar_t* ca = p1 + n * C;
-            const scalar_t* sa = p2 + p * g.k2;
-            scalar_t* dca = d1 + n * C;
-            for (int64_t t = 0; t < g.k2; ++t) {
-              scalar_t acc = 0;
-              for (int64_t c = 0; c < C; ++c) {
-                acc += gd[t * C + c] * ca[c];
-                dca[c] += gd[t * C + c] * sa[t];
-              }
-              d2[p * g.k2 + t] = acc;
-            }
+            cbam_factor_grads(g.k2, C, gd.data(), p1 + n * C, p2 + p * g.k2, d1 + n * C,
+                              d2 + p * g.k2);
           } else {
             for (int64_t i = 0; i < k; ++i)
               for (int64_t j = 0; j < k; ++j) {
                 const int64_t hoff = ((n * g.Ho + ho) * k + i) * C;
                 const int64_t woff = ((n * g.Wo + wo) * k + j) * C;
-                const scalar_t* __restrict gt = gd.data() + (i * k + j) * C;
-                for (int64_t c = 0; c < C; ++c) {
-                  d1[hoff + c] += gt[c] * p2[woff + c];
-                  d2[woff + c] += gt[c] * p1[hoff + c];
-                }
+                ca_factor_grads(C, gd.data() + (i * k + j) * C, p1 + hoff, p2 + woff,
+                                d1 + hoff, d2 + woff);
               }
           }
         }
