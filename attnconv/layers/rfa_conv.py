@@ -152,10 +152,6 @@ class _ReceptiveFieldConv2d(AttentionConv2d):
         self.check_input(x)
         self._check_batch(x)
 
-    def _uses_batch_stats(self) -> bool:
-        bn = self.feature_bn
-        return self.training or bn.running_mean is None
-
     # -- importing the official modules' parameters --
 
     def official_keys(self) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
