@@ -1,10 +1,10 @@
 """Errors that modules on both sides of an import raise, in a module that imports nothing, so
 raising one never draws an import circle (the recipes raise the config system's error, and the
-config system reads the recipes; every task reads checkpoints)."""
+config system reads the recipes; every task reads checkpoints and images)."""
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError"]
+__all__ = ["CheckpointError", "ConfigError", "DataError"]
 
 
 class ConfigError(ValueError):
@@ -13,3 +13,7 @@ class ConfigError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked (wrong kind, wrong model, refused)."""
+
+
+class DataError(ValueError):
+    """Data that is missing, empty or unreadable, found before training starts."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from attnconv.classification.data import DataError
+from attnconv.errors import DataError
 
 
 def _coco(root: Path, boxes: list[list[float]], category_ids: list[int] | None = None,

@@ -18,13 +18,12 @@ from attnconv.classification.config import ClassificationConfig, DataConfig
 from attnconv.classification.data import (
     IMAGENET_MEAN,
     ClassificationData,
-    DataError,
     build_datasets,
-    check_images,
     crop_policy,
-    image_files,
 )
 from attnconv.engine.config import ConfigError, apply
+from attnconv.engine.images import check_images, image_files
+from attnconv.errors import DataError
 
 
 def test_digits_split_is_fixed_and_stratified() -> None:

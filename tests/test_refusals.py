@@ -15,9 +15,9 @@ from PIL import Image
 from torch import nn
 
 from attnconv.classification.config import ClassificationConfig
-from attnconv.classification.data import DataError
 from attnconv.classification.models import build_model
 from attnconv.cli import main
+from attnconv.errors import DataError
 from attnconv.export import ExportError, export_onnx
 from attnconv.models import create_model
 from attnconv.pretrained import InitError, init_from

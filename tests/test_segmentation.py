@@ -18,10 +18,10 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 
 from attnconv.analysis.profiling import count_params
-from attnconv.classification.data import DataError
 from attnconv.cli import main
 from attnconv.detection.synthetic import make_shapes_dataset
 from attnconv.engine.config import ConfigError, apply, load_recipe
+from attnconv.errors import DataError
 from attnconv.layers import AWConv2d, RFAConv2d, RFCAConv2d, RFCBAMConv2d
 from attnconv.models.segmentation import (
     deeplabv3,

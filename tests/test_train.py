@@ -465,7 +465,7 @@ def test_a_second_run_in_a_folder_in_use_is_refused_and_a_killed_runs_lock_is_go
 
 def test_a_run_refused_while_reading_its_data_leaves_nothing_and_the_fix_runs(
         tmp_path: Path) -> None:
-    from attnconv.classification.data import DataError
+    from attnconv.errors import DataError
 
     cfg = tiny_config(tmp_path, name="big", trainer={"max_epochs": 1, "limit_train_batches": 1})
     with pytest.raises(DataError, match="larger than the training set"):

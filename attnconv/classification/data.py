@@ -32,7 +32,7 @@ do: a last batch of one sample would stop BatchNorm ("Expected more than 1 value
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,8 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from attnconv.classification.config import DataConfig
+from attnconv.engine.images import check_images, image_files, read_rgb
+from attnconv.errors import DataError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -58,55 +60,6 @@ SMALL_IMAGE = 64
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
              "t10k-labels-idx1-ubyte")
 GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
-
-
-class DataError(ValueError):
-    """Data that is missing, empty or unreadable, found before training starts."""
-
-
-def read_rgb(path: str | Path, mode: str = "RGB"):
-    """The image file ``path`` as a PIL image in ``mode`` (RGB, or L for one channel);
-    DataError naming the file when it cannot be decoded (truncated, not an image)."""
-    from PIL import Image
-
-    try:
-        with open(path, "rb") as f, Image.open(f) as image:
-            return image.convert(mode)  # convert() decodes the whole file
-    except Exception as err:  # PIL's decoding errors, and those of opener plugins (ultralytics
-        # patches Image.open to try HEIF support, which raises ImportError without pi_heif)
-        raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from err
-
-
-def image_files(dataset: Dataset) -> list[Path]:
-    """The image files behind ``dataset`` (ImageFolder-like ``samples``, torchvision's
-    CocoDetection), through wrappers; empty for in-memory data (digits, CIFAR)."""
-    base = getattr(dataset, "base", getattr(dataset, "_dataset", dataset))
-    if base is not dataset:
-        return image_files(base)
-    if hasattr(dataset, "samples"):
-        return [Path(p) for p, _ in dataset.samples]
-    if hasattr(dataset, "coco") and hasattr(dataset, "root"):
-        return [Path(dataset.root) / dataset.coco.imgs[i]["file_name"] for i in dataset.ids]
-    return []
-
-
-def check_images(paths: Iterable[str | Path], progress: bool = True) -> int:
-    """Open and decode every image in ``paths`` once; DataError listing the files that cannot
-    be read (all of them, so one pass finds every bad file). Returns the number checked."""
-    from tqdm.auto import tqdm
-
-    paths = list(paths)
-    bad = []
-    for path in tqdm(paths, desc="checking images", unit="img", disable=not progress or None,
-                     leave=False):
-        try:
-            read_rgb(path)
-        except DataError as err:
-            bad.append(f"{path} ({err.__cause__})")
-    if bad:
-        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise DataError(f"{len(bad)} of {len(paths)} images cannot be read: {shown}")
-    return len(paths)
 
 
 @dataclass

@@ -16,7 +16,7 @@ STOPPED = 1
 
 ERRORS: dict[str, tuple[str, int]] = {
     "attnconv.errors.ConfigError": ("error", REFUSED),
-    "attnconv.classification.data.DataError": ("error", REFUSED),
+    "attnconv.errors.DataError": ("error", REFUSED),
     "attnconv.models.ModelNameError": ("error", REFUSED),
     "attnconv.errors.CheckpointError": ("error", REFUSED),
     "attnconv.pretrained.InitError": ("error", REFUSED),

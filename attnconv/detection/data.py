@@ -31,7 +31,8 @@ from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
-from attnconv.classification.data import DataError, check_images, read_rgb
+from attnconv.engine.images import check_images, read_rgb
+from attnconv.errors import DataError
 
 Target = dict[str, Any]
 

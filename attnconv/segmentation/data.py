@@ -11,7 +11,7 @@
   with their class masks, 4 classes with background; made when missing, for tests and the CPU
   demo. Its numbers say nothing about real images.
 
-Bad data is a :class:`~attnconv.classification.data.DataError` with one line: a missing root,
+Bad data is a :class:`~attnconv.errors.DataError` with one line: a missing root,
 an image without a mask, a mask holding a class id the dataset does not have, a mask of another
 aspect ratio than its image (one of the same aspect ratio is resized to the image, nearest
 neighbour).
@@ -30,7 +30,8 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from attnconv.classification.data import DataError, read_rgb
+from attnconv.engine.images import read_rgb
+from attnconv.errors import DataError
 
 #: Mask value of pixels that count for nothing (VOC's object borders), as in torchvision.
 IGNORE_INDEX = 255
