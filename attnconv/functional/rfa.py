@@ -616,8 +616,7 @@ def _fused(x: Tensor, weight_dw: Tensor, bn_weight: Tensor | None, bn_bias: Tens
 
 def _count(x: Tensor, k: int, s: int) -> int:
     """The values per feature channel the batch statistics are taken over."""
-    n, _, h, w = x.shape
-    return n * ((h + 2 * (k // 2) - k) // s + 1) * ((w + 2 * (k // 2) - k) // s + 1)
+    return x.shape[0] * ops.rfa._out_size(x.shape[2], k, s) * ops.rfa._out_size(x.shape[3], k, s)
 
 
 @torch.no_grad()
@@ -669,12 +668,6 @@ def _reduce_setup(ctx, inputs, output):
     ctx.args = (stride, kind, batch_stats, eps)
 
 
-def _op_features(x, weight_dw, gamma, beta, mean, var, stride, batch_stats, eps):
-    """g of the eager formulation, from the operators' operands."""
-    return tile_features(x, weight_dw, gamma, beta, None if batch_stats else mean,
-                         None if batch_stats else var, stride, batch_stats, eps)
-
-
 def _reduce_backward(ctx, dr1, dr2, du_attend):
     x, weight_dw, gamma, beta, mean, var = ctx.saved_tensors
     stride, kind, batch_stats, eps = ctx.args
@@ -683,7 +676,7 @@ def _reduce_backward(ctx, dr1, dr2, du_attend):
     dr2 = x.new_zeros(s2) if dr2 is None else dr2
     if torch.is_grad_enabled():  # a second derivative is wanted: through the eager path
         def plain(*t):
-            g = _op_features(*t[:4], mean, var, stride, batch_stats, eps)
+            g = tile_features(*t[:4], mean, var, stride, batch_stats, eps)
             return tile_reductions(g, kind), t
 
         grads = recompute_backward(ctx.needs_input_grad[:4], plain,
@@ -709,7 +702,7 @@ def _attend_backward(ctx, grad_out):
     needs = ctx.needs_input_grad
     if torch.is_grad_enabled():  # a second derivative is wanted: through the eager path
         def plain(x, weight_dw, gamma, beta, f1, f2, weight, bias):
-            g = _op_features(x, weight_dw, gamma, beta, mean, var, stride, batch_stats, eps)
+            g = tile_features(x, weight_dw, gamma, beta, mean, var, stride, batch_stats, eps)
             return attended_pointwise_reference(
                 g, *tile_factors(f1, f2, kind), weight.reshape(weight.shape[0], -1, 1, 1), bias)
 
